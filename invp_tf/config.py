@@ -1,0 +1,87 @@
+"""The run configuration: one dataclass whose fields are the train flags.
+
+`train` defines one absl flag per field (same name, default and help), so the
+flag set, the config and `flags.txt` cannot drift apart.
+"""
+
+import dataclasses
+
+CHOICES = {
+    "encoder": ("resnet50", "resnet18", "resnet18_cifar"),
+    "head": ("linear", "mlp"),
+    "background": ("approx", "exact"),
+    "positive_mode": ("propagation", "knn"),
+    "knn_method": ("scann", "brute_force"),
+    "augment": ("moco_v2", "cifar", "crop_flip", "none"),
+    "lr_schedule": ("cosine", "step", "constant"),
+    "knn_features": ("bank", "fresh"),
+    "bank_init": ("random", "encoder"),
+}
+
+
+def _field(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Defaults are the paper's ImageNet recipe (ResNet-50, linear head)."""
+
+    workdir: str = _field("", "Run directory: flags.txt, checkpoints, metrics, TensorBoard.")
+    dataset: str = _field(
+        "fashion_mnist", "fashion_mnist | tfds:NAME (e.g. tfds:cifar10) | folder:/path/to/images.")
+    data_dir: str = _field("", "IDX folder for fashion_mnist, tfds data_dir, or empty for defaults.")
+    train_examples: int = _field(0, "Use the first n training examples (0 = all).")
+    epochs: int = _field(800, "Training epochs.")
+    batch_size: int = _field(128, "Global batch size.")
+    image_size: int = _field(224, "Side of the square training crop.")
+    augment: str = _field("moco_v2", "View augmentation recipe.")
+    crop_scale: float = _field(0.2, "Smallest area fraction of the random resized crop of --augment=crop_flip.")
+    encoder: str = _field("resnet50", "Backbone.")
+    width_multiplier: float = _field(1.0, "Channel width multiplier of the backbone.")
+    head: str = _field("linear", "Projection head: linear (tau 0.07) or mlp (tau 0.2).")
+    embedding_dim: int = _field(128, "Dimension D of the embedding and the memory bank.")
+    temperature: float = _field(0.07, "Softmax temperature tau.")
+    num_neighbors: int = _field(4, "k of the kNN graph over the bank.")
+    num_layers: int = _field(3, "Propagation hops l.")
+    num_positives: int = _field(50, "Hard positives P kept from the propagated set.")
+    num_background: int = _field(4096, "Hard negatives M: the TopM background rows.")
+    lambda_inv: float = _field(0.6, "Weight of the invariance loss after the ramp-up.")
+    rampup_epochs: int = _field(30, "Epochs T of instance discrimination only before L_inv.")
+    memory_momentum: float = _field(0.5, "Momentum m of the memory bank update.")
+    background: str = _field("approx", "Background of L_inv: approx (authors) or exact (Eq. 4-5).")
+    positive_mode: str = _field("propagation", "Positives by propagation, or plain kNN (ablation).")
+    num_knn_positives: int = _field(0, "K of positive_mode=knn (0 = k + k^2 + ... + k^l).")
+    hard_positives: bool = _field(True, "Keep the P hardest positives (False: all of N(i)).")
+    hard_negatives: bool = _field(True, "TopM background (False: the whole bank).")
+    knn_method: str = _field("scann", "kNN graph builder.")
+    bank_init: str = _field(
+        "random", "Initial bank: random unit rows (paper) or embeddings of the initial encoder.")
+    optimizer_momentum: float = _field(0.9, "SGD momentum.")
+    learning_rate: float = _field(0.03, "Base learning rate.")
+    lr_schedule: str = _field("cosine", "Learning rate schedule over all epochs.")
+    lr_decay_epochs: str = _field("120,160", "Epochs where the step schedule divides lr by 10.")
+    warmup_epochs: int = _field(0, "Linear learning rate warm-up epochs.")
+    weight_decay: float = _field(1e-4, "Decoupled SGD weight decay.")
+    knn_k: int = _field(200, "Neighbours of the kNN monitor.")
+    knn_temperature: float = _field(0.07, "Vote temperature of the kNN monitor.")
+    knn_features: str = _field(
+        "bank", "Train features of the kNN monitor: the bank, or fresh encoder features.")
+    eval_every: int = _field(1, "Run the kNN monitor every n epochs (and after the last).")
+    jit_compile: bool = _field(False, "XLA-compile the train step.")
+    seed: int = _field(0, "Seed of weights, bank, shuffling and augmentation.")
+
+    def flagfile_lines(self):
+        """`--name=value` lines that replay this config through absl flags."""
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                lines.append(f"--{field.name}" if value else f"--no{field.name}")
+            else:
+                lines.append(f"--{field.name}={value}")
+        return lines
+
+    @property
+    def lr_decay_epoch_list(self):
+        return [int(e) for e in self.lr_decay_epochs.split(",") if e.strip()]

@@ -1,0 +1,396 @@
+"""Encoders: torchvision-style ResNets and the projection heads of Invariance Propagation.
+
+The layers follow torchvision (and the authors' PyTorch code) closely so that parameter counts,
+padding and initialisation match: convolutions without bias, BatchNorm with torch's momentum 0.1
+(Keras momentum 0.9) and epsilon 1e-5, He-normal (fan_out) conv init, stride on the 3x3 conv of
+the bottleneck (ResNet v1.5), and explicit symmetric zero padding for strided convs (Keras
+"same" padding would pad only on the right/bottom for even inputs).
+
+Weight decay is deliberately absent from the layers: the optimizer applies decoupled weight
+decay, so no layer carries a kernel_regularizer.
+
+The encoder takes float images in [0, 1] and normalises them itself (ImageNet mean/std), so an
+exported model needs no separate preprocessing.
+"""
+
+import collections
+
+import keras
+import tensorflow as tf
+
+BACKBONES = ("resnet50", "resnet18", "resnet18_cifar")
+HEADS = ("linear", "mlp")
+
+# ImageNet statistics, as used by torchvision's transforms.Normalize.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (block type, blocks per stage, stem).
+_ARCHITECTURES = {
+    "resnet50": ("bottleneck", (3, 4, 6, 3), "imagenet"),
+    "resnet18": ("basic", (2, 2, 2, 2), "imagenet"),
+    "resnet18_cifar": ("basic", (2, 2, 2, 2), "cifar"),
+}
+_STAGE_STRIDES = (1, 2, 2, 2)
+_BOTTLENECK_EXPANSION = 4
+
+
+def _conv_initializer():
+    # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"): untruncated normal,
+    # variance 2 / fan_out.
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def _dense_initializer():
+    # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1/(3 fan_in).
+    return keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+    )
+
+
+def _batch_norm(name, zero_gamma=False):
+    # Keras momentum is the weight of the old statistics: torch's momentum 0.1 == Keras 0.9.
+    return keras.layers.BatchNormalization(
+        momentum=0.9,
+        epsilon=1e-5,
+        gamma_initializer="zeros" if zero_gamma else "ones",
+        name=name,
+    )
+
+
+class _Conv(keras.layers.Layer):
+    """Conv2D without bias and with torch's symmetric padding of kernel_size // 2."""
+
+    def __init__(self, filters, kernel_size, stride=1, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = kernel_size // 2
+        self.conv = keras.layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=stride,
+            padding="valid",
+            use_bias=False,
+            kernel_initializer=_conv_initializer(),
+            name="conv",
+        )
+
+    def call(self, x):
+        if self.pad:
+            # [B,H,W,C] -> [B,H+2p,W+2p,C]; symmetric like torch's padding=k//2.
+            p = self.pad
+            x = keras.ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+        return self.conv(x)
+
+
+class BasicBlock(keras.layers.Layer):
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut, as torchvision's BasicBlock.
+
+    Args:
+        filters: output channels of both convs.
+        stride: stride of the first conv (and of the projection shortcut).
+        project: whether the shortcut is a 1x1 conv + BN (when shape changes).
+        zero_init_residual: start the last BN's gamma at zero so the block begins as identity.
+    """
+
+    def __init__(self, filters, stride=1, project=False, zero_init_residual=False, **kwargs):
+        super().__init__(**kwargs)
+        self.conv1 = _Conv(filters, 3, stride, name="conv1")
+        self.bn1 = _batch_norm("bn1")
+        self.conv2 = _Conv(filters, 3, 1, name="conv2")
+        self.bn2 = _batch_norm("bn2", zero_gamma=zero_init_residual)
+        self.shortcut_conv = _Conv(filters, 1, stride, name="downsample_conv") if project else None
+        self.shortcut_bn = _batch_norm("downsample_bn") if project else None
+
+    def call(self, x, training=False):
+        shortcut = x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
+        y = keras.ops.relu(self.bn1(self.conv1(x), training=training))
+        y = self.bn2(self.conv2(y), training=training)
+        return keras.ops.relu(y + shortcut)
+
+
+class Bottleneck(keras.layers.Layer):
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 (x4 channels), as torchvision's Bottleneck.
+
+    Args:
+        filters: channels of the inner 1x1 and 3x3 convs; the block outputs 4 * filters.
+        stride: stride of the 3x3 conv (and of the projection shortcut).
+        project: whether the shortcut is a 1x1 conv + BN (when shape changes).
+        zero_init_residual: start the last BN's gamma at zero so the block begins as identity.
+    """
+
+    def __init__(self, filters, stride=1, project=False, zero_init_residual=False, **kwargs):
+        super().__init__(**kwargs)
+        out = filters * _BOTTLENECK_EXPANSION
+        self.conv1 = _Conv(filters, 1, 1, name="conv1")
+        self.bn1 = _batch_norm("bn1")
+        self.conv2 = _Conv(filters, 3, stride, name="conv2")
+        self.bn2 = _batch_norm("bn2")
+        self.conv3 = _Conv(out, 1, 1, name="conv3")
+        self.bn3 = _batch_norm("bn3", zero_gamma=zero_init_residual)
+        self.shortcut_conv = _Conv(out, 1, stride, name="downsample_conv") if project else None
+        self.shortcut_bn = _batch_norm("downsample_bn") if project else None
+
+    def call(self, x, training=False):
+        shortcut = x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
+        y = keras.ops.relu(self.bn1(self.conv1(x), training=training))
+        y = keras.ops.relu(self.bn2(self.conv2(y), training=training))
+        y = self.bn3(self.conv3(y), training=training)
+        return keras.ops.relu(y + shortcut)
+
+
+def _scaled(channels, width_multiplier):
+    return max(1, round(channels * width_multiplier))
+
+
+class Backbone(keras.layers.Layer):
+    """A torchvision-style ResNet without its classifier; call() returns pooled features.
+
+    Expects already-normalised images [B,H,W,3] (Encoder does the normalisation). Any H,W works
+    as long as stage4 keeps at least one pixel: >= 8 for the CIFAR stem, >= 32 for ImageNet.
+
+    Args:
+        architecture: one of BACKBONES.
+        width_multiplier: scales every stage's channels (rounded, at least 1).
+        zero_init_residual: zero-init the last BN gamma of every residual block.
+        **kwargs: passed to keras.layers.Layer (name, dtype, ...).
+    """
+
+    def __init__(
+        self, architecture="resnet50", width_multiplier=1.0, zero_init_residual=False, **kwargs
+    ):
+        if architecture not in _ARCHITECTURES:
+            raise ValueError(f"Unknown backbone {architecture!r}; valid backbones: {BACKBONES}.")
+        kwargs.setdefault("name", "backbone")
+        super().__init__(**kwargs)
+        self.architecture = architecture
+        self.width_multiplier = float(width_multiplier)
+        block_type, depths, stem = _ARCHITECTURES[architecture]
+        self.stem_type = stem
+        stem_width = _scaled(64, width_multiplier)
+        if stem == "imagenet":
+            # 7x7/2 conv, BN, ReLU, 3x3/2 maxpool: /4 spatially.
+            self.stem_conv = _Conv(stem_width, 7, 2, name="stem_conv")
+        else:
+            # CIFAR stem: 3x3/1 conv, no maxpool, keeps full resolution.
+            self.stem_conv = _Conv(stem_width, 3, 1, name="stem_conv")
+        self.stem_bn = _batch_norm("stem_bn")
+
+        block_cls = Bottleneck if block_type == "bottleneck" else BasicBlock
+        expansion = _BOTTLENECK_EXPANSION if block_type == "bottleneck" else 1
+        in_channels = stem_width
+        # Blocks are plain attributes (stage1_block1, ...) because tf.train.Checkpoint does not
+        # see layers held in Keras 3 lists; stages keeps only their names, in order.
+        stages = []
+        for stage_index, (depth, stride) in enumerate(zip(depths, _STAGE_STRIDES)):
+            filters = _scaled(64 * 2**stage_index, width_multiplier)
+            names = []
+            for block_index in range(depth):
+                block_stride = stride if block_index == 0 else 1
+                project = block_stride != 1 or in_channels != filters * expansion
+                block_name = f"stage{stage_index + 1}_block{block_index + 1}"
+                block = block_cls(
+                    filters, block_stride, project, zero_init_residual, name=block_name
+                )
+                setattr(self, block_name, block)
+                names.append(block_name)
+                in_channels = filters * expansion
+            stages.append(tuple(names))
+        self.stage_block_names = tuple(stages)
+        self.feature_dim = in_channels
+
+    def stage_outputs(self, images, training=False):
+        """Runs the network once and returns every stage's feature map.
+
+        Args:
+            images: normalised float images [B,H,W,3].
+            training: whether BatchNorm uses (and updates) batch statistics.
+
+        Returns:
+            OrderedDict stem, stage1..stage4 -> [B,h,w,C] feature maps (compute dtype). For the
+            ImageNet stem "stem" is after the maxpool (H/4); for CIFAR it is full resolution.
+        """
+        outputs = collections.OrderedDict()
+        x = keras.ops.relu(self.stem_bn(self.stem_conv(images), training=training))
+        if self.stem_type == "imagenet":
+            # Zero padding equals torch's -inf padding here because x >= 0 after the ReLU.
+            x = keras.ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+            x = keras.ops.max_pool(x, pool_size=3, strides=2, padding="valid")
+        outputs["stem"] = x
+        for stage_index, block_names in enumerate(self.stage_block_names):
+            for block_name in block_names:
+                x = getattr(self, block_name)(x, training=training)
+            outputs[f"stage{stage_index + 1}"] = x
+        return outputs
+
+    def call(self, images, training=False):
+        """Returns global-average-pooled stage4 features [B,F] in float32."""
+        x = self.stage_outputs(images, training=training)["stage4"]
+        # Pool in float32: under mixed_float16 the pooled features feed the head and probes.
+        return keras.ops.mean(keras.ops.cast(x, "float32"), axis=(1, 2))
+
+
+class ProjectionHead(keras.layers.Layer):
+    """Maps pooled features [B,F] to the (unnormalised) embedding [B,D].
+
+    Args:
+        head: "linear" (Dense(D)) or "mlp" (the authors' CIFAR head: Linear(F,F) ReLU Linear(F,D)).
+        feature_dim: F, the input size (the width of the hidden layer of "mlp").
+        embedding_dim: D.
+        **kwargs: passed to keras.layers.Layer.
+    """
+
+    def __init__(self, head, feature_dim, embedding_dim, **kwargs):
+        if head not in HEADS:
+            raise ValueError(f"Unknown head {head!r}; valid heads: {HEADS}.")
+        kwargs.setdefault("name", "head")
+        super().__init__(**kwargs)
+        self.hidden = None
+        if head == "mlp":
+            self.hidden = keras.layers.Dense(
+                feature_dim, activation="relu", kernel_initializer=_dense_initializer(), name="fc1"
+            )
+        self.out = keras.layers.Dense(
+            embedding_dim, kernel_initializer=_dense_initializer(), name="fc"
+        )
+
+    def call(self, features):
+        if self.hidden is not None:
+            features = self.hidden(features)  # [B,F]
+        return self.out(features)  # [B,D]
+
+
+@keras.saving.register_keras_serializable(package="invp_tf")
+class Encoder(keras.Model):
+    """Normalise -> ResNet backbone -> head -> L2-normalised embedding.
+
+    Args:
+        backbone: one of BACKBONES.
+        head: one of HEADS ("linear": Dense(D); "mlp": Dense(F) ReLU Dense(D)).
+        embedding_dim: D, the size of the embedding stored in the memory bank.
+        width_multiplier: scales every backbone stage's channels.
+        zero_init_residual: zero-init the last BN gamma of every residual block.
+        **kwargs: passed to keras.Model (name, dtype, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        head: str = "linear",
+        embedding_dim: int = 128,
+        width_multiplier: float = 1.0,
+        zero_init_residual: bool = False,
+        **kwargs,
+    ):
+        if backbone not in BACKBONES:
+            raise ValueError(f"Unknown backbone {backbone!r}; valid backbones: {BACKBONES}.")
+        if head not in HEADS:
+            raise ValueError(f"Unknown head {head!r}; valid heads: {HEADS}.")
+        kwargs.setdefault("name", "encoder")
+        super().__init__(**kwargs)
+        self.backbone_name = backbone
+        self.head_name = head
+        self.embedding_dim = int(embedding_dim)
+        self.width_multiplier = float(width_multiplier)
+        self.zero_init_residual = bool(zero_init_residual)
+        self.backbone = Backbone(backbone, width_multiplier, zero_init_residual)
+        self.head = ProjectionHead(head, self.backbone.feature_dim, self.embedding_dim)
+
+    @property
+    def feature_dim(self):
+        """F, the size of the pooled backbone features."""
+        return self.backbone.feature_dim
+
+    def _normalise(self, images):
+        # [B,H,W,3] in [0,1] -> ImageNet-standardised, float32 (layers cast to compute dtype).
+        images = keras.ops.cast(images, "float32")
+        mean = keras.ops.convert_to_tensor(IMAGENET_MEAN, "float32")
+        std = keras.ops.convert_to_tensor(IMAGENET_STD, "float32")
+        return (images - mean) / std
+
+    def stage_outputs(self, images, training=False):
+        """Feature maps of every stage, for per-block linear probes.
+
+        Args:
+            images: float images [B,H,W,3] in [0,1].
+            training: whether BatchNorm uses (and updates) batch statistics.
+
+        Returns:
+            OrderedDict "stem", "stage1".."stage4" -> [B,h,w,C] feature maps.
+        """
+        return self.backbone.stage_outputs(self._normalise(images), training=training)
+
+    def call(self, images, training=False):
+        """Embeds a batch of images.
+
+        Args:
+            images: float images [B,H,W,3] in [0,1].
+            training: whether BatchNorm uses (and updates) batch statistics.
+
+        Returns:
+            dict "embedding": [B,D] float32, unit L2 norm; "features": [B,F] float32 pooled
+            backbone features.
+        """
+        features = self.backbone(self._normalise(images), training=training)  # [B,F] float32
+        embedding = self.head(features)  # [B,D], compute dtype
+        # Normalise in float32: float16 squares overflow/underflow for large/small norms.
+        embedding = tf.math.l2_normalize(tf.cast(embedding, tf.float32), axis=-1, epsilon=1e-12)
+        return {"embedding": embedding, "features": features}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=self.backbone_name,
+            head=self.head_name,
+            embedding_dim=self.embedding_dim,
+            width_multiplier=self.width_multiplier,
+            zero_init_residual=self.zero_init_residual,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_encoder(
+    name: str,
+    *,
+    head: str = "linear",
+    embedding_dim: int = 128,
+    width_multiplier: float = 1.0,
+    zero_init_residual: bool = False,
+    image_size: int | None = None,
+) -> Encoder:
+    """Builds an Encoder, creating its variables when image_size is given.
+
+    Args:
+        name: backbone, one of BACKBONES.
+        head: one of HEADS.
+        embedding_dim: D, the embedding size.
+        width_multiplier: scales every backbone stage's channels.
+        zero_init_residual: zero-init the last BN gamma of every residual block.
+        image_size: if set, the encoder is called on zeros [1,image_size,image_size,3] so that
+            its variables exist (needed before restoring a checkpoint or counting params).
+
+    Returns:
+        The Encoder.
+
+    Raises:
+        ValueError: for an unknown backbone or head.
+    """
+    encoder = Encoder(
+        backbone=name,
+        head=head,
+        embedding_dim=embedding_dim,
+        width_multiplier=width_multiplier,
+        zero_init_residual=zero_init_residual,
+    )
+    if image_size is not None:
+        encoder(tf.zeros([1, image_size, image_size, 3]), training=False)
+    return encoder

@@ -1,0 +1,87 @@
+"""InvPModel: the train step wiring of encoder, losses, memory bank and graph.
+
+The loss math lives in `losses`, the bank state change in `memory_bank`, the
+graph rebuild in `neighbors` (called between epochs by `train`). This module
+only wires them: forward, loss, optimizer step, then the bank update.
+"""
+
+import keras
+import tensorflow as tf
+
+from invp_tf import losses
+from invp_tf import memory_bank
+
+
+class InvPModel(keras.Model):
+    """Encoder + memory bank + kNN graph, trained with `fit` one epoch at a time.
+
+    State the epoch loop sets between epochs:
+      knn_graph: [N, k] int32 variable, rebuilt from the bank.
+      invariance_weight: lambda_inv * w(epoch), 0 before the ramp-up ends.
+    """
+
+    def __init__(self, encoder, num_examples, *, embedding_dim, num_neighbors=4,
+                 memory_momentum=0.5, seed=0, loss_options=None, **kwargs):
+        """Args:
+        encoder: a model whose call returns {"embedding": [B, D], ...}.
+        num_examples: N, rows of the bank and the graph.
+        embedding_dim: D.
+        num_neighbors: k of the kNN graph.
+        memory_momentum: m of the bank update.
+        seed: seed of the bank's initial random unit rows.
+        loss_options: keyword arguments of `losses.invp_losses` (temperature,
+          num_background, num_layers, num_positives, background, ...).
+        """
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.memory_bank = memory_bank.MemoryBank(num_examples, embedding_dim,
+                                                  momentum=memory_momentum, seed=seed)
+        self.knn_graph = tf.Variable(tf.zeros([num_examples, num_neighbors], tf.int32),
+                                     trainable=False, name="knn_graph")
+        self.invariance_weight = tf.Variable(0.0, trainable=False, name="invariance_weight")
+        self.loss_options = dict(loss_options or {})
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.instance_tracker = keras.metrics.Mean(name="loss_ins")
+        self.invariance_tracker = keras.metrics.Mean(name="loss_inv")
+
+    @property
+    def metrics(self):
+        # Listed so that fit() resets them each epoch and reports them.
+        return [self.loss_tracker, self.instance_tracker, self.invariance_tracker]
+
+    def call(self, images, training=False):
+        return self.encoder(images, training=training)
+
+    def compute_losses(self, embeddings, indices):
+        """(instance [B], invariance [B]); the invariance term is skipped (zeros)
+        while its weight is 0, i.e. before the first graph exists."""
+        bank, graph = self.memory_bank.bank, self.knn_graph
+
+        def both():
+            return losses.invp_losses(embeddings, indices, bank, graph, **self.loss_options)
+
+        def instance_only():
+            options = dict(self.loss_options, num_layers=1)  # cheapest positive lookup
+            instance, _ = losses.invp_losses(embeddings, indices, bank, graph, **options)
+            return instance, tf.zeros_like(instance)
+
+        return tf.cond(self.invariance_weight > 0.0, both, instance_only)
+
+    def train_step(self, data):
+        images, indices, _ = data  # [B, H, W, 3], [B], [B]
+        with tf.GradientTape() as tape:
+            embeddings = self.encoder(images, training=True)["embedding"]  # [B, D]
+            instance, invariance = self.compute_losses(embeddings, indices)
+            loss = tf.reduce_mean(instance) + self.invariance_weight * tf.reduce_mean(invariance)
+            # The optimizer sums gradients over replicas: scale so N replicas with
+            # global batch B match one device with batch B.
+            scaled_loss = loss / tf.distribute.get_strategy().num_replicas_in_sync
+        variables = self.encoder.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        # After the optimizer step, as in rule 6 (the loss read the old rows).
+        self.memory_bank.update(indices, embeddings)
+        self.loss_tracker.update_state(loss)
+        self.instance_tracker.update_state(tf.reduce_mean(instance))
+        self.invariance_tracker.update_state(tf.reduce_mean(invariance))
+        return {m.name: m.result() for m in self.metrics}

@@ -1,0 +1,285 @@
+"""Pretrain an encoder with Invariance Propagation.
+
+    python -m invp_tf.train --flagfile=configs/fashion_mnist.flags --workdir=runs/demo
+
+Every field of `config.Config` is a flag; `main` turns flags into a Config and
+calls `train_and_evaluate`, the one readable epoch loop. Rerunning the same
+command resumes from the last checkpoint in --workdir.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from invp_tf import augment
+from invp_tf import config as config_lib
+from invp_tf import data
+from invp_tf import encoder as encoder_lib
+from invp_tf import evaluation
+from invp_tf import model as model_lib
+from invp_tf import neighbors
+from invp_tf import propagation
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss); the last good checkpoint is kept."""
+
+
+def validate(config, num_examples):
+    """Raises ValueError naming the flag whose value cannot work with N rows."""
+    for name, choices in config_lib.CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"--{name}={getattr(config, name)} is not one of {', '.join(choices)}")
+    checks = [
+        (config.num_background <= num_examples,
+         f"--num_background={config.num_background} exceeds the {num_examples} training images"),
+        (1 <= config.num_neighbors < num_examples,
+         f"--num_neighbors={config.num_neighbors} must be in [1, {num_examples}) "
+         f"(the dataset has {num_examples} training images)"),
+        (config.batch_size <= num_examples,
+         f"--batch_size={config.batch_size} exceeds the {num_examples} training images"),
+        (config.num_layers >= 1, f"--num_layers={config.num_layers} must be >= 1"),
+        (config.num_positives >= 1, f"--num_positives={config.num_positives} must be >= 1"),
+        (config.temperature > 0, f"--temperature={config.temperature} must be > 0"),
+        (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
+        (0 <= config.memory_momentum < 1,
+         f"--memory_momentum={config.memory_momentum} must be in [0, 1)"),
+    ]
+    if config.positive_mode == "knn":
+        k = config.num_knn_positives or propagation.max_set_size(
+            config.num_neighbors, config.num_layers)
+        checks.append((k + 1 <= num_examples,
+                       f"--num_knn_positives={k} needs more than {k} training images"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """Keras schedule over optimizer steps: optional linear warm-up, then
+    cosine to 0, step (/10 at --lr_decay_epochs) or constant."""
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else config.learning_rate, decay_steps=max(total - warmup, 1),
+            warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+    if config.lr_schedule == "step":
+        boundaries = [e * steps_per_epoch for e in config.lr_decay_epoch_list]
+        values = [config.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    return config.learning_rate
+
+
+def extract_embeddings(encoder, dataset, key="embedding"):
+    """Runs the encoder in inference mode over (images, indices, labels) batches.
+
+    Returns:
+      (features [n, F] float32, indices [n] int32, labels [n] int32) numpy arrays.
+    """
+    infer = tf.function(lambda images: encoder(images, training=False)[key],
+                        reduce_retracing=True)
+    features, indices, labels = [], [], []
+    for images, index, label in dataset:
+        features.append(infer(images).numpy())
+        indices.append(index.numpy())
+        labels.append(label.numpy())
+    return np.concatenate(features), np.concatenate(indices), np.concatenate(labels)
+
+
+def knn_monitor(config, encoder, bank, train_source, test_source, train_labels):
+    """Weighted kNN top-1 on the test split; None when it has no labels."""
+    if test_source is None or not test_source.num_classes:
+        return None
+    pipeline = lambda source: data.eval_pipeline(  # noqa: E731
+        source, batch_size=max(config.batch_size, 256), image_size=config.image_size)
+    test_features, _, test_labels = extract_embeddings(encoder, pipeline(test_source))
+    if config.knn_features == "fresh":
+        train_features, train_index, _ = extract_embeddings(encoder, pipeline(train_source))
+        train_features = train_features[np.argsort(train_index)]
+    else:
+        train_features = bank
+    predictions = evaluation.knn_classify(
+        train_features, train_labels, test_features, k=config.knn_k,
+        temperature=config.knn_temperature, num_classes=test_source.num_classes)
+    return float(np.mean(predictions == test_labels))
+
+
+def _labels_by_index(source):
+    """[N] int32 labels in index order (-1 where unknown)."""
+    labels = np.full(source.num_examples, -1, np.int32)
+    for index, label in source.dataset().map(lambda ex: (ex["index"], ex["label"])).batch(4096):
+        labels[index.numpy()] = label.numpy()
+    return labels
+
+
+def _truncate_metrics(path, first_epoch):
+    """Drops rows of epochs >= first_epoch (written before a crash, then redone)."""
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["epoch"] < first_epoch]
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.writelines(rows)
+
+
+def train_and_evaluate(config, workdir, callbacks=()):
+    """Trains (or resumes) a run in `workdir`; returns the last metrics row.
+
+    Args:
+      config: a config.Config.
+      workdir: run directory (checkpoints/, tensorboard/, metrics.jsonl).
+      callbacks: extra Keras callbacks passed to each epoch's fit (tests use
+        one to interrupt a run).
+    """
+    tf.io.gfile.makedirs(workdir)
+    keras.utils.set_random_seed(config.seed)
+    data_dir = config.data_dir or None
+    train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
+    test_source = data.load_source(config.dataset, "test", data_dir)
+    num_examples = train_source.num_examples
+    validate(config, num_examples)
+    steps_per_epoch = num_examples // config.batch_size
+    view = augment.get_view(config.augment)
+    if config.augment == "crop_flip":
+        view = functools.partial(view, scale=(config.crop_scale, 1.0))
+
+    encoder = encoder_lib.build_encoder(
+        config.encoder, head=config.head, embedding_dim=config.embedding_dim,
+        width_multiplier=config.width_multiplier, image_size=config.image_size)
+    loss_options = dict(
+        temperature=config.temperature, num_background=config.num_background,
+        num_layers=config.num_layers, num_positives=config.num_positives,
+        background=config.background, positive_mode=config.positive_mode,
+        hard_positives=config.hard_positives, hard_negatives=config.hard_negatives,
+        num_knn_positives=config.num_knn_positives or None)
+    model = model_lib.InvPModel(
+        encoder, num_examples, embedding_dim=config.embedding_dim,
+        num_neighbors=config.num_neighbors, memory_momentum=config.memory_momentum,
+        seed=config.seed, loss_options=loss_options)
+    optimizer = keras.optimizers.SGD(
+        learning_rate_schedule(config, steps_per_epoch), momentum=config.optimizer_momentum,
+        weight_decay=config.weight_decay or None)
+    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
+
+    epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer,
+                                     bank=model.memory_bank, graph=model.knn_graph,
+                                     epoch=epoch_counter)
+    # CheckpointManager writes the data files first and then replaces the small
+    # `checkpoint` index file, so a crash mid-save leaves the previous one valid.
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=3)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed from %s (epoch %d).", manager.latest_checkpoint, int(epoch_counter))
+    elif config.bank_init == "encoder":
+        eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
+        features, index, _ = extract_embeddings(encoder, eval_data)
+        model.memory_bank.assign(features[np.argsort(index)])
+    first_epoch = int(epoch_counter)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_metrics(metrics_path, first_epoch)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    train_labels = _labels_by_index(train_source) if test_source is not None else None
+    verbose = "auto" if sys.stdout.isatty() else 2
+    row = {}
+
+    for epoch in range(first_epoch, config.epochs):
+        # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv.
+        uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
+        graph_seconds = None
+        if uses_invariance:
+            start = time.perf_counter()
+            graph = neighbors.build_knn_graph(model.memory_bank.bank.numpy(),
+                                              config.num_neighbors, config.knn_method)
+            model.knn_graph.assign(graph)
+            graph_seconds = time.perf_counter() - start
+        model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
+
+        # 2. One epoch of training; the data order and views depend only on (seed, epoch).
+        dataset = data.train_pipeline(train_source, batch_size=config.batch_size,
+                                      image_size=config.image_size, view=view,
+                                      seed=config.seed, epoch=epoch)
+        start = time.perf_counter()
+        history = model.fit(dataset, epochs=1, verbose=verbose,
+                            callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks])
+        train_seconds = time.perf_counter() - start
+        logs = {name: values[-1] for name, values in history.history.items()}
+        if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
+            raise TrainingError(
+                f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for this "
+                f"epoch, the last good checkpoint is {manager.latest_checkpoint} "
+                "(lower --learning_rate or raise --temperature)")
+
+        # 3. kNN monitor on the test split.
+        knn_top1 = None
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            knn_top1 = knn_monitor(config, encoder, model.memory_bank.bank.numpy(),
+                                   train_source, test_source, train_labels)
+
+        # 4. Metrics row, then checkpoint (a crash between them redoes the epoch
+        # and `_truncate_metrics` drops the stale row).
+        row = {"epoch": epoch, "loss": logs["loss"], "loss_ins": logs["loss_ins"],
+               "loss_inv": logs["loss_inv"] if uses_invariance else None,
+               "knn_top1": knn_top1, "graph_seconds": graph_seconds,
+               "images_per_second": steps_per_epoch * config.batch_size / train_seconds,
+               "learning_rate": float(optimizer.learning_rate.numpy())}
+        with tf.io.gfile.GFile(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with writer.as_default(step=epoch + 1):
+            for name, value in row.items():
+                if name != "epoch" and value is not None:
+                    tf.summary.scalar(name, value)
+        epoch_counter.assign(epoch + 1)
+        manager.save(checkpoint_number=epoch + 1)
+        logging.info("epoch %d: %s", epoch, json.dumps(row))
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Command line: one flag per Config field.
+
+_FLAGS = {}
+for _field in dataclasses.fields(config_lib.Config):
+    _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+               float: flags.DEFINE_float, str: flags.DEFINE_string}[type(_field.default)]
+    _FLAGS[_field.name] = _define(_field.name, _field.default, _field.metadata["help"])
+
+
+def config_from_flags():
+    return config_lib.Config(**{name: holder.value for name, holder in _FLAGS.items()})
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = config_from_flags()
+    if not config.workdir:
+        raise app.UsageError("--workdir is required")
+    tf.io.gfile.makedirs(config.workdir)
+    with tf.io.gfile.GFile(os.path.join(config.workdir, "flags.txt"), "w") as f:
+        f.write("\n".join(config.flagfile_lines()) + "\n")
+    try:
+        row = train_and_evaluate(config, config.workdir)
+    except (ValueError, FileNotFoundError, TrainingError) as e:
+        logging.debug("stopped", exc_info=True)
+        print(f"invp_tf.train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,152 @@
+"""Tests for invp_tf.augment: shapes, ranges, determinism, eager == tf.data."""
+
+import functools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from invp_tf import augment
+
+S = 24  # output side used throughout; small to keep the tests fast
+
+
+def _grey():
+    rng = np.random.default_rng(0)
+    return tf.constant(rng.integers(0, 256, size=(28, 28, 1), dtype=np.uint8))
+
+
+def _rgb():
+    rng = np.random.default_rng(1)
+    return tf.constant(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8))
+
+
+SEED = tf.constant([3, 7], tf.int64)
+OTHER_SEED = tf.constant([3, 8], tf.int64)
+RECIPES = sorted(augment.RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("make_image", [_grey, _rgb])
+def test_recipe_shape_range_determinism(name, make_image):
+    view = augment.get_view(name)
+    image = make_image()
+    out = view(image, SEED, S)
+    assert out.dtype == tf.float32
+    assert out.shape == (S, S, 3)
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    np.testing.assert_array_equal(out.numpy(), view(image, SEED, S).numpy())
+    if name != "none":
+        assert not np.array_equal(out.numpy(), view(image, OTHER_SEED, S).numpy())
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_eager_equals_tf_data(name):
+    view = augment.get_view(name)
+    image = _rgb()
+    seeds = tf.constant([[0, 1], [0, 2], [5, 9]], tf.int64)
+    ds = tf.data.Dataset.from_tensor_slices(seeds).map(lambda s: view(image, s, S))
+    assert ds.element_spec.shape == (S, S, 3)  # static shape in graph mode
+    for seed, out in zip(seeds, ds, strict=True):
+        np.testing.assert_allclose(out.numpy(), view(image, seed, S).numpy(), atol=1e-6)
+
+
+def test_eval_view_shapes_and_tf_data():
+    big = tf.constant(np.random.default_rng(2).integers(0, 256, (80, 60, 3), dtype=np.uint8))
+    for image in [_grey(), _rgb(), big]:
+        out = augment.eval_view(image, S)
+        assert out.shape == (S, S, 3) and out.dtype == tf.float32
+        ds = tf.data.Dataset.from_tensors(image).map(lambda x: augment.eval_view(x, S))
+        assert ds.element_spec.shape == (S, S, 3)
+        np.testing.assert_allclose(next(iter(ds)).numpy(), out.numpy(), atol=1e-6)
+
+
+def test_eval_view_center_crops_large_images():
+    # Left half black, right half white, large image: the center crop keeps both halves.
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[:, 50:] = 255
+    out = augment.eval_view(tf.constant(image), S).numpy()
+    assert out[:, 0].max() < 0.01 and out[:, -1].min() > 0.99
+
+
+def test_to_float_rgb():
+    out = augment.to_float_rgb(_grey())
+    assert out.shape == (28, 28, 3) and out.dtype == tf.float32
+    np.testing.assert_allclose(out[..., 0].numpy(), _grey()[..., 0].numpy() / 255.0, atol=1e-6)
+    floats = tf.fill([4, 5, 3], 0.5)
+    np.testing.assert_array_equal(augment.to_float_rgb(floats).numpy(), floats.numpy())
+
+
+def test_random_resized_crop_constant_image_stays_constant():
+    image = tf.fill([40, 30, 3], tf.constant(100, tf.uint8))
+    for i in range(5):
+        out = augment.random_resized_crop(image, tf.constant([i, 1]), S)
+        np.testing.assert_allclose(out.numpy(), 100 / 255.0, atol=1e-5)
+
+
+def test_random_resized_crop_unknown_channels_in_graph():
+    # decode_image without channels gives an unknown channel count; the crop must fix it.
+    fn = tf.function(
+        lambda x, s: augment.random_grayscale(augment.random_resized_crop(x, s, S), s, 1.0),
+        input_signature=[tf.TensorSpec([None, None, None], tf.uint8), tf.TensorSpec([2], tf.int32)],
+    )
+    out = fn(_rgb(), tf.constant([1, 2]))
+    assert out.shape == (S, S, 3)
+
+
+def test_grayscale_channels_equal():
+    x = augment.to_float_rgb(_rgb())
+    out = augment.random_grayscale(x, SEED, p=1.0).numpy()
+    np.testing.assert_array_equal(out[..., 0], out[..., 1])
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    np.testing.assert_array_equal(augment.random_grayscale(x, SEED, p=0.0).numpy(), x.numpy())
+
+
+def test_random_apply_probability():
+    x = tf.zeros([2, 2, 3])
+    hits = [
+        float(augment.random_apply(lambda y, s: y + 1.0, x, tf.constant([i, 0]), 0.3)[0, 0, 0])
+        for i in range(200)
+    ]
+    assert 0.15 < np.mean(hits) < 0.45
+
+
+def test_gaussian_blur_constant_and_smoothing():
+    const = tf.fill([40, 40, 3], 0.3)
+    out = augment.gaussian_blur(const, SEED, sigma=(1.0, 2.0))
+    np.testing.assert_allclose(out.numpy(), 0.3, atol=1e-5)
+    noise = tf.constant(np.random.default_rng(3).random((40, 40, 3)), tf.float32)
+    blurred = augment.gaussian_blur(noise, SEED, sigma=(1.5, 2.0))
+    assert blurred.shape == (40, 40, 3)
+    assert float(tf.math.reduce_std(blurred)) < float(tf.math.reduce_std(noise))
+    np.testing.assert_allclose(
+        float(tf.reduce_mean(blurred)), float(tf.reduce_mean(noise)), atol=0.02
+    )
+
+
+def test_color_jitter_range_and_zero_strength_identity():
+    x = augment.to_float_rgb(_rgb())
+    out = augment.color_jitter(x, SEED, 0.4, 0.4, 0.4, 0.4)
+    assert out.shape == (40, 30, 3)
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    np.testing.assert_array_equal(augment.color_jitter(x, SEED, 0, 0, 0, 0).numpy(), x.numpy())
+
+
+def test_random_flip_is_a_mirror_or_identity():
+    x = _rgb().numpy()
+    outs = [augment.random_flip(x, tf.constant([i, 0])).numpy() for i in range(10)]
+    assert all(np.array_equal(o, x) or np.array_equal(o, x[:, ::-1]) for o in outs)
+    assert any(np.array_equal(o, x[:, ::-1]) for o in outs)
+
+
+def test_crop_flip_scale_partial():
+    view = functools.partial(augment.crop_flip_view, scale=(1.0, 1.0))
+    image = np.zeros((30, 30, 3), np.uint8)
+    image[:, :15] = 255  # full-image crop: exactly a resize (possibly mirrored)
+    out = view(tf.constant(image), SEED, 30).numpy()
+    assert {round(out[0, 0, 0]), round(out[0, -1, 0])} == {0.0, 1.0}
+
+
+def test_get_view_unknown_name():
+    with pytest.raises(ValueError, match="crop_flip"):
+        augment.get_view("simclr")

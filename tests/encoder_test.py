@@ -1,0 +1,206 @@
+"""Tests for invp_tf.encoder: pinned parameter counts, shapes, BN modes and round trips."""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from invp_tf import encoder
+
+# A small CIFAR-stem encoder keeps every test that runs the network fast on 2 CPU cores.
+_TINY = {"width_multiplier": 0.125, "embedding_dim": 16}
+
+
+def _count(variables):
+    return sum(int(np.prod(v.shape)) for v in variables)
+
+
+def _images(batch=2, size=16, seed=0):
+    # Float images in [0, 1], the encoder's input contract.
+    return tf.random.stateless_uniform([batch, size, size, 3], seed=[seed, 0])
+
+
+def _built_backbone(architecture, size, width_multiplier=1.0):
+    backbone = encoder.Backbone(architecture, width_multiplier)
+    backbone(tf.zeros([1, size, size, 3]))
+    return backbone
+
+
+def test_resnet50_parameter_count_matches_torchvision():
+    """torchvision resnet50 has 25,557,032 params; its fc has 2048*1000 + 1000 = 2,049,000.
+
+    Without fc: 23,508,032 trainable (torch's BN gamma/beta are parameters too). The BN moving
+    mean/variance (buffers in torch) are 2 * 26,560 channels = 53,120 non-trainable values.
+    """
+    backbone = _built_backbone("resnet50", 32)
+    assert _count(backbone.trainable_weights) == 23_508_032
+    assert _count(backbone.non_trainable_weights) == 53_120
+    assert backbone.feature_dim == 2048
+
+
+def test_resnet18_cifar_parameter_count():
+    """torchvision resnet18 (11,689,512) minus fc (512*1000 + 1000) = 11,176,512; the CIFAR stem
+    conv is 3x3x3x64 = 1,728 instead of 7x7x3x64 = 9,408, so 11,176,512 - 7,680 = 11,168,832.
+
+    By hand (conv kernels + BN gamma/beta):
+      stem   3*3*3*64 + 2*64                                            =     1,856
+      stage1 4 * 3*3*64*64 + 4*128                                      =   147,968
+      stage2 3*3*64*128 + 3 * 3*3*128*128 + 64*128 + 5*256              =   525,568
+      stage3 3*3*128*256 + 3 * 3*3*256*256 + 128*256 + 5*512            = 2,099,712
+      stage4 3*3*256*512 + 3 * 3*3*512*512 + 256*512 + 5*1024           = 8,393,728
+      total                                                             = 11,168,832
+    BN channels 64 + 4*64 + 5*128 + 5*256 + 5*512 = 4,800 -> 9,600 moving statistics.
+    """
+    assert 1_856 + 147_968 + 525_568 + 2_099_712 + 8_393_728 == 11_168_832
+    backbone = _built_backbone("resnet18_cifar", 8)
+    assert _count(backbone.trainable_weights) == 11_168_832
+    assert _count(backbone.non_trainable_weights) == 9_600
+    assert backbone.feature_dim == 512
+
+
+def test_resnet18_imagenet_stem_parameter_count():
+    # torchvision resnet18 without fc: 11,689,512 - 513,000.
+    backbone = _built_backbone("resnet18", 32)
+    assert _count(backbone.trainable_weights) == 11_176_512
+
+
+@pytest.mark.parametrize("width_multiplier, feature_dim", [(0.5, 256), (0.125, 64), (0.001, 1)])
+def test_width_multiplier_scales_features(width_multiplier, feature_dim):
+    enc = encoder.Encoder("resnet18_cifar", width_multiplier=width_multiplier, embedding_dim=8)
+    assert enc.feature_dim == feature_dim
+    out = enc(_images(size=8))
+    assert out["features"].shape == (2, feature_dim)
+
+
+@pytest.mark.parametrize("head", encoder.HEADS)
+def test_cifar_embedding_and_stage_shapes(head):
+    enc = encoder.build_encoder(
+        "resnet18_cifar", head=head, embedding_dim=128, width_multiplier=0.5
+    )
+    out = enc(_images(size=32))
+    assert out["embedding"].shape == (2, 128)
+    assert out["embedding"].dtype == tf.float32
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, rtol=1e-5)
+    assert out["features"].shape == (2, 256)
+
+    stages = enc.stage_outputs(_images(size=32))
+    assert isinstance(stages, collections.OrderedDict)
+    assert list(stages) == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    sizes = {k: (v.shape[1], v.shape[2], v.shape[3]) for k, v in stages.items()}
+    assert sizes == {
+        "stem": (32, 32, 32),
+        "stage1": (32, 32, 32),
+        "stage2": (16, 16, 64),
+        "stage3": (8, 8, 128),
+        "stage4": (4, 4, 256),
+    }
+
+
+def test_resnet50_shapes_at_64():
+    enc = encoder.build_encoder("resnet50")
+    out = enc(_images(size=64))
+    assert out["embedding"].shape == (2, 128)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, rtol=1e-5)
+    assert out["features"].shape == (2, 2048)
+    stages = enc.stage_outputs(_images(size=64))
+    sizes = {k: v.shape[1:] for k, v in stages.items()}
+    assert sizes == {
+        "stem": (16, 16, 64),
+        "stage1": (16, 16, 256),
+        "stage2": (8, 8, 512),
+        "stage3": (4, 4, 1024),
+        "stage4": (2, 2, 2048),
+    }
+
+
+def test_stage4_pooled_equals_features():
+    enc = encoder.Encoder("resnet18_cifar", **_TINY)
+    images = _images(size=8)
+    pooled = tf.reduce_mean(enc.stage_outputs(images)["stage4"], axis=[1, 2])
+    np.testing.assert_allclose(enc(images)["features"], pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_statistics_move_only_in_training():
+    enc = encoder.build_encoder("resnet18_cifar", image_size=8, **_TINY)
+    before = [v.numpy().copy() for v in enc.non_trainable_weights]
+    enc(_images(size=8), training=False)
+    after_eval = [v.numpy() for v in enc.non_trainable_weights]
+    for b, a in zip(before, after_eval):
+        np.testing.assert_array_equal(b, a)
+    enc(_images(size=8), training=True)
+    after_train = [v.numpy() for v in enc.non_trainable_weights]
+    assert all(not np.array_equal(b, a) for b, a in zip(before, after_train))
+
+
+def test_zero_init_residual():
+    enc = encoder.build_encoder("resnet18_cifar", zero_init_residual=True, image_size=8, **_TINY)
+    np.testing.assert_array_equal(enc.backbone.stage1_block1.bn2.gamma.numpy(), 0.0)
+    np.testing.assert_array_equal(enc.backbone.stage1_block1.bn1.gamma.numpy(), 1.0)
+    enc50 = encoder.Backbone("resnet50", width_multiplier=0.125, zero_init_residual=True)
+    enc50(tf.zeros([1, 32, 32, 3]))
+    np.testing.assert_array_equal(enc50.stage2_block1.bn3.gamma.numpy(), 0.0)
+
+
+def test_from_config_round_trip():
+    enc = encoder.build_encoder("resnet18_cifar", head="mlp", image_size=8, **_TINY)
+    config = enc.get_config()
+    assert config["backbone"] == "resnet18_cifar" and config["head"] == "mlp"
+    clone = encoder.Encoder.from_config(config)
+    clone(tf.zeros([1, 8, 8, 3]))
+    clone.set_weights(enc.get_weights())
+    images = _images(size=8)
+    for key in ("embedding", "features"):
+        np.testing.assert_array_equal(enc(images)[key], clone(images)[key])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    enc = encoder.build_encoder("resnet18_cifar", head="mlp", image_size=8, **_TINY)
+    enc(_images(size=8, seed=1), training=True)  # Move BN statistics away from their init.
+    path = tf.train.Checkpoint(encoder=enc).save(str(tmp_path / "ckpt"))
+    # Every variable must be in the checkpoint (Keras 3 lists of layers are invisible to it),
+    # plus the object graph and save_counter.
+    assert len(tf.train.list_variables(path)) == len(enc.weights) + 2
+
+    restored = encoder.build_encoder("resnet18_cifar", head="mlp", image_size=8, **_TINY)
+    tf.train.Checkpoint(encoder=restored).restore(path).assert_existing_objects_matched()
+    images = _images(size=8)
+    for key in ("embedding", "features"):
+        np.testing.assert_array_equal(enc(images)[key], restored(images)[key])
+
+
+def test_mixed_float16_embedding_is_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        enc = encoder.Encoder("resnet18_cifar", **_TINY)
+        out = enc(_images(size=8))
+        stage4 = enc.stage_outputs(_images(size=8))["stage4"]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert stage4.dtype == tf.float16
+    assert out["embedding"].dtype == tf.float32
+    assert out["features"].dtype == tf.float32
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        ({"name": "resnet99"}, "resnet99"),
+        ({"name": "resnet18_cifar", "head": "transformer"}, "transformer"),
+    ],
+)
+def test_invalid_names_raise(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        encoder.build_encoder(**kwargs)
+
+
+def test_gradients_reach_every_trainable_variable():
+    enc = encoder.build_encoder("resnet18_cifar", head="mlp", image_size=8, **_TINY)
+    with tf.GradientTape() as tape:
+        embedding = enc(_images(size=8), training=True)["embedding"]
+        loss = tf.reduce_sum(embedding[:, 0])
+    grads = tape.gradient(loss, enc.trainable_variables)
+    assert len(grads) == len(enc.trainable_variables) > 0
+    assert all(g is not None for g in grads)

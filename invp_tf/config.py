@@ -29,14 +29,19 @@ class Config:
 
     workdir: str = _field("", "Run directory: flags.txt, checkpoints, metrics, TensorBoard.")
     dataset: str = _field(
-        "fashion_mnist", "fashion_mnist | tfds:NAME (e.g. tfds:cifar10) | folder:/path/to/images.")
-    data_dir: str = _field("", "IDX folder for fashion_mnist, tfds data_dir, or empty for defaults.")
+        "fashion_mnist", "fashion_mnist | tfds:NAME (e.g. tfds:cifar10) | folder:/path/to/images."
+    )
+    data_dir: str = _field(
+        "", "IDX folder for fashion_mnist, tfds data_dir, or empty for defaults."
+    )
     train_examples: int = _field(0, "Use the first n training examples (0 = all).")
     epochs: int = _field(800, "Training epochs.")
     batch_size: int = _field(128, "Global batch size.")
     image_size: int = _field(224, "Side of the square training crop.")
     augment: str = _field("moco_v2", "View augmentation recipe.")
-    crop_scale: float = _field(0.2, "Smallest area fraction of the random resized crop of --augment=crop_flip.")
+    crop_scale: float = _field(
+        0.2, "Smallest area fraction of the random resized crop of --augment=crop_flip."
+    )
     encoder: str = _field("resnet50", "Backbone.")
     width_multiplier: float = _field(1.0, "Channel width multiplier of the backbone.")
     head: str = _field("linear", "Projection head: linear (tau 0.07) or mlp (tau 0.2).")
@@ -56,7 +61,8 @@ class Config:
     hard_negatives: bool = _field(True, "TopM background (False: the whole bank).")
     knn_method: str = _field("scann", "kNN graph builder.")
     bank_init: str = _field(
-        "random", "Initial bank: random unit rows (paper) or embeddings of the initial encoder.")
+        "random", "Initial bank: random unit rows (paper) or embeddings of the initial encoder."
+    )
     optimizer_momentum: float = _field(0.9, "SGD momentum.")
     learning_rate: float = _field(0.03, "Base learning rate.")
     lr_schedule: str = _field("cosine", "Learning rate schedule over all epochs.")
@@ -66,7 +72,8 @@ class Config:
     knn_k: int = _field(200, "Neighbours of the kNN monitor.")
     knn_temperature: float = _field(0.07, "Vote temperature of the kNN monitor.")
     knn_features: str = _field(
-        "bank", "Train features of the kNN monitor: the bank, or fresh encoder features.")
+        "bank", "Train features of the kNN monitor: the bank, or fresh encoder features."
+    )
     eval_every: int = _field(1, "Run the kNN monitor every n epochs (and after the last).")
     jit_compile: bool = _field(False, "XLA-compile the train step.")
     seed: int = _field(0, "Seed of weights, bank, shuffling and augmentation.")

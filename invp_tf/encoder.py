@@ -187,7 +187,7 @@ class Backbone(keras.layers.Layer):
         # Blocks are plain attributes (stage1_block1, ...) because tf.train.Checkpoint does not
         # see layers held in Keras 3 lists; stages keeps only their names, in order.
         stages = []
-        for stage_index, (depth, stride) in enumerate(zip(depths, _STAGE_STRIDES)):
+        for stage_index, (depth, stride) in enumerate(zip(depths, _STAGE_STRIDES, strict=True)):
             filters = _scaled(64 * 2**stage_index, width_multiplier)
             names = []
             for block_index in range(depth):

@@ -4,8 +4,16 @@ import numpy as np
 import tensorflow as tf
 
 
-def knn_class_scores(train_features, train_labels, test_features, *, k=200, temperature=0.07,
-                     num_classes, chunk_size=1024):
+def knn_class_scores(
+    train_features,
+    train_labels,
+    test_features,
+    *,
+    k=200,
+    temperature=0.07,
+    num_classes,
+    chunk_size=1024,
+):
     """Class scores of the weighted kNN classifier (Wu et al., 2018).
 
     Each test row votes with its k most similar train rows (cosine similarity),
@@ -28,11 +36,12 @@ def knn_class_scores(train_features, train_labels, test_features, *, k=200, temp
     test = tf.math.l2_normalize(tf.convert_to_tensor(test_features, tf.float32), axis=1)
     if train.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"train_features has {train.shape[0]} rows but train_labels has {labels.shape[0]}")
+            f"train_features has {train.shape[0]} rows but train_labels has {labels.shape[0]}"
+        )
     k = min(int(k), int(train.shape[0]))
     scores = []
     for start in range(0, int(test.shape[0]), chunk_size):
-        sims = tf.matmul(test[start:start + chunk_size], train, transpose_b=True)  # [t, N]
+        sims = tf.matmul(test[start : start + chunk_size], train, transpose_b=True)  # [t, N]
         top_sims, top_rows = tf.math.top_k(sims, k=k)  # [t, k]
         votes = tf.one_hot(tf.gather(labels, top_rows), num_classes)  # [t, k, C]
         weights = tf.exp(top_sims / temperature)[..., None]  # [t, k, 1]
@@ -42,12 +51,26 @@ def knn_class_scores(train_features, train_labels, test_features, *, k=200, temp
     return np.concatenate(scores, axis=0)
 
 
-def knn_classify(train_features, train_labels, test_features, k=200, temperature=0.07, *,
-                 num_classes, chunk_size=1024):
+def knn_classify(
+    train_features,
+    train_labels,
+    test_features,
+    k=200,
+    temperature=0.07,
+    *,
+    num_classes,
+    chunk_size=1024,
+):
     """Predicted labels [T] int32 of the weighted kNN classifier (see knn_class_scores)."""
-    scores = knn_class_scores(train_features, train_labels, test_features, k=k,
-                              temperature=temperature, num_classes=num_classes,
-                              chunk_size=chunk_size)
+    scores = knn_class_scores(
+        train_features,
+        train_labels,
+        test_features,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+        chunk_size=chunk_size,
+    )
     return np.argmax(scores, axis=1).astype(np.int32)
 
 

@@ -22,8 +22,16 @@ def _masked_logsumexp(logits, mask):
     return tf.reduce_logsumexp(tf.where(mask, logits, _MASKED), axis=-1)
 
 
-def positive_candidates(logits, indices, knn_graph, *, num_layers, positive_mode,
-                        num_knn_positives=None, deduplicate=True):
+def positive_candidates(
+    logits,
+    indices,
+    knn_graph,
+    *,
+    num_layers,
+    positive_mode,
+    num_knn_positives=None,
+    deduplicate=True,
+):
     """Positive set N(i) of each anchor as [B, S] int32 rows padded with -1.
 
     Args:
@@ -51,10 +59,23 @@ def positive_candidates(logits, indices, knn_graph, *, num_layers, positive_mode
     return tf.where(drop, tf.constant(propagation.PAD, tf.int32), nearest)
 
 
-def invp_losses(embeddings, indices, bank, knn_graph, *, temperature, num_background,
-                num_layers, num_positives, background="approx", positive_mode="propagation",
-                hard_positives=True, hard_negatives=True, num_knn_positives=None,
-                deduplicate=True):
+def invp_losses(
+    embeddings,
+    indices,
+    bank,
+    knn_graph,
+    *,
+    temperature,
+    num_background,
+    num_layers,
+    num_positives,
+    background="approx",
+    positive_mode="propagation",
+    hard_positives=True,
+    hard_negatives=True,
+    num_knn_positives=None,
+    deduplicate=True,
+):
     """Per-example instance and invariance losses, L_ins(i) and L_inv(i).
 
     Args:
@@ -104,16 +125,23 @@ def invp_losses(embeddings, indices, bank, knn_graph, *, temperature, num_backgr
 
     # N(i): [B, S] rows padded with -1, and their logits.
     members = positive_candidates(
-        logits, indices, knn_graph, num_layers=num_layers, positive_mode=positive_mode,
-        num_knn_positives=num_knn_positives, deduplicate=deduplicate)
+        logits,
+        indices,
+        knn_graph,
+        num_layers=num_layers,
+        positive_mode=positive_mode,
+        num_knn_positives=num_knn_positives,
+        deduplicate=deduplicate,
+    )
     member_valid = members >= 0
     member_logits = tf.gather(logits, tf.maximum(members, 0), batch_dims=1)  # [B, S]
 
     # H(i): the P members with the lowest s_ij (all of N(i) when |N(i)| <= P).
     num_members = members.shape[1]
     if hard_positives and num_positives < num_members:
-        lowest, _ = tf.math.top_k(tf.where(member_valid, -member_logits, _MASKED),
-                                  k=num_positives)  # [B, P]
+        lowest, _ = tf.math.top_k(
+            tf.where(member_valid, -member_logits, _MASKED), k=num_positives
+        )  # [B, P]
         hard_logits, hard_valid = -lowest, lowest > _MASKED / 2
     else:
         hard_logits, hard_valid = member_logits, member_valid

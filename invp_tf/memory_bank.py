@@ -32,9 +32,12 @@ class MemoryBank(tf.Module):
         self.momentum = float(momentum)
         with self.name_scope:
             self.bank = tf.Variable(
-                random_unit_rows(num_examples, dim, seed), trainable=False, name="bank",
+                random_unit_rows(num_examples, dim, seed),
+                trainable=False,
+                name="bank",
                 synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.NONE)  # [N, D]
+                aggregation=tf.VariableAggregation.NONE,
+            )  # [N, D]
 
     @property
     def num_examples(self):

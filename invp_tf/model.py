@@ -8,8 +8,7 @@ only wires them: forward, loss, optimizer step, then the bank update.
 import keras
 import tensorflow as tf
 
-from invp_tf import losses
-from invp_tf import memory_bank
+from invp_tf import losses, memory_bank
 
 
 class InvPModel(keras.Model):
@@ -20,8 +19,18 @@ class InvPModel(keras.Model):
       invariance_weight: lambda_inv * w(epoch), 0 before the ramp-up ends.
     """
 
-    def __init__(self, encoder, num_examples, *, embedding_dim, num_neighbors=4,
-                 memory_momentum=0.5, seed=0, loss_options=None, **kwargs):
+    def __init__(
+        self,
+        encoder,
+        num_examples,
+        *,
+        embedding_dim,
+        num_neighbors=4,
+        memory_momentum=0.5,
+        seed=0,
+        loss_options=None,
+        **kwargs,
+    ):
         """Args:
         encoder: a model whose call returns {"embedding": [B, D], ...}.
         num_examples: N, rows of the bank and the graph.
@@ -34,10 +43,12 @@ class InvPModel(keras.Model):
         """
         super().__init__(**kwargs)
         self.encoder = encoder
-        self.memory_bank = memory_bank.MemoryBank(num_examples, embedding_dim,
-                                                  momentum=memory_momentum, seed=seed)
-        self.knn_graph = tf.Variable(tf.zeros([num_examples, num_neighbors], tf.int32),
-                                     trainable=False, name="knn_graph")
+        self.memory_bank = memory_bank.MemoryBank(
+            num_examples, embedding_dim, momentum=memory_momentum, seed=seed
+        )
+        self.knn_graph = tf.Variable(
+            tf.zeros([num_examples, num_neighbors], tf.int32), trainable=False, name="knn_graph"
+        )
         self.invariance_weight = tf.Variable(0.0, trainable=False, name="invariance_weight")
         self.loss_options = dict(loss_options or {})
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -78,7 +89,7 @@ class InvPModel(keras.Model):
             scaled_loss = loss / tf.distribute.get_strategy().num_replicas_in_sync
         variables = self.encoder.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         # After the optimizer step, as in rule 6 (the loss read the old rows).
         self.memory_bank.update(indices, embeddings)
         self.loss_tracker.update_state(loss)

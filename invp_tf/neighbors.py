@@ -32,12 +32,12 @@ def _brute_force(embeddings, k, chunk_size=2048):
     n = embeddings.shape[0]
     out = np.empty((n, k + 1), np.int64)
     for start in range(0, n, chunk_size):
-        sims = embeddings[start:start + chunk_size] @ embeddings.T  # [c, N]
-        part = np.argpartition(-sims, k, axis=1)[:, :k + 1]  # unordered top k+1
+        sims = embeddings[start : start + chunk_size] @ embeddings.T  # [c, N]
+        part = np.argpartition(-sims, k, axis=1)[:, : k + 1]  # unordered top k+1
         part_sims = np.take_along_axis(sims, part, axis=1)
         # Sort by similarity, ties by row index, so results are deterministic.
         order = np.lexsort((part, -part_sims), axis=1)
-        out[start:start + chunk_size] = np.take_along_axis(part, order, axis=1)
+        out[start : start + chunk_size] = np.take_along_axis(part, order, axis=1)
     return out
 
 
@@ -47,17 +47,24 @@ def _scann(embeddings, k):
     except ImportError as e:  # scann is Linux/x86 only
         raise ImportError(
             "--knn_method=scann needs the scann package (pip install scann==1.4.2); "
-            "use --knn_method=brute_force without it") from e
+            "use --knn_method=brute_force without it"
+        ) from e
     n = embeddings.shape[0]
     builder = scann.scann_ops_pybind.builder(embeddings, k + 1, "dot_product")
     if n <= SCANN_EXACT_MAX_ROWS:
         searcher = builder.score_brute_force().build()
     else:
         num_leaves = int(2 * np.sqrt(n))
-        searcher = (builder.tree(num_leaves=num_leaves, num_leaves_to_search=max(num_leaves // 20, 10),
-                                 training_sample_size=min(n, 250_000))
-                    .score_ah(2, anisotropic_quantization_threshold=0.2)
-                    .reorder(100).build())
+        searcher = (
+            builder.tree(
+                num_leaves=num_leaves,
+                num_leaves_to_search=max(num_leaves // 20, 10),
+                training_sample_size=min(n, 250_000),
+            )
+            .score_ah(2, anisotropic_quantization_threshold=0.2)
+            .reorder(100)
+            .build()
+        )
     neighbors, _ = searcher.search_batched(embeddings, final_num_neighbors=k + 1)
     return np.asarray(neighbors, np.int64)
 

@@ -39,12 +39,12 @@ def propagate(knn_graph, indices, num_layers, deduplicate=True):
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     knn_graph = tf.cast(tf.convert_to_tensor(knn_graph), tf.int32)  # [N, k]
     indices = tf.cast(tf.convert_to_tensor(indices), tf.int32)  # [B]
-    batch = tf.shape(indices)[0]
+    k = knn_graph.shape[1]  # static, so every row width below is static too
     frontier = indices[:, None]  # [B, 1]
     hops = []
-    for _ in range(num_layers):
+    for hop in range(1, num_layers + 1):
         # [B, k^(h-1)] -> [B, k^(h-1), k] -> [B, k^h]
-        frontier = tf.reshape(tf.gather(knn_graph, frontier), [batch, -1])
+        frontier = tf.reshape(tf.gather(knn_graph, frontier), [-1, k**hop])
         hops.append(frontier)
     members = tf.concat(hops, axis=1)  # [B, S]
     if not deduplicate:

@@ -7,6 +7,7 @@ calls `train_and_evaluate`, the one readable epoch loop. Rerunning the same
 command resumes from the last checkpoint in --workdir.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,21 +16,15 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import app, flags, logging
 
-from invp_tf import augment
+from invp_tf import augment, data, evaluation, neighbors, propagation
 from invp_tf import config as config_lib
-from invp_tf import data
 from invp_tf import encoder as encoder_lib
-from invp_tf import evaluation
 from invp_tf import model as model_lib
-from invp_tf import neighbors
-from invp_tf import propagation
 
 
 class TrainingError(RuntimeError):
@@ -42,25 +37,35 @@ def validate(config, num_examples):
         if getattr(config, name) not in choices:
             raise ValueError(f"--{name}={getattr(config, name)} is not one of {', '.join(choices)}")
     checks = [
-        (config.num_background <= num_examples,
-         f"--num_background={config.num_background} exceeds the {num_examples} training images"),
-        (1 <= config.num_neighbors < num_examples,
-         f"--num_neighbors={config.num_neighbors} must be in [1, {num_examples}) "
-         f"(the dataset has {num_examples} training images)"),
-        (config.batch_size <= num_examples,
-         f"--batch_size={config.batch_size} exceeds the {num_examples} training images"),
+        (
+            config.num_background <= num_examples,
+            f"--num_background={config.num_background} exceeds the {num_examples} training images",
+        ),
+        (
+            1 <= config.num_neighbors < num_examples,
+            f"--num_neighbors={config.num_neighbors} must be in [1, {num_examples}) "
+            f"(the dataset has {num_examples} training images)",
+        ),
+        (
+            config.batch_size <= num_examples,
+            f"--batch_size={config.batch_size} exceeds the {num_examples} training images",
+        ),
         (config.num_layers >= 1, f"--num_layers={config.num_layers} must be >= 1"),
         (config.num_positives >= 1, f"--num_positives={config.num_positives} must be >= 1"),
         (config.temperature > 0, f"--temperature={config.temperature} must be > 0"),
         (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
-        (0 <= config.memory_momentum < 1,
-         f"--memory_momentum={config.memory_momentum} must be in [0, 1)"),
+        (
+            0 <= config.memory_momentum < 1,
+            f"--memory_momentum={config.memory_momentum} must be in [0, 1)",
+        ),
     ]
     if config.positive_mode == "knn":
         k = config.num_knn_positives or propagation.max_set_size(
-            config.num_neighbors, config.num_layers)
-        checks.append((k + 1 <= num_examples,
-                       f"--num_knn_positives={k} needs more than {k} training images"))
+            config.num_neighbors, config.num_layers
+        )
+        checks.append(
+            (k + 1 <= num_examples, f"--num_knn_positives={k} needs more than {k} training images")
+        )
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -73,23 +78,31 @@ def learning_rate_schedule(config, steps_per_epoch):
     warmup = config.warmup_epochs * steps_per_epoch
     if config.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else config.learning_rate, decay_steps=max(total - warmup, 1),
-            warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+            0.0 if warmup else config.learning_rate,
+            decay_steps=max(total - warmup, 1),
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
     if config.lr_schedule == "step":
         boundaries = [e * steps_per_epoch for e in config.lr_decay_epoch_list]
         values = [config.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-    return config.learning_rate
+    # Constant, but still a schedule: a float learning rate becomes an optimizer
+    # variable, which would change the checkpoint layout between schedules.
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, 1, alpha=1.0)
 
 
-def extract_embeddings(encoder, dataset, key="embedding"):
-    """Runs the encoder in inference mode over (images, indices, labels) batches.
+def inference_function(encoder, key="embedding"):
+    """A tf.function images [B, H, W, 3] -> encoder output `key`, inference mode."""
+    return tf.function(lambda images: encoder(images, training=False)[key], reduce_retracing=True)
+
+
+def extract_embeddings(infer, dataset):
+    """Runs `infer` (see inference_function) over (images, indices, labels) batches.
 
     Returns:
       (features [n, F] float32, indices [n] int32, labels [n] int32) numpy arrays.
     """
-    infer = tf.function(lambda images: encoder(images, training=False)[key],
-                        reduce_retracing=True)
     features, indices, labels = [], [], []
     for images, index, label in dataset:
         features.append(infer(images).numpy())
@@ -98,21 +111,27 @@ def extract_embeddings(encoder, dataset, key="embedding"):
     return np.concatenate(features), np.concatenate(indices), np.concatenate(labels)
 
 
-def knn_monitor(config, encoder, bank, train_source, test_source, train_labels):
+def knn_monitor(config, infer, bank, train_source, test_source, train_labels):
     """Weighted kNN top-1 on the test split; None when it has no labels."""
     if test_source is None or not test_source.num_classes:
         return None
     pipeline = lambda source: data.eval_pipeline(  # noqa: E731
-        source, batch_size=max(config.batch_size, 256), image_size=config.image_size)
-    test_features, _, test_labels = extract_embeddings(encoder, pipeline(test_source))
+        source, batch_size=max(config.batch_size, 256), image_size=config.image_size
+    )
+    test_features, _, test_labels = extract_embeddings(infer, pipeline(test_source))
     if config.knn_features == "fresh":
-        train_features, train_index, _ = extract_embeddings(encoder, pipeline(train_source))
+        train_features, train_index, _ = extract_embeddings(infer, pipeline(train_source))
         train_features = train_features[np.argsort(train_index)]
     else:
         train_features = bank
     predictions = evaluation.knn_classify(
-        train_features, train_labels, test_features, k=config.knn_k,
-        temperature=config.knn_temperature, num_classes=test_source.num_classes)
+        train_features,
+        train_labels,
+        test_features,
+        k=config.knn_k,
+        temperature=config.knn_temperature,
+        num_classes=test_source.num_classes,
+    )
     return float(np.mean(predictions == test_labels))
 
 
@@ -124,14 +143,27 @@ def _labels_by_index(source):
     return labels
 
 
+@contextlib.contextmanager
+def _naming_unreadable_images(source):
+    """Turns a decode failure deep inside tf.data into an error naming the file."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        bad = data.find_unreadable_images(source, limit=1) if source.paths else []
+        if bad:
+            raise ValueError(f"unreadable image: {bad[0]}") from e
+        raise
+
+
 def _truncate_metrics(path, first_epoch):
     """Drops rows of epochs >= first_epoch (written before a crash, then redone)."""
     if not tf.io.gfile.exists(path):
         return
     with tf.io.gfile.GFile(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["epoch"] < first_epoch]
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.writelines(rows)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write("".join(rows))
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def train_and_evaluate(config, workdir, callbacks=()):
@@ -156,44 +188,67 @@ def train_and_evaluate(config, workdir, callbacks=()):
         view = functools.partial(view, scale=(config.crop_scale, 1.0))
 
     encoder = encoder_lib.build_encoder(
-        config.encoder, head=config.head, embedding_dim=config.embedding_dim,
-        width_multiplier=config.width_multiplier, image_size=config.image_size)
+        config.encoder,
+        head=config.head,
+        embedding_dim=config.embedding_dim,
+        width_multiplier=config.width_multiplier,
+        image_size=config.image_size,
+    )
     loss_options = dict(
-        temperature=config.temperature, num_background=config.num_background,
-        num_layers=config.num_layers, num_positives=config.num_positives,
-        background=config.background, positive_mode=config.positive_mode,
-        hard_positives=config.hard_positives, hard_negatives=config.hard_negatives,
-        num_knn_positives=config.num_knn_positives or None)
+        temperature=config.temperature,
+        num_background=config.num_background,
+        num_layers=config.num_layers,
+        num_positives=config.num_positives,
+        background=config.background,
+        positive_mode=config.positive_mode,
+        hard_positives=config.hard_positives,
+        hard_negatives=config.hard_negatives,
+        num_knn_positives=config.num_knn_positives or None,
+    )
     model = model_lib.InvPModel(
-        encoder, num_examples, embedding_dim=config.embedding_dim,
-        num_neighbors=config.num_neighbors, memory_momentum=config.memory_momentum,
-        seed=config.seed, loss_options=loss_options)
+        encoder,
+        num_examples,
+        embedding_dim=config.embedding_dim,
+        num_neighbors=config.num_neighbors,
+        memory_momentum=config.memory_momentum,
+        seed=config.seed,
+        loss_options=loss_options,
+    )
     optimizer = keras.optimizers.SGD(
-        learning_rate_schedule(config, steps_per_epoch), momentum=config.optimizer_momentum,
-        weight_decay=config.weight_decay or None)
+        learning_rate_schedule(config, steps_per_epoch),
+        momentum=config.optimizer_momentum,
+        weight_decay=config.weight_decay or None,
+    )
     model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
     optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
 
     epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer,
-                                     bank=model.memory_bank, graph=model.knn_graph,
-                                     epoch=epoch_counter)
+    checkpoint = tf.train.Checkpoint(
+        encoder=encoder,
+        optimizer=optimizer,
+        bank=model.memory_bank,
+        graph=model.knn_graph,
+        epoch=epoch_counter,
+    )
     # CheckpointManager writes the data files first and then replaces the small
     # `checkpoint` index file, so a crash mid-save leaves the previous one valid.
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=3)
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3
+    )
+    infer = inference_function(encoder)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("Resumed from %s (epoch %d).", manager.latest_checkpoint, int(epoch_counter))
     elif config.bank_init == "encoder":
         eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
-        features, index, _ = extract_embeddings(encoder, eval_data)
+        features, index, _ = extract_embeddings(infer, eval_data)
         model.memory_bank.assign(features[np.argsort(index)])
     first_epoch = int(epoch_counter)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _truncate_metrics(metrics_path, first_epoch)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    train_labels = _labels_by_index(train_source) if test_source is not None else None
+    with _naming_unreadable_images(train_source):
+        train_labels = _labels_by_index(train_source) if test_source is not None else None
     verbose = "auto" if sys.stdout.isatty() else 2
     row = {}
 
@@ -203,40 +258,63 @@ def train_and_evaluate(config, workdir, callbacks=()):
         graph_seconds = None
         if uses_invariance:
             start = time.perf_counter()
-            graph = neighbors.build_knn_graph(model.memory_bank.bank.numpy(),
-                                              config.num_neighbors, config.knn_method)
+            graph = neighbors.build_knn_graph(
+                model.memory_bank.bank.numpy(), config.num_neighbors, config.knn_method
+            )
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start
         model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
 
         # 2. One epoch of training; the data order and views depend only on (seed, epoch).
-        dataset = data.train_pipeline(train_source, batch_size=config.batch_size,
-                                      image_size=config.image_size, view=view,
-                                      seed=config.seed, epoch=epoch)
+        dataset = data.train_pipeline(
+            train_source,
+            batch_size=config.batch_size,
+            image_size=config.image_size,
+            view=view,
+            seed=config.seed,
+            epoch=epoch,
+        )
         start = time.perf_counter()
-        history = model.fit(dataset, epochs=1, verbose=verbose,
-                            callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks])
+        with _naming_unreadable_images(train_source):
+            history = model.fit(
+                dataset,
+                epochs=1,
+                verbose=verbose,
+                callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
+            )
         train_seconds = time.perf_counter() - start
         logs = {name: values[-1] for name, values in history.history.items()}
         if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
             raise TrainingError(
                 f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for this "
                 f"epoch, the last good checkpoint is {manager.latest_checkpoint} "
-                "(lower --learning_rate or raise --temperature)")
+                "(lower --learning_rate or raise --temperature)"
+            )
 
         # 3. kNN monitor on the test split.
         knn_top1 = None
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            knn_top1 = knn_monitor(config, encoder, model.memory_bank.bank.numpy(),
-                                   train_source, test_source, train_labels)
+            knn_top1 = knn_monitor(
+                config,
+                infer,
+                model.memory_bank.bank.numpy(),
+                train_source,
+                test_source,
+                train_labels,
+            )
 
         # 4. Metrics row, then checkpoint (a crash between them redoes the epoch
         # and `_truncate_metrics` drops the stale row).
-        row = {"epoch": epoch, "loss": logs["loss"], "loss_ins": logs["loss_ins"],
-               "loss_inv": logs["loss_inv"] if uses_invariance else None,
-               "knn_top1": knn_top1, "graph_seconds": graph_seconds,
-               "images_per_second": steps_per_epoch * config.batch_size / train_seconds,
-               "learning_rate": float(optimizer.learning_rate.numpy())}
+        row = {
+            "epoch": epoch,
+            "loss": logs["loss"],
+            "loss_ins": logs["loss_ins"],
+            "loss_inv": logs["loss_inv"] if uses_invariance else None,
+            "knn_top1": knn_top1,
+            "graph_seconds": graph_seconds,
+            "images_per_second": steps_per_epoch * config.batch_size / train_seconds,
+            "learning_rate": float(optimizer.learning_rate.numpy()),
+        }
         with tf.io.gfile.GFile(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         with writer.as_default(step=epoch + 1):
@@ -254,8 +332,12 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
 _FLAGS = {}
 for _field in dataclasses.fields(config_lib.Config):
-    _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-               float: flags.DEFINE_float, str: flags.DEFINE_string}[type(_field.default)]
+    _define = {
+        bool: flags.DEFINE_bool,
+        int: flags.DEFINE_integer,
+        float: flags.DEFINE_float,
+        str: flags.DEFINE_string,
+    }[type(_field.default)]
     _FLAGS[_field.name] = _define(_field.name, _field.default, _field.metadata["help"])
 
 

@@ -10,15 +10,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from invp_tf import augment, data
+from tests.conftest import write_idx
 
 N, H, W = 12, 6, 5
-
-
-def _write_idx(path, array):
-    # IDX: magic 0x0800 + ndim (uint8 data), big-endian int32 dims, raw bytes.
-    header = struct.pack(f">I{array.ndim}I", 0x0800 + array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
@@ -28,8 +22,8 @@ def idx_dir(tmp_path):
     for prefix, n in [("train", N), ("t10k", 4)]:
         images = rng.integers(0, 256, size=(n, H, W), dtype=np.uint8)
         labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
         arrays[prefix] = (images, labels)
     return tmp_path, arrays
 

@@ -127,11 +127,11 @@ def test_batch_norm_statistics_move_only_in_training():
     before = [v.numpy().copy() for v in enc.non_trainable_weights]
     enc(_images(size=8), training=False)
     after_eval = [v.numpy() for v in enc.non_trainable_weights]
-    for b, a in zip(before, after_eval):
+    for b, a in zip(before, after_eval, strict=True):
         np.testing.assert_array_equal(b, a)
     enc(_images(size=8), training=True)
     after_train = [v.numpy() for v in enc.non_trainable_weights]
-    assert all(not np.array_equal(b, a) for b, a in zip(before, after_train))
+    assert all(not np.array_equal(b, a) for b, a in zip(before, after_train, strict=True))
 
 
 def test_zero_init_residual():

@@ -9,8 +9,9 @@ import tensorflow as tf
 
 from invp_tf import losses
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden",
-                      "authors_reference_case.npz")
+GOLDEN = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "golden", "authors_reference_case.npz"
+)
 
 
 def _logsumexp(x):
@@ -28,9 +29,22 @@ def _propagated_set(graph, i, layers):
     return sorted(members)
 
 
-def oracle(v, indices, bank, graph, *, temperature, num_background, num_layers, num_positives,
-           background="approx", positive_mode="propagation", hard_positives=True,
-           hard_negatives=True, num_knn_positives=None):
+def oracle(
+    v,
+    indices,
+    bank,
+    graph,
+    *,
+    temperature,
+    num_background,
+    num_layers,
+    num_positives,
+    background="approx",
+    positive_mode="propagation",
+    hard_positives=True,
+    hard_negatives=True,
+    num_knn_positives=None,
+):
     """Literal per-anchor transcription of DESIGN.md section 1, float64."""
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
     s = (v @ bank.T) / temperature  # [B, N]
@@ -46,7 +60,7 @@ def oracle(v, indices, bank, graph, *, temperature, num_background, num_layers, 
             members = _propagated_set(graph, int(i), num_layers)
         else:
             kk = num_knn_positives or sum(graph.shape[1] ** h for h in range(1, num_layers + 1))
-            members = [j for j in order[:kk + 1] if j != i][:kk]
+            members = [j for j in order[: kk + 1] if j != i][:kk]
         members = np.array(members)
         if hard_positives and len(members) > num_positives:
             hard = members[np.argsort(s[b, members], kind="stable")[:num_positives]]
@@ -55,8 +69,9 @@ def oracle(v, indices, bank, graph, *, temperature, num_background, num_layers, 
         if background == "approx":
             back = [j for j in top if j != i]
         else:
-            back = sorted((set(top.tolist()) - set(members.tolist()) - {int(i)})
-                          | set(hard.tolist()))
+            back = sorted(
+                (set(top.tolist()) - set(members.tolist()) - {int(i)}) | set(hard.tolist())
+            )
         invariance.append(_logsumexp(s[b, back]) - _logsumexp(s[b, hard]))
     return np.array(instance), np.array(invariance)
 
@@ -86,13 +101,16 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+)
 def test_matches_numpy_oracle(options):
     v, indices, bank, graph = _random_case()
     kwargs = dict(temperature=0.2, num_background=20, num_layers=3, num_positives=7)
     kwargs.update(options)
     instance, invariance = losses.invp_losses(
-        v.astype(np.float32), indices, bank.astype(np.float32), graph, **kwargs)
+        v.astype(np.float32), indices, bank.astype(np.float32), graph, **kwargs
+    )
     want_instance, want_invariance = oracle(v, indices, bank, graph, **kwargs)
     np.testing.assert_allclose(instance.numpy(), want_instance, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)
@@ -116,7 +134,8 @@ def test_hand_worked_case():
     graph = np.array([[1], [2], [3], [0]], np.int32)
     v = bank[:1]
     instance, invariance = losses.invp_losses(
-        v, [0], bank, graph, temperature=1.0, num_background=2, num_layers=2, num_positives=1)
+        v, [0], bank, graph, temperature=1.0, num_background=2, num_layers=2, num_positives=1
+    )
     s = np.cos(angles)  # s_0j with tau = 1
     # TopM = {0, 1}; N(0) = {1, 2}; H = {2} (lowest s); B = TopM - {0} = {1}.
     assert instance.numpy()[0] == pytest.approx(np.log(np.exp(s[0]) + np.exp(s[1])) - s[0], 1e-6)
@@ -126,8 +145,15 @@ def test_hand_worked_case():
 def test_float16_embeddings_do_not_overflow():
     v, indices, bank, graph = _random_case()
     instance, invariance = losses.invp_losses(
-        tf.constant(v, tf.float16), indices, bank.astype(np.float32), graph,
-        temperature=0.07, num_background=20, num_layers=3, num_positives=7)
+        tf.constant(v, tf.float16),
+        indices,
+        bank.astype(np.float32),
+        graph,
+        temperature=0.07,
+        num_background=20,
+        num_layers=3,
+        num_positives=7,
+    )
     assert np.all(np.isfinite(instance.numpy())) and np.all(np.isfinite(invariance.numpy()))
 
 
@@ -137,8 +163,16 @@ def test_gradient_is_finite_and_reaches_embeddings_only():
     bank = tf.Variable(bank.astype(np.float32))
     with tf.GradientTape(persistent=True) as tape:
         instance, invariance = losses.invp_losses(
-            v, indices, bank, graph, temperature=0.07, num_background=20, num_layers=3,
-            num_positives=7, background="exact")
+            v,
+            indices,
+            bank,
+            graph,
+            temperature=0.07,
+            num_background=20,
+            num_layers=3,
+            num_positives=7,
+            background="exact",
+        )
         total = tf.reduce_sum(instance + invariance)
     grad = tape.gradient(total, v)
     assert np.all(np.isfinite(grad.numpy())) and np.abs(grad.numpy()).sum() > 0
@@ -147,12 +181,23 @@ def test_gradient_is_finite_and_reaches_embeddings_only():
 
 def test_runs_inside_tf_function_with_xla():
     v, indices, bank, graph = _random_case()
-    fn = tf.function(lambda v: losses.invp_losses(
-        v, indices, bank.astype(np.float32), graph, temperature=0.2, num_background=20,
-        num_layers=3, num_positives=7), jit_compile=True)
+    fn = tf.function(
+        lambda v: losses.invp_losses(
+            v,
+            indices,
+            bank.astype(np.float32),
+            graph,
+            temperature=0.2,
+            num_background=20,
+            num_layers=3,
+            num_positives=7,
+        ),
+        jit_compile=True,
+    )
     instance, invariance = fn(v.astype(np.float32))
-    want_instance, want_invariance = oracle(v, indices, bank, graph, temperature=0.2,
-                                            num_background=20, num_layers=3, num_positives=7)
+    want_instance, want_invariance = oracle(
+        v, indices, bank, graph, temperature=0.2, num_background=20, num_layers=3, num_positives=7
+    )
     np.testing.assert_allclose(instance.numpy(), want_instance, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)
 
@@ -160,11 +205,21 @@ def test_runs_inside_tf_function_with_xla():
 def test_unknown_background_is_rejected():
     v, indices, bank, graph = _random_case()
     with pytest.raises(ValueError, match="background"):
-        losses.invp_losses(v, indices, bank, graph, temperature=0.2, num_background=20,
-                           num_layers=3, num_positives=7, background="nope")
+        losses.invp_losses(
+            v,
+            indices,
+            bank,
+            graph,
+            temperature=0.2,
+            num_background=20,
+            num_layers=3,
+            num_positives=7,
+            background="nope",
+        )
 
 
 # --- The authors' reference case -------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def golden():
@@ -174,22 +229,33 @@ def golden():
 
 
 def _golden_losses(golden, **options):
-    kwargs = dict(temperature=float(golden["t"]), num_background=int(golden["M"]),
-                  num_layers=int(golden["l"]), num_positives=int(golden["P"]))
+    kwargs = dict(
+        temperature=float(golden["t"]),
+        num_background=int(golden["M"]),
+        num_layers=int(golden["l"]),
+        num_positives=int(golden["P"]),
+    )
     kwargs.update(options)
     instance, invariance = losses.invp_losses(
-        golden["features"].astype(np.float32), golden["indices"],
-        golden["bank"].astype(np.float32), golden["graph_neigh"], **kwargs)
+        golden["features"].astype(np.float32),
+        golden["indices"],
+        golden["bank"].astype(np.float32),
+        golden["graph_neigh"],
+        **kwargs,
+    )
     return float(np.mean(instance)), float(np.mean(invariance))
 
 
-@pytest.mark.parametrize("suffix,options", [
-    ("", {}),
-    ("_P50", dict(num_positives=50)),
-    ("_Mall", dict(hard_negatives=False)),
-    ("_l1", dict(num_layers=1)),
-    ("_l2", dict(num_layers=2)),
-])
+@pytest.mark.parametrize(
+    "suffix,options",
+    [
+        ("", {}),
+        ("_P50", dict(num_positives=50)),
+        ("_Mall", dict(hard_negatives=False)),
+        ("_l1", dict(num_layers=1)),
+        ("_l2", dict(num_layers=2)),
+    ],
+)
 def test_golden_concatenation_mode(golden, suffix, options):
     instance, invariance = _golden_losses(golden, deduplicate=False, **options)
     assert instance == pytest.approx(golden["L_ins" + suffix], rel=2e-6)

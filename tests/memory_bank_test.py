@@ -6,8 +6,9 @@ import tensorflow as tf
 
 from invp_tf import memory_bank
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden",
-                      "authors_reference_case.npz")
+GOLDEN = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "golden", "authors_reference_case.npz"
+)
 
 
 def test_initial_rows_are_seeded_unit_vectors():

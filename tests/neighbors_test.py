@@ -26,7 +26,7 @@ def test_graph_contract(method):
     sims = np.take_along_axis(x @ x.T, graph.astype(np.int64), axis=1)
     assert np.all(np.diff(sims, axis=1) <= 1e-6), "not most similar first"
     want = _oracle(x, 4)
-    recall = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(graph, want)])
+    recall = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(graph, want, strict=True)])
     assert recall >= 0.99
 
 
@@ -34,7 +34,7 @@ def test_scann_matches_brute_force():
     x = _clustered(seed=1)
     a = neighbors.build_knn_graph(x, 5, method="brute_force")
     b = neighbors.build_knn_graph(x, 5, method="scann")
-    recall = np.mean([len(set(r) & set(s)) / 5 for r, s in zip(a, b)])
+    recall = np.mean([len(set(r) & set(s)) / 5 for r, s in zip(a, b, strict=True)])
     assert recall >= 0.99
 
 

@@ -24,24 +24,25 @@ def test_hand_worked_graph():
     # Members first, padding after.
     for row in out:
         valid = row >= 0
-        assert not np.any(valid[np.argmin(valid):]) or valid.all()
+        assert not np.any(valid[np.argmin(valid) :]) or valid.all()
 
 
 @pytest.mark.parametrize("k,layers", [(1, 1), (3, 2), (4, 3)])
 def test_random_graphs_match_set_oracle(k, layers):
     rng = np.random.default_rng(k * 10 + layers)
     n = 30
-    graph = np.stack([rng.choice([j for j in range(n) if j != i], k, replace=False)
-                      for i in range(n)])
+    graph = np.stack(
+        [rng.choice([j for j in range(n) if j != i], k, replace=False) for i in range(n)]
+    )
     indices = rng.choice(n, 8, replace=False)
     out = propagation.propagate(graph, tf.constant(indices, tf.int64), layers).numpy()
     assert out.shape == (8, propagation.max_set_size(k, layers))
-    for row, i in zip(out, indices):
+    for row, i in zip(out, indices, strict=True):
         members = row[row >= 0]
         assert len(members) == len(set(members.tolist())), "duplicates"
         assert i not in members
         assert set(members.tolist()) == _oracle(graph, int(i), layers)
-        assert np.all(row[len(members):] == propagation.PAD)
+        assert np.all(row[len(members) :] == propagation.PAD)
 
 
 def test_concatenation_mode_keeps_duplicates_and_anchor():

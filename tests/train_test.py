@@ -1,0 +1,225 @@
+"""End-to-end training on a tiny IDX dataset: artifacts, exact resume, bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from invp_tf import config as config_lib
+from invp_tf import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, workdir, **overrides):
+    config = config_lib.Config(
+        workdir=str(workdir),
+        dataset="fashion_mnist",
+        data_dir=str(data_dir),
+        epochs=3,
+        batch_size=16,
+        image_size=12,
+        augment="crop_flip",
+        crop_scale=0.5,
+        encoder="resnet18_cifar",
+        width_multiplier=0.0625,
+        head="mlp",
+        embedding_dim=16,
+        temperature=0.2,
+        num_neighbors=2,
+        num_layers=2,
+        num_positives=3,
+        num_background=32,
+        rampup_epochs=1,
+        knn_method="brute_force",
+        learning_rate=0.05,
+        weight_decay=5e-4,
+        knn_k=10,
+        seed=3,
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def _restored_state(config):
+    """(encoder weights, bank, graph) of the latest checkpoint in config.workdir."""
+    from invp_tf import encoder as encoder_lib  # noqa: PLC0415
+    from invp_tf import model as model_lib
+
+    encoder = encoder_lib.build_encoder(
+        config.encoder,
+        head=config.head,
+        embedding_dim=config.embedding_dim,
+        width_multiplier=config.width_multiplier,
+        image_size=config.image_size,
+    )
+    model = model_lib.InvPModel(
+        encoder, 64, embedding_dim=config.embedding_dim, num_neighbors=config.num_neighbors
+    )
+    checkpoint = tf.train.Checkpoint(encoder=encoder, bank=model.memory_bank, graph=model.knn_graph)
+    path = tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints"))
+    checkpoint.restore(path).expect_partial()
+    return (
+        [w.numpy() for w in encoder.weights],
+        model.memory_bank.bank.numpy(),
+        model.knn_graph.numpy(),
+    )
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
+    config = tiny_config(tiny_idx_dir, tmp_path / "run")
+    last = train.train_and_evaluate(config, config.workdir)
+    rows = _rows(config.workdir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for key in ("loss_ins", "loss_inv", "knn_top1", "graph_seconds", "images_per_second"):
+        assert key in rows[0]
+    assert rows[0]["loss_inv"] is None and rows[0]["graph_seconds"] is None  # ramp-up
+    assert rows[2]["loss_inv"] is not None and rows[2]["graph_seconds"] >= 0
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in rows)
+    assert last == rows[-1]
+    assert tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints")).endswith("-3")
+    assert tf.io.gfile.glob(os.path.join(config.workdir, "tensorboard", "events.out.*"))
+    # The checkpointed graph is the kNN graph of the bank as it was before the
+    # last epoch; here: its rows are valid, self-free neighbour lists.
+    _, bank, graph = _restored_state(config)
+    assert graph.shape == (64, 2) and not np.any(graph == np.arange(64)[:, None])
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAt(keras.callbacks.Callback):
+    """Raises in the middle of the given epoch (epochs count across fit calls)."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.fits, self.epoch, self.batch = 0, epoch, batch
+
+    def on_train_begin(self, logs=None):
+        self.fits += 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.fits - 1 == self.epoch and batch == self.batch:
+            raise _Interrupt()
+
+
+def test_interrupted_run_resumes_exactly(tiny_idx_dir, tmp_path):
+    straight = tiny_config(tiny_idx_dir, tmp_path / "straight")
+    train.train_and_evaluate(straight, straight.workdir)
+
+    resumed = tiny_config(tiny_idx_dir, tmp_path / "resumed")
+    with pytest.raises(_Interrupt):
+        # Dies during epoch 1 (after the graph was first built for it).
+        train.train_and_evaluate(resumed, resumed.workdir, callbacks=[_InterruptAt(1, 1)])
+    assert [r["epoch"] for r in _rows(resumed.workdir)] == [0]
+    train.train_and_evaluate(resumed, resumed.workdir)
+
+    weights_a, bank_a, graph_a = _restored_state(straight)
+    weights_b, bank_b, graph_b = _restored_state(resumed)
+    np.testing.assert_allclose(bank_b, bank_a, atol=1e-6)
+    np.testing.assert_array_equal(graph_b, graph_a)
+    for a, b in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    losses_a = [r["loss"] for r in _rows(straight.workdir)]
+    losses_b = [r["loss"] for r in _rows(resumed.workdir)]
+    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_idx_dir, tmp_path):
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=1)
+    train.train_and_evaluate(config, config.workdir)
+    diverging = dataclasses.replace(config, epochs=2, learning_rate=1e30, lr_schedule="constant")
+    with pytest.raises(train.TrainingError, match="loss became nan.*epoch 1.*ckpt-1"):
+        train.train_and_evaluate(diverging, diverging.workdir)
+    checkpoints = os.path.join(config.workdir, "checkpoints")
+    assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-1")
+    assert [r["epoch"] for r in _rows(config.workdir)] == [0]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(dataset="imagenet"), "imagenet"),
+        (dict(num_background=65), "--num_background=65 exceeds the 64 training images"),
+        (dict(num_neighbors=64), "--num_neighbors=64 must be in"),
+        (dict(head="deep"), "--head=deep is not one of"),
+        (dict(batch_size=100), "--batch_size=100"),
+    ],
+)
+def test_bad_flags_are_named(tiny_idx_dir, tmp_path, overrides, message):
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", **overrides)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, config.workdir)
+
+
+def test_missing_data_dir(tmp_path):
+    config = tiny_config(tmp_path / "absent", tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="absent"):
+        train.train_and_evaluate(config, config.workdir)
+
+
+def test_empty_and_unreadable_image_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = tiny_config("", tmp_path / "run", dataset=f"folder:{empty}")
+    with pytest.raises(ValueError, match="empty"):
+        train.train_and_evaluate(config, config.workdir)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(20):
+        png = tf.io.encode_png(np.full((12, 12, 3), i * 10, np.uint8)).numpy()
+        # One file has a valid PNG signature but a truncated body: only decoding
+        # can find it, so the trainer must name it when the pipeline fails.
+        (folder / f"{i:02d}.png").write_bytes(png[:20] if i == 7 else png)
+    config = tiny_config(
+        "",
+        tmp_path / "run2",
+        dataset=f"folder:{folder}",
+        num_background=16,
+        knn_method="brute_force",
+    )
+    with pytest.raises(ValueError, match="unreadable image: .*07.png"):
+        train.train_and_evaluate(config, config.workdir)
+
+
+def test_flagfile_round_trip(tmp_path):
+    config = tiny_config("/data", tmp_path / "run", hard_positives=False, background="exact")
+    path = tmp_path / "flags.txt"
+    path.write_text("\n".join(config.flagfile_lines()) + "\n")
+    try:
+        flags.FLAGS([sys.argv[0], f"--flagfile={path}"])
+        assert train.config_from_flags() == config
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_cli_error_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "invp_tf.train", f"--workdir={tmp_path}/run", "--dataset=nonsense"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert (
+        "invp_tf.train: error: unknown dataset" in result.stderr.lower()
+        or "nonsense" in result.stderr.splitlines()[-1]
+    )
+    assert "Traceback" not in result.stderr
+    # flags.txt is written first, so a failed run can be replayed after a fix.
+    assert (tmp_path / "run" / "flags.txt").exists()

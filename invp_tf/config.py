@@ -8,7 +8,7 @@ import dataclasses
 
 CHOICES = {
     "encoder": ("resnet50", "resnet18", "resnet18_cifar"),
-    "head": ("linear", "mlp"),
+    "head": ("linear", "mlp", "mlp_bn"),
     "background": ("approx", "exact"),
     "positive_mode": ("propagation", "knn"),
     "knn_method": ("scann", "brute_force"),
@@ -44,7 +44,10 @@ class Config:
     )
     encoder: str = _field("resnet50", "Backbone.")
     width_multiplier: float = _field(1.0, "Channel width multiplier of the backbone.")
-    head: str = _field("linear", "Projection head: linear (tau 0.07) or mlp (tau 0.2).")
+    head: str = _field(
+        "linear",
+        "Projection head: linear (tau 0.07), mlp (tau 0.2) or mlp_bn (mlp with BatchNorm).",
+    )
     embedding_dim: int = _field(128, "Dimension D of the embedding and the memory bank.")
     temperature: float = _field(0.07, "Softmax temperature tau.")
     num_neighbors: int = _field(4, "k of the kNN graph over the bank.")

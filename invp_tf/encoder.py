@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 BACKBONES = ("resnet50", "resnet18", "resnet18_cifar")
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "mlp_bn")
 
 # ImageNet statistics, as used by torchvision's transforms.Normalize.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -239,7 +239,10 @@ class ProjectionHead(keras.layers.Layer):
     """Maps pooled features [B,F] to the (unnormalised) embedding [B,D].
 
     Args:
-        head: "linear" (Dense(D)) or "mlp" (the authors' CIFAR head: Linear(F,F) ReLU Linear(F,D)).
+        head: "linear" (Dense(D)), "mlp" (the authors' CIFAR head: Linear(F,F) ReLU Linear(F,D))
+            or "mlp_bn" (Dense(F) BN ReLU Dense(D), as SimCLR v2 / MoCo v3: the batch
+            normalisation centres the embeddings, so they start spread out instead of
+            all pointing the same way, which speeds up short runs).
         feature_dim: F, the input size (the width of the hidden layer of "mlp").
         embedding_dim: D.
         **kwargs: passed to keras.layers.Layer.
@@ -250,18 +253,25 @@ class ProjectionHead(keras.layers.Layer):
             raise ValueError(f"Unknown head {head!r}; valid heads: {HEADS}.")
         kwargs.setdefault("name", "head")
         super().__init__(**kwargs)
-        self.hidden = None
+        self.hidden = self.hidden_norm = None
         if head == "mlp":
             self.hidden = keras.layers.Dense(
                 feature_dim, activation="relu", kernel_initializer=_dense_initializer(), name="fc1"
             )
+        elif head == "mlp_bn":
+            self.hidden = keras.layers.Dense(
+                feature_dim, use_bias=False, kernel_initializer=_dense_initializer(), name="fc1"
+            )
+            self.hidden_norm = _batch_norm("fc1_bn")
         self.out = keras.layers.Dense(
             embedding_dim, kernel_initializer=_dense_initializer(), name="fc"
         )
 
-    def call(self, features):
+    def call(self, features, training=False):
         if self.hidden is not None:
             features = self.hidden(features)  # [B,F]
+        if self.hidden_norm is not None:
+            features = tf.nn.relu(self.hidden_norm(features, training=training))
         return self.out(features)  # [B,D]
 
 
@@ -337,7 +347,7 @@ class Encoder(keras.Model):
             backbone features.
         """
         features = self.backbone(self._normalise(images), training=training)  # [B,F] float32
-        embedding = self.head(features)  # [B,D], compute dtype
+        embedding = self.head(features, training=training)  # [B,D], compute dtype
         # Normalise in float32: float16 squares overflow/underflow for large/small norms.
         embedding = tf.math.l2_normalize(tf.cast(embedding, tf.float32), axis=-1, epsilon=1e-12)
         return {"embedding": embedding, "features": features}

@@ -8,7 +8,8 @@ only wires them: forward, loss, optimizer step, then the bank update.
 import keras
 import tensorflow as tf
 
-from invp_tf import losses, memory_bank
+from invp_tf import losses
+from invp_tf import memory_bank
 
 
 class InvPModel(keras.Model):

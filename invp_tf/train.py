@@ -19,12 +19,18 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 
-from invp_tf import augment, data, evaluation, neighbors, propagation
+from invp_tf import augment
 from invp_tf import config as config_lib
+from invp_tf import data
 from invp_tf import encoder as encoder_lib
+from invp_tf import evaluation
 from invp_tf import model as model_lib
+from invp_tf import neighbors
+from invp_tf import propagation
 
 
 class TrainingError(RuntimeError):

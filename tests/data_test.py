@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from invp_tf import augment, data
+from invp_tf import augment
+from invp_tf import data
 from tests.conftest import write_idx
 
 N, H, W = 12, 6, 5

@@ -27,6 +27,9 @@ def _load_build():
             "py_test": rule("py_test"),
             "py_binary": rule("py_binary"),
             "load": lambda *a: None,
+            "glob": lambda patterns: sorted(
+                p for pattern in patterns for p in glob.glob(pattern, root_dir=REPO)
+            ),
         },
     )
     return targets

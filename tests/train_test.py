@@ -14,6 +14,7 @@ from absl import flags
 
 from invp_tf import config as config_lib
 from invp_tf import train
+from tests.conftest import write_idx_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,7 @@ def tiny_config(data_dir, workdir, **overrides):
     return dataclasses.replace(config, **overrides)
 
 
-def _restored_state(config):
+def _restored_state(config, num_examples=64):
     """(encoder weights, bank, graph) of the latest checkpoint in config.workdir."""
     from invp_tf import encoder as encoder_lib  # noqa: PLC0415
     from invp_tf import model as model_lib
@@ -60,7 +61,10 @@ def _restored_state(config):
         image_size=config.image_size,
     )
     model = model_lib.InvPModel(
-        encoder, 64, embedding_dim=config.embedding_dim, num_neighbors=config.num_neighbors
+        encoder,
+        num_examples,
+        embedding_dim=config.embedding_dim,
+        num_neighbors=config.num_neighbors,
     )
     checkpoint = tf.train.Checkpoint(encoder=encoder, bank=model.memory_bank, graph=model.knn_graph)
     path = tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints"))
@@ -223,3 +227,43 @@ def test_cli_error_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     # flags.txt is written first, so a failed run can be replayed after a fix.
     assert (tmp_path / "run" / "flags.txt").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_exactly(tmp_path):
+    """The real thing: SIGKILL the CLI mid-run, rerun the same command, compare."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    data_dir = tmp_path / "idx"
+    data_dir.mkdir()
+    write_idx_dataset(data_dir, num_train=64 * 8, num_test=24, height=12, width=12)
+
+    def command(workdir):
+        config = tiny_config(data_dir, workdir, epochs=3, num_background=128)
+        flagfile = tmp_path / f"{os.path.basename(workdir)}.flags"
+        flagfile.write_text("\n".join(config.flagfile_lines()) + "\n")
+        return [sys.executable, "-m", "invp_tf.train", f"--flagfile={flagfile}"]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), cwd=REPO, check=True, capture_output=True, timeout=600)
+    process = subprocess.Popen(
+        command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "ckpt-1.index").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoints" / "ckpt-3.index").exists(), "finished before the kill"
+    subprocess.run(command(killed), cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    config_a = tiny_config(data_dir, straight, num_background=128)
+    config_b = tiny_config(data_dir, killed, num_background=128)
+    weights_a, bank_a, graph_a = _restored_state(config_a, num_examples=512)
+    weights_b, bank_b, graph_b = _restored_state(config_b, num_examples=512)
+    np.testing.assert_allclose(bank_b, bank_a, atol=1e-6)
+    np.testing.assert_array_equal(graph_b, graph_a)
+    for a, b in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert [r["epoch"] for r in _rows(killed)] == [0, 1, 2]

@@ -19,10 +19,10 @@ class MemoryBank(tf.Module):
     replicas keep identical copies (a replica-local scatter silently diverges).
     """
 
-    def __init__(self, num_examples, dim, momentum=0.5, seed=0, name="memory_bank"):
+    def __init__(self, num_examples, embedding_dim, momentum=0.5, seed=0, name="memory_bank"):
         """Args:
         num_examples: N, one row per training image.
-        dim: D, the embedding dimension.
+        embedding_dim: D, the embedding dimension.
         momentum: m in bank[i] <- normalize(m * bank[i] + (1 - m) * v_i).
         seed: seed of the random unit-vector initial rows.
         """
@@ -32,7 +32,7 @@ class MemoryBank(tf.Module):
         self.momentum = float(momentum)
         with self.name_scope:
             self.bank = tf.Variable(
-                random_unit_rows(num_examples, dim, seed),
+                random_unit_rows(num_examples, embedding_dim, seed),
                 trainable=False,
                 name="bank",
                 synchronization=tf.VariableSynchronization.ON_WRITE,

@@ -7,10 +7,8 @@ resumed run is never reported as a full one), then records the wall time, the
 final kNN top-1 and the training throughput with the command, machine and date.
 """
 
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,22 +17,11 @@ import time
 from absl import app
 from absl import flags
 
+from benchmarks import report
+
 _FLAGFILE = flags.DEFINE_string("demo_flagfile", "configs/fashion_mnist.flags", "Recipe to time.")
 _WORKDIR = flags.DEFINE_string("demo_workdir", "", "Fresh run directory (default: a temp dir).")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append the row to.")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def machine():
-    """One-line description of this machine: CPU model and core count."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {model}, no GPU"
 
 
 def main(argv):
@@ -50,7 +37,7 @@ def main(argv):
         f"--workdir={workdir}",
     ]
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    subprocess.run(command, cwd=report.REPO, check=True)
     seconds = time.perf_counter() - start
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -58,13 +45,12 @@ def main(argv):
     speed = sum(r["images_per_second"] for r in rows) / len(rows)
     shown = f"python -m invp_tf.train --flagfile={_FLAGFILE.value} --workdir=DIR"
     row = (
-        f"| {datetime.date.today()} | demo | `{shown}` | {machine()} | "
+        f"demo | `{shown}` | {report.machine()} | "
         f"knn_top1 {last['knn_top1']:.4f} after {len(rows)} epochs; "
-        f"{seconds / 60:.1f} min wall; {speed:.0f} img/s training |"
+        f"{seconds / 60:.1f} min wall; {speed:.0f} img/s training"
     )
     print(row)
-    with open(os.path.join(REPO, _OUTPUT.value), "a") as f:
-        f.write(row + "\n")
+    report.append_rows(_OUTPUT.value, [row])
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ term on. Synthetic inputs; median of --steps timed steps after two warm-up
 steps. Appends one row per setting to BENCHMARKS.md.
 """
 
-import datetime
-import os
 import statistics
 import time
 
@@ -20,7 +18,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
-from benchmarks import demo
+from benchmarks import report
 from invp_tf import encoder as encoder_lib
 from invp_tf import model as model_lib
 
@@ -93,14 +91,13 @@ def main(argv):
                 f"(+{overhead:.0%} time over bare)"
             )
             rows.append(
-                f"| {datetime.date.today()} | train step | `python -m benchmarks.train_step "
+                f"train step | `python -m benchmarks.train_step "
                 f"--encoder={_ENCODER.value} --width_multiplier={_WIDTH.value} "
-                f"--image_size={size} --batch_size={batch}` | {demo.machine()} | {setting}; "
+                f"--image_size={size} --batch_size={batch}` | {report.machine()} | {setting}; "
                 f"N={num_examples}, M={num_background}: bare {bare:.0f} img/s, InvP {invp:.0f} "
-                f"img/s (+{overhead:.0%} step time) |"
+                f"img/s (+{overhead:.0%} step time)"
             )
-    with open(os.path.join(demo.REPO, _OUTPUT.value), "a") as f:
-        f.write("\n".join(rows) + "\n")
+    report.append_rows(_OUTPUT.value, rows)
 
 
 if __name__ == "__main__":

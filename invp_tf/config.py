@@ -92,6 +92,34 @@ class Config:
                 lines.append(f"--{field.name}={value}")
         return lines
 
+    @classmethod
+    def from_flagfile(cls, path):
+        """Reads a run's flags.txt (as written by flagfile_lines) without absl.
+
+        Lets other entry points rebuild a run's config while defining flags of
+        their own. Unknown flags raise ValueError naming them.
+        """
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        values = {}
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                name, sep, value = line.lstrip("-").partition("=")
+                if not sep and name.startswith("no") and name[2:] in fields:
+                    name, value = name[2:], "false"
+                elif not sep:
+                    value = "true"
+                if name not in fields:
+                    raise ValueError(f"{path}: unknown flag --{name}")
+                kind = type(fields[name].default)
+                if kind is bool:
+                    values[name] = value.lower() in ("true", "1")
+                else:
+                    values[name] = kind(value)
+        return cls(**values)
+
     @property
     def lr_decay_epoch_list(self):
         return [int(e) for e in self.lr_decay_epochs.split(",") if e.strip()]

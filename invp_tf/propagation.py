@@ -10,6 +10,7 @@ the anchor may reappear after hop 1); `deduplicate=False` reproduces it so their
 numbers can be checked.
 """
 
+import numpy as np
 import tensorflow as tf
 
 PAD = -1
@@ -58,3 +59,54 @@ def propagate(knn_graph, indices, num_layers, deduplicate=True):
     drop = repeat | (members == indices[:, None])
     members = tf.where(drop, tf.constant(PAD, tf.int32), members)
     return tf.sort(members, axis=1, direction="DESCENDING")
+
+
+def positive_purity(
+    knn_graph, bank, labels, anchors, *, num_layers, num_positives, chunk_size=1024
+):
+    """How often the discovered positives share their anchor's label.
+
+    Labels are only read here, to monitor training; they never reach the loss.
+    H(i) is chosen as in training but with bank[i] standing in for v_i (this is
+    computed between epochs, when there is no batch embedding).
+
+    Args:
+      knn_graph: [N, k] int graph.
+      bank: [N, D] float memory bank.
+      labels: [N] int labels (-1 = unknown: such anchors are skipped, such members
+        count as another label).
+      anchors: [A] int rows to measure.
+      num_layers: propagation hops l.
+      num_positives: P of H(i).
+      chunk_size: anchors per step (memory chunk x S).
+
+    Returns:
+      dict with "purity_neighbors" (mean over anchors of the fraction of N(i)
+      with the anchor's label), "purity_hard" (the same for H(i)) and
+      "mean_positives" (mean |N(i)|).
+    """
+    labels = np.asarray(labels)
+    anchors = np.asarray(anchors)
+    anchors = anchors[labels[anchors] >= 0]
+    bank = tf.convert_to_tensor(bank, tf.float32)
+    sums = {"purity_neighbors": 0.0, "purity_hard": 0.0, "mean_positives": 0.0}
+    for start in range(0, len(anchors), chunk_size):
+        rows = anchors[start : start + chunk_size]
+        members = propagate(knn_graph, rows, num_layers)  # [A, S], -1 padded
+        valid = members >= 0
+        safe = tf.maximum(members, 0)
+        sims = tf.einsum("ad,asd->as", tf.gather(bank, rows), tf.gather(bank, safe))  # [A, S]
+        same = tf.gather(tf.constant(labels, tf.int32), safe) == labels[rows][:, None]
+        same = tf.cast(same & valid, tf.float32)
+        count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1)  # |N(i)| >= 1
+        sums["purity_neighbors"] += float(tf.reduce_sum(tf.reduce_sum(same, 1) / count))
+        sums["mean_positives"] += float(tf.reduce_sum(count))
+        # H(i): the P members with the lowest similarity (all of N(i) if fewer).
+        num = min(num_positives, members.shape[1])
+        lowest, position = tf.math.top_k(tf.where(valid, -sims, -np.inf), k=num)
+        hard_valid = tf.cast(tf.math.is_finite(lowest), tf.float32)
+        hard_same = tf.gather(same, position, batch_dims=1) * hard_valid
+        sums["purity_hard"] += float(
+            tf.reduce_sum(tf.reduce_sum(hard_same, 1) / tf.reduce_sum(hard_valid, 1))
+        )
+    return {name: value / max(len(anchors), 1) for name, value in sums.items()}

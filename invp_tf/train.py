@@ -32,6 +32,9 @@ from invp_tf import model as model_lib
 from invp_tf import neighbors
 from invp_tf import propagation
 
+# The purity monitor measures at most this many anchors (a fixed random sample).
+_PURITY_MAX_ANCHORS = 10_000
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (NaN loss); the last good checkpoint is kept."""
@@ -75,6 +78,53 @@ def validate(config, num_examples):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def encoder_from_config(config):
+    """The run's encoder, variables built (weights still to be restored)."""
+    return encoder_lib.build_encoder(
+        config.encoder,
+        head=config.head,
+        embedding_dim=config.embedding_dim,
+        width_multiplier=config.width_multiplier,
+        image_size=config.image_size,
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished or running training run, restored from its work directory."""
+
+    config: config_lib.Config
+    encoder: keras.Model
+    bank: np.ndarray  # [N, D] memory bank
+    knn_graph: np.ndarray  # [N, k] int32, the graph of the last epoch that used L_inv
+    epoch: int  # epochs completed
+
+
+def load_run(workdir):
+    """Restores encoder, bank and graph of the latest checkpoint in `workdir`.
+
+    Raises:
+      FileNotFoundError: no flags.txt or no checkpoint in `workdir`.
+    """
+    flagfile = os.path.join(workdir, "flags.txt")
+    if not tf.io.gfile.exists(flagfile):
+        raise FileNotFoundError(f"{workdir} is not a training run: no flags.txt")
+    path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if path is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
+    config = config_lib.Config.from_flagfile(flagfile)
+    encoder = encoder_from_config(config)
+    reader = tf.train.load_checkpoint(path)
+    shapes = reader.get_variable_to_shape_map()
+    bank_key = next(k for k in shapes if k.startswith("bank/") and "OPTIMIZER" not in k)
+    graph_key = next(k for k in shapes if k.startswith("graph/") and "OPTIMIZER" not in k)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    tf.train.Checkpoint(encoder=encoder, epoch=epoch).restore(path).expect_partial()
+    return Run(
+        config, encoder, reader.get_tensor(bank_key), reader.get_tensor(graph_key), int(epoch)
+    )
 
 
 def learning_rate_schedule(config, steps_per_epoch):
@@ -182,6 +232,9 @@ def train_and_evaluate(config, workdir, callbacks=()):
         one to interrupt a run).
     """
     tf.io.gfile.makedirs(workdir)
+    # First, so that even a run stopped by bad input can be replayed after a fix.
+    with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as f:
+        f.write("\n".join(dataclasses.replace(config, workdir=workdir).flagfile_lines()) + "\n")
     keras.utils.set_random_seed(config.seed)
     data_dir = config.data_dir or None
     train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
@@ -193,13 +246,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     if config.augment == "crop_flip":
         view = functools.partial(view, scale=(config.crop_scale, 1.0))
 
-    encoder = encoder_lib.build_encoder(
-        config.encoder,
-        head=config.head,
-        embedding_dim=config.embedding_dim,
-        width_multiplier=config.width_multiplier,
-        image_size=config.image_size,
-    )
+    encoder = encoder_from_config(config)
     loss_options = dict(
         temperature=config.temperature,
         num_background=config.num_background,
@@ -254,7 +301,12 @@ def train_and_evaluate(config, workdir, callbacks=()):
     _truncate_metrics(metrics_path, first_epoch)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     with _naming_unreadable_images(train_source):
-        train_labels = _labels_by_index(train_source) if test_source is not None else None
+        train_labels = _labels_by_index(train_source) if train_source.num_classes else None
+    # Anchors of the purity monitor: all rows of small banks, a fixed sample of large ones.
+    purity_anchors = np.arange(num_examples)
+    if num_examples > _PURITY_MAX_ANCHORS:
+        rng = np.random.default_rng(config.seed)
+        purity_anchors = np.sort(rng.choice(num_examples, _PURITY_MAX_ANCHORS, replace=False))
     verbose = "auto" if sys.stdout.isatty() else 2
     row = {}
 
@@ -269,6 +321,17 @@ def train_and_evaluate(config, workdir, callbacks=()):
             )
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start
+        purity = {}
+        if uses_invariance and train_labels is not None and config.positive_mode == "propagation":
+            # Labels only measure the positives this epoch will use; training never sees them.
+            purity = propagation.positive_purity(
+                graph,
+                model.memory_bank.bank,
+                train_labels,
+                purity_anchors,
+                num_layers=config.num_layers,
+                num_positives=config.num_positives,
+            )
         model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
 
         # 2. One epoch of training; the data order and views depend only on (seed, epoch).
@@ -318,6 +381,9 @@ def train_and_evaluate(config, workdir, callbacks=()):
             "loss_inv": logs["loss_inv"] if uses_invariance else None,
             "knn_top1": knn_top1,
             "graph_seconds": graph_seconds,
+            "purity_neighbors": purity.get("purity_neighbors"),
+            "purity_hard": purity.get("purity_hard"),
+            "mean_positives": purity.get("mean_positives"),
             "images_per_second": steps_per_epoch * config.batch_size / train_seconds,
             "learning_rate": float(optimizer.learning_rate.numpy()),
         }
@@ -357,9 +423,6 @@ def main(argv):
     config = config_from_flags()
     if not config.workdir:
         raise app.UsageError("--workdir is required")
-    tf.io.gfile.makedirs(config.workdir)
-    with tf.io.gfile.GFile(os.path.join(config.workdir, "flags.txt"), "w") as f:
-        f.write("\n".join(config.flagfile_lines()) + "\n")
     try:
         row = train_and_evaluate(config, config.workdir)
     except (ValueError, FileNotFoundError, TrainingError) as e:

@@ -59,3 +59,36 @@ def test_max_set_size():
 def test_rejects_zero_layers():
     with pytest.raises(ValueError, match="num_layers"):
         propagation.propagate(np.zeros((3, 1), np.int32), [0], 0)
+
+
+def test_positive_purity_hand_worked():
+    graph = np.array([[1, 2], [0, 2], [3, 0], [2, 1]])
+    angles = np.array([0.0, 0.1, 1.0, 1.2])
+    bank = np.stack([np.cos(angles), np.sin(angles)], 1)
+    labels = np.array([0, 0, 1, 1])
+    # One hop: every N(i) has one same-label member of two; the least similar
+    # member (H with P = 1) always has the other label.
+    out = propagation.positive_purity(
+        graph, bank, labels, np.arange(4), num_layers=1, num_positives=1
+    )
+    assert out == pytest.approx(
+        {"purity_neighbors": 0.5, "purity_hard": 0.0, "mean_positives": 2.0}
+    )
+    # Two hops from 0: N = {1, 2, 3} (labels 0, 1, 1); H (P = 2) = {3, 2}.
+    out = propagation.positive_purity(
+        graph, bank, labels, np.array([0]), num_layers=2, num_positives=2, chunk_size=1
+    )
+    assert out == pytest.approx(
+        {"purity_neighbors": 1 / 3, "purity_hard": 0.0, "mean_positives": 3.0}
+    )
+    # P larger than |N(i)|: H = N.
+    out = propagation.positive_purity(
+        graph, bank, labels, np.array([0]), num_layers=2, num_positives=10
+    )
+    assert out["purity_hard"] == pytest.approx(1 / 3)
+    # Unlabelled anchors are skipped.
+    out = propagation.positive_purity(
+        graph, bank, np.array([-1, 0, 1, 1]), np.array([0, 3]), num_layers=1, num_positives=1
+    )
+    assert out["mean_positives"] == pytest.approx(2.0)
+    assert out["purity_neighbors"] == pytest.approx(0.5)

@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -48,32 +50,10 @@ def tiny_config(data_dir, workdir, **overrides):
     return dataclasses.replace(config, **overrides)
 
 
-def _restored_state(config, num_examples=64):
+def _restored_state(config):
     """(encoder weights, bank, graph) of the latest checkpoint in config.workdir."""
-    from invp_tf import encoder as encoder_lib  # noqa: PLC0415
-    from invp_tf import model as model_lib
-
-    encoder = encoder_lib.build_encoder(
-        config.encoder,
-        head=config.head,
-        embedding_dim=config.embedding_dim,
-        width_multiplier=config.width_multiplier,
-        image_size=config.image_size,
-    )
-    model = model_lib.InvPModel(
-        encoder,
-        num_examples,
-        embedding_dim=config.embedding_dim,
-        num_neighbors=config.num_neighbors,
-    )
-    checkpoint = tf.train.Checkpoint(encoder=encoder, bank=model.memory_bank, graph=model.knn_graph)
-    path = tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints"))
-    checkpoint.restore(path).expect_partial()
-    return (
-        [w.numpy() for w in encoder.weights],
-        model.memory_bank.bank.numpy(),
-        model.knn_graph.numpy(),
-    )
+    run = train.load_run(config.workdir)
+    return [w.numpy() for w in run.encoder.weights], run.bank, run.knn_graph
 
 
 def _rows(workdir):
@@ -90,6 +70,10 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
         assert key in rows[0]
     assert rows[0]["loss_inv"] is None and rows[0]["graph_seconds"] is None  # ramp-up
     assert rows[2]["loss_inv"] is not None and rows[2]["graph_seconds"] >= 0
+    assert rows[0]["purity_neighbors"] is None  # no graph yet
+    for key in ("purity_neighbors", "purity_hard"):
+        assert 0.0 <= rows[2][key] <= 1.0
+    assert 1.0 <= rows[2]["mean_positives"] <= 2 + 4  # k + k^2 with k = 2
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in rows)
     assert last == rows[-1]
     assert tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints")).endswith("-3")
@@ -97,6 +81,7 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
     # The checkpointed graph is the kNN graph of the bank as it was before the
     # last epoch; here: its rows are valid, self-free neighbour lists.
     _, bank, graph = _restored_state(config)
+    assert train.load_run(config.workdir).epoch == 3
     assert graph.shape == (64, 2) and not np.any(graph == np.arange(64)[:, None])
     np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
 
@@ -232,8 +217,6 @@ def test_cli_error_is_one_clear_line(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_cli_run_resumes_exactly(tmp_path):
     """The real thing: SIGKILL the CLI mid-run, rerun the same command, compare."""
-    import signal  # noqa: PLC0415
-    import time  # noqa: PLC0415
 
     data_dir = tmp_path / "idx"
     data_dir.mkdir()
@@ -260,10 +243,28 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path):
 
     config_a = tiny_config(data_dir, straight, num_background=128)
     config_b = tiny_config(data_dir, killed, num_background=128)
-    weights_a, bank_a, graph_a = _restored_state(config_a, num_examples=512)
-    weights_b, bank_b, graph_b = _restored_state(config_b, num_examples=512)
+    weights_a, bank_a, graph_a = _restored_state(config_a)
+    weights_b, bank_b, graph_b = _restored_state(config_b)
     np.testing.assert_allclose(bank_b, bank_a, atol=1e-6)
     np.testing.assert_array_equal(graph_b, graph_a)
     for a, b in zip(weights_a, weights_b, strict=True):
         np.testing.assert_allclose(b, a, atol=1e-6)
     assert [r["epoch"] for r in _rows(killed)] == [0, 1, 2]
+
+
+def test_config_from_flagfile_without_absl(tmp_path):
+    config = tiny_config("/data", tmp_path / "run", hard_negatives=False, background="exact")
+    path = tmp_path / "flags.txt"
+    path.write_text("\n".join(config.flagfile_lines()) + "\n")
+    assert config_lib.Config.from_flagfile(str(path)) == config
+    path.write_text("--bogus=1\n")
+    with pytest.raises(ValueError, match="unknown flag --bogus"):
+        config_lib.Config.from_flagfile(str(path))
+
+
+def test_load_run_refuses_a_directory_without_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no flags.txt"):
+        train.load_run(str(tmp_path))
+    (tmp_path / "flags.txt").write_text("--epochs=1\n")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.load_run(str(tmp_path))

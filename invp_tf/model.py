@@ -65,19 +65,15 @@ class InvPModel(keras.Model):
         return self.encoder(images, training=training)
 
     def compute_losses(self, embeddings, indices):
-        """(instance [B], invariance [B]); the invariance term is skipped (zeros)
-        while its weight is 0, i.e. before the first graph exists."""
-        bank, graph = self.memory_bank.bank, self.knn_graph
+        """(instance [B], invariance [B]) from `losses.invp_losses`, the one code path.
 
-        def both():
-            return losses.invp_losses(embeddings, indices, bank, graph, **self.loss_options)
-
-        def instance_only():
-            options = dict(self.loss_options, num_layers=1)  # cheapest positive lookup
-            instance, _ = losses.invp_losses(embeddings, indices, bank, graph, **options)
-            return instance, tf.zeros_like(instance)
-
-        return tf.cond(self.invariance_weight > 0.0, both, instance_only)
+        Before the first graph exists the invariance term is computed on the
+        placeholder graph and weighted 0: cheaper to keep than a tf.cond, which
+        would also make TF's type inference warn at every trace.
+        """
+        return losses.invp_losses(
+            embeddings, indices, self.memory_bank.bank, self.knn_graph, **self.loss_options
+        )
 
     def train_step(self, data):
         images, indices, _ = data  # [B, H, W, 3], [B], [B]
@@ -95,5 +91,7 @@ class InvPModel(keras.Model):
         self.memory_bank.update(indices, embeddings)
         self.loss_tracker.update_state(loss)
         self.instance_tracker.update_state(tf.reduce_mean(instance))
-        self.invariance_tracker.update_state(tf.reduce_mean(invariance))
+        # Reported as 0 while unused: the placeholder graph's value means nothing.
+        in_use = tf.cast(self.invariance_weight > 0.0, tf.float32)
+        self.invariance_tracker.update_state(in_use * tf.reduce_mean(invariance))
         return {m.name: m.result() for m in self.metrics}

@@ -69,7 +69,7 @@ def test_train_step_uses_invp_losses_and_updates_bank():
     assert all(changed)
 
 
-def test_invariance_is_skipped_while_its_weight_is_zero():
+def test_invariance_has_no_effect_while_its_weight_is_zero():
     model = _model()
     images, indices, labels = _batch()
     logs = model.train_step((tf.constant(images), tf.constant(indices), tf.constant(labels)))

@@ -29,12 +29,13 @@ setuptools.setup(
         # tf.summary need it.
         "tensorboard~=2.20.0",
         "numpy>=1.26",
-        # Image folder decoding diagnostics and figure writing.
-        "pillow>=10.0",
+        # invp_tf.analyze draws its figures on the Agg canvas (no display needed).
+        "matplotlib>=3.8",
     ],
     extras_require={
         # hub.KerasLayer is a Keras 2 layer: it needs tf-keras matching TF.
         "hub": ["tensorflow-hub>=0.16", "tf-keras~=2.20.0"],
-        "test": ["pytest>=8", "ruff>=0.6", "scipy>=1.11"],
+        # pillow: tests decode the written figures independently of TF.
+        "test": ["pytest>=8", "ruff>=0.6", "pillow>=10.0"],
     },
 )

@@ -79,3 +79,22 @@ def top_k_accuracy(scores, labels, k=1):
     labels = np.asarray(labels)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(top == labels[:, None], axis=1))) if len(labels) else 0.0
+
+
+def inference_function(encoder, key="embedding"):
+    """A tf.function images [B, H, W, 3] -> encoder output `key`, inference mode."""
+    return tf.function(lambda images: encoder(images, training=False)[key], reduce_retracing=True)
+
+
+def extract_embeddings(infer, dataset):
+    """Runs `infer` (see inference_function) over (images, indices, labels) batches.
+
+    Returns:
+      (features [n, F] float32, indices [n] int32, labels [n] int32) numpy arrays.
+    """
+    features, indices, labels = [], [], []
+    for images, index, label in dataset:
+        features.append(infer(images).numpy())
+        indices.append(index.numpy())
+        labels.append(label.numpy())
+    return np.concatenate(features), np.concatenate(indices), np.concatenate(labels)

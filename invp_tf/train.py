@@ -26,11 +26,11 @@ from absl import logging
 from invp_tf import augment
 from invp_tf import config as config_lib
 from invp_tf import data
-from invp_tf import encoder as encoder_lib
 from invp_tf import evaluation
 from invp_tf import model as model_lib
 from invp_tf import neighbors
 from invp_tf import propagation
+from invp_tf import workdir as workdir_lib
 
 # The purity monitor measures at most this many anchors (a fixed random sample).
 _PURITY_MAX_ANCHORS = 10_000
@@ -80,53 +80,6 @@ def validate(config, num_examples):
             raise ValueError(message)
 
 
-def encoder_from_config(config):
-    """The run's encoder, variables built (weights still to be restored)."""
-    return encoder_lib.build_encoder(
-        config.encoder,
-        head=config.head,
-        embedding_dim=config.embedding_dim,
-        width_multiplier=config.width_multiplier,
-        image_size=config.image_size,
-    )
-
-
-@dataclasses.dataclass
-class Run:
-    """A finished or running training run, restored from its work directory."""
-
-    config: config_lib.Config
-    encoder: keras.Model
-    bank: np.ndarray  # [N, D] memory bank
-    knn_graph: np.ndarray  # [N, k] int32, the graph of the last epoch that used L_inv
-    epoch: int  # epochs completed
-
-
-def load_run(workdir):
-    """Restores encoder, bank and graph of the latest checkpoint in `workdir`.
-
-    Raises:
-      FileNotFoundError: no flags.txt or no checkpoint in `workdir`.
-    """
-    flagfile = os.path.join(workdir, "flags.txt")
-    if not tf.io.gfile.exists(flagfile):
-        raise FileNotFoundError(f"{workdir} is not a training run: no flags.txt")
-    path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-    if path is None:
-        raise FileNotFoundError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
-    config = config_lib.Config.from_flagfile(flagfile)
-    encoder = encoder_from_config(config)
-    reader = tf.train.load_checkpoint(path)
-    shapes = reader.get_variable_to_shape_map()
-    bank_key = next(k for k in shapes if k.startswith("bank/") and "OPTIMIZER" not in k)
-    graph_key = next(k for k in shapes if k.startswith("graph/") and "OPTIMIZER" not in k)
-    epoch = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(encoder=encoder, epoch=epoch).restore(path).expect_partial()
-    return Run(
-        config, encoder, reader.get_tensor(bank_key), reader.get_tensor(graph_key), int(epoch)
-    )
-
-
 def learning_rate_schedule(config, steps_per_epoch):
     """Keras schedule over optimizer steps: optional linear warm-up, then
     cosine to 0, step (/10 at --lr_decay_epochs) or constant."""
@@ -148,25 +101,6 @@ def learning_rate_schedule(config, steps_per_epoch):
     return keras.optimizers.schedules.CosineDecay(config.learning_rate, 1, alpha=1.0)
 
 
-def inference_function(encoder, key="embedding"):
-    """A tf.function images [B, H, W, 3] -> encoder output `key`, inference mode."""
-    return tf.function(lambda images: encoder(images, training=False)[key], reduce_retracing=True)
-
-
-def extract_embeddings(infer, dataset):
-    """Runs `infer` (see inference_function) over (images, indices, labels) batches.
-
-    Returns:
-      (features [n, F] float32, indices [n] int32, labels [n] int32) numpy arrays.
-    """
-    features, indices, labels = [], [], []
-    for images, index, label in dataset:
-        features.append(infer(images).numpy())
-        indices.append(index.numpy())
-        labels.append(label.numpy())
-    return np.concatenate(features), np.concatenate(indices), np.concatenate(labels)
-
-
 def knn_monitor(config, infer, bank, train_source, test_source, train_labels):
     """Weighted kNN top-1 on the test split; None when it has no labels."""
     if test_source is None or not test_source.num_classes:
@@ -174,9 +108,11 @@ def knn_monitor(config, infer, bank, train_source, test_source, train_labels):
     pipeline = lambda source: data.eval_pipeline(  # noqa: E731
         source, batch_size=max(config.batch_size, 256), image_size=config.image_size
     )
-    test_features, _, test_labels = extract_embeddings(infer, pipeline(test_source))
+    test_features, _, test_labels = evaluation.extract_embeddings(infer, pipeline(test_source))
     if config.knn_features == "fresh":
-        train_features, train_index, _ = extract_embeddings(infer, pipeline(train_source))
+        train_features, train_index, _ = evaluation.extract_embeddings(
+            infer, pipeline(train_source)
+        )
         train_features = train_features[np.argsort(train_index)]
     else:
         train_features = bank
@@ -246,7 +182,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     if config.augment == "crop_flip":
         view = functools.partial(view, scale=(config.crop_scale, 1.0))
 
-    encoder = encoder_from_config(config)
+    encoder = workdir_lib.encoder_from_config(config)
     loss_options = dict(
         temperature=config.temperature,
         num_background=config.num_background,
@@ -288,13 +224,13 @@ def train_and_evaluate(config, workdir, callbacks=()):
     manager = tf.train.CheckpointManager(
         checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3
     )
-    infer = inference_function(encoder)
+    infer = evaluation.inference_function(encoder)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("Resumed from %s (epoch %d).", manager.latest_checkpoint, int(epoch_counter))
     elif config.bank_init == "encoder":
         eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
-        features, index, _ = extract_embeddings(infer, eval_data)
+        features, index, _ = evaluation.extract_embeddings(infer, eval_data)
         model.memory_bank.assign(features[np.argsort(index)])
     first_epoch = int(epoch_counter)
     metrics_path = os.path.join(workdir, "metrics.jsonl")

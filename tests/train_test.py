@@ -16,6 +16,7 @@ from absl import flags
 
 from invp_tf import config as config_lib
 from invp_tf import train
+from invp_tf import workdir as workdir_lib
 from tests.conftest import write_idx_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def tiny_config(data_dir, workdir, **overrides):
 
 def _restored_state(config):
     """(encoder weights, bank, graph) of the latest checkpoint in config.workdir."""
-    run = train.load_run(config.workdir)
+    run = workdir_lib.load_run(config.workdir)
     return [w.numpy() for w in run.encoder.weights], run.bank, run.knn_graph
 
 
@@ -81,7 +82,7 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
     # The checkpointed graph is the kNN graph of the bank as it was before the
     # last epoch; here: its rows are valid, self-free neighbour lists.
     _, bank, graph = _restored_state(config)
-    assert train.load_run(config.workdir).epoch == 3
+    assert workdir_lib.load_run(config.workdir).epoch == 3
     assert graph.shape == (64, 2) and not np.any(graph == np.arange(64)[:, None])
     np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
 
@@ -264,7 +265,7 @@ def test_config_from_flagfile_without_absl(tmp_path):
 
 def test_load_run_refuses_a_directory_without_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no flags.txt"):
-        train.load_run(str(tmp_path))
+        workdir_lib.load_run(str(tmp_path))
     (tmp_path / "flags.txt").write_text("--epochs=1\n")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.load_run(str(tmp_path))
+        workdir_lib.load_run(str(tmp_path))

@@ -1,0 +1,269 @@
+"""The analysis command: pure helpers against hand-worked cases, figures of a tiny real run."""
+
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from invp_tf import analyze
+from invp_tf import config as config_lib
+from invp_tf import train
+from invp_tf import workdir as workdir_lib
+from tests.conftest import write_idx_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run trained once: 2 epochs, L_inv (and so a kNN graph) from epoch 1."""
+    root = tmp_path_factory.mktemp("analyze")
+    data_dir = root / "idx"
+    data_dir.mkdir()
+    write_idx_dataset(data_dir, num_train=64, num_test=24, height=12, width=12)
+    # The small model of tests/train_test.py.
+    config = config_lib.Config(
+        workdir=str(root / "run"),
+        dataset="fashion_mnist",
+        data_dir=str(data_dir),
+        epochs=2,
+        batch_size=16,
+        image_size=12,
+        augment="crop_flip",
+        crop_scale=0.5,
+        encoder="resnet18_cifar",
+        width_multiplier=0.0625,
+        head="mlp",
+        embedding_dim=16,
+        temperature=0.2,
+        num_neighbors=2,
+        num_layers=2,
+        num_positives=3,
+        num_background=32,
+        rampup_epochs=1,
+        knn_method="brute_force",
+        learning_rate=0.05,
+        knn_k=10,
+        seed=3,
+    )
+    train.train_and_evaluate(config, config.workdir)
+    return config.workdir
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return workdir_lib.load_run(run_dir)
+
+
+def _png(path):
+    """Decoded RGB(A) pixels of a PNG file, after checking it is a real, non-blank image."""
+    assert os.path.getsize(path) > 0
+    with open(path, "rb") as f:
+        pixels = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+    assert pixels.shape[0] >= 200 and pixels.shape[1] >= 200, pixels.shape
+    assert pixels.reshape(-1, 3).std(axis=0).max() > 5, "a blank image"
+    return pixels
+
+
+def test_class_balanced_sample():
+    labels = np.array([0, 0, 0, 1, 1, 2, -1])
+    sample = analyze.class_balanced_sample(labels, per_class=2, seed=0)
+    assert list(sample) == sorted(sample)
+    counts = np.bincount(labels[sample], minlength=3)
+    assert list(counts) == [2, 2, 1]  # class 2 has one image; the unlabelled one is never drawn
+    np.testing.assert_array_equal(sample, analyze.class_balanced_sample(labels, 2, seed=0))
+
+
+def test_neighbor_similarities_hand_worked():
+    # Four unit vectors in the plane; a, b are class 0 and c, d class 1.
+    #   a.b = 0.8  a.c = 0.6  a.d = 0.0  b.c = 0.96  b.d = 0.6  c.d = 0.8
+    points = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    same, other = analyze.neighbor_similarities(3 * points, [0, 0, 1, 1], k=2, chunk_size=3)
+    nan = np.nan
+    np.testing.assert_allclose(same, [[0.8, nan], [0.8, nan], [0.8, nan], [0.8, nan]], atol=1e-6)
+    np.testing.assert_allclose(other, [[0.6, 0.0], [0.96, 0.6], [0.96, 0.6], [0.6, 0.0]], atol=1e-6)
+
+
+def test_neighbor_similarities_against_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4))
+    labels = rng.integers(0, 3, size=30)
+    same, other = analyze.neighbor_similarities(x, labels, k=3, chunk_size=7)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for i in range(30):
+        sims = x @ x[i]
+        mates = [sims[j] for j in range(30) if j != i and labels[j] == labels[i]]
+        strangers = [sims[j] for j in range(30) if labels[j] != labels[i]]
+        np.testing.assert_allclose(same[i], sorted(mates, reverse=True)[:3], atol=1e-5)
+        np.testing.assert_allclose(other[i], sorted(strangers, reverse=True)[:3], atol=1e-5)
+
+
+def test_easy_and_hard_hand_worked():
+    members = np.array([[5, 7, 2, -1, -1], [-1, -1, -1, -1, -1], [4, 1, 0, 3, -1]])
+    # Padding similarities are junk on purpose: they must never be picked.
+    sims = np.array([[0.1, 0.9, 0.5, 99, -99], [1, 2, 3, 4, 5], [0.3, 0.7, 0.2, 0.4, 99]])
+    easy, hard = analyze.easy_and_hard(members, sims, count=2)
+    np.testing.assert_array_equal(easy, [[7, 2], [-1, -1], [1, 3]])
+    np.testing.assert_array_equal(hard, [[5, 2], [-1, -1], [0, 4]])
+    easy, hard = analyze.easy_and_hard(members, sims, count=6)  # wider than S = 5
+    np.testing.assert_array_equal(easy[0], [7, 2, 5, -1, -1, -1])
+    np.testing.assert_array_equal(hard[2], [0, 4, 3, 1, -1, -1])
+
+
+def test_read_metrics_keeps_the_last_row_of_each_epoch(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"epoch": 0, "loss_ins": 3}\n{"epoch": 1, "loss_ins": 9}\n{"epoch": 1, "loss_ins": 2}\n'
+    )
+    assert [r["loss_ins"] for r in analyze.read_metrics(str(tmp_path))] == [3, 2]
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        analyze.read_metrics(str(tmp_path / "absent"))
+
+
+def test_curves_handle_absent_keys_and_none(tmp_path):
+    rows = [
+        {"epoch": 0, "loss_ins": 7.0, "loss_inv": None, "knn_top1": None},
+        {"epoch": 1, "loss_ins": 6.0, "loss_inv": 3.0, "knn_top1": 0.5, "purity_hard": 0.4},
+        {"epoch": 2, "loss_ins": 5.0, "loss_inv": 2.5, "purity_hard": None, "mean_positives": 20},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _png(analyze.curves_figure(str(tmp_path), str(tmp_path), compare_workdir=str(tmp_path)))
+
+
+def test_each_figure_is_a_png(run, run_dir, tmp_path):
+    paths = [
+        analyze.similarity_figure(run, str(tmp_path), samples_per_class=100, seed=0),
+        analyze.positives_figure(run, str(tmp_path), num_anchors=2, seed=0),
+        analyze.curves_figure(run_dir, str(tmp_path)),
+    ]
+    assert [os.path.basename(p) for p in paths] == ["similarity.png", "positives.png", "curves.png"]
+    for path in paths:
+        _png(path)
+        # tf's decoder agrees it is a PNG.
+        assert tf.io.decode_png(tf.io.read_file(path)).shape[-1] in (3, 4)
+
+
+def test_positives_figure_shows_easiest_and_hardest(run, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(members, sims, count):
+        easy, hard = original(members, sims, count)
+        seen.append((members, sims, easy, hard))
+        return easy, hard
+
+    original = analyze.easy_and_hard
+    monkeypatch.setattr(analyze, "easy_and_hard", spy)
+    analyze.positives_figure(run, str(tmp_path), num_anchors=3, seed=1)
+    ((members, sims, easy, hard),) = seen
+    assert members.shape[0] == 3 and easy.shape == hard.shape == (3, analyze.NUM_SHOWN)
+    for row in range(3):
+        valid = members[row] >= 0
+        by_member = dict(zip(members[row][valid], sims[row][valid], strict=True))
+        easy_sims = [by_member[m] for m in easy[row] if m >= 0]
+        hard_sims = [by_member[m] for m in hard[row] if m >= 0]
+        assert easy_sims == sorted(easy_sims, reverse=True)
+        assert hard_sims == sorted(hard_sims)
+        assert easy_sims[0] == max(by_member.values())
+        assert hard_sims[0] == min(by_member.values())
+        # s_ij is bank_i . bank_j of the members of the run's propagated set.
+        assert set(by_member) <= set(range(len(run.bank)))
+
+
+def test_analyze_end_to_end_with_compare(run_dir, tmp_path):
+    output = tmp_path / "out"
+    paths = analyze.analyze(run_dir, str(output), compare=run_dir, num_anchors=2)
+    assert [os.path.basename(p) for p in paths] == [
+        "similarity.png",
+        "positives.png",
+        "curves.png",
+        "index.html",
+    ]
+    page = (output / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(sources) == ["curves.png", "positives.png", "similarity.png"]
+    for src in sources:
+        assert not os.path.isabs(src)
+        assert (output / src).stat().st_size > 0
+    assert run_dir in page and "epoch 2 of 2" in page and "resnet18_cifar" in page
+    assert page.count("<figcaption>") == 3
+    # Two panels side by side: twice as wide as a single-run figure.
+    wide = _png(paths[0])
+    single = _png(analyze.similarity_figure(workdir_lib.load_run(run_dir), str(tmp_path)))
+    assert wide.shape[1] > 1.5 * single.shape[1]
+
+
+def test_errors(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        analyze.analyze(str(tmp_path), str(tmp_path / "out"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        analyze.analyze(run_dir, str(a_file))
+    with pytest.raises(ValueError, match="--num_anchors must be >= 1"):
+        analyze.analyze(run_dir, str(tmp_path / "out"), num_anchors=0)
+
+
+def test_unlabelled_test_split_is_refused(run, tmp_path):
+    # A folder dataset whose test/ images sit at the top level: no labels.
+    for split in ("train", "test"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for i in range(3):
+            png = tf.io.encode_png(np.full((12, 12, 3), 40 * i, np.uint8)).numpy()
+            (tmp_path / "images" / split / f"{i}.png").write_bytes(png)
+    unlabelled = dataclasses.replace(
+        run, config=dataclasses.replace(run.config, dataset=f"folder:{tmp_path / 'images'}")
+    )
+    with pytest.raises(ValueError, match="has no labels"):
+        analyze.similarity_figure(unlabelled, str(tmp_path))
+
+
+def test_cli_error_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "invp_tf.analyze",
+            f"--workdir={tmp_path}",
+            f"--output={tmp_path}/out",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("invp_tf.analyze: error: ")
+    assert "not a training run" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs chromium")
+def test_index_renders_in_a_browser(run_dir, tmp_path):
+    output = tmp_path / "out"
+    analyze.analyze(run_dir, str(output), num_anchors=2)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            shutil.which("chromium"),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            f"file://{output / 'index.html'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = _png(shot)
+    # The figures fill much of the page: many distinct colours, not a blank page.
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50

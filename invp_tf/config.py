@@ -6,6 +6,8 @@ flag set, the config and `flags.txt` cannot drift apart.
 
 import dataclasses
 
+import tensorflow as tf
+
 CHOICES = {
     "encoder": ("resnet50", "resnet18", "resnet18_cifar"),
     "head": ("linear", "mlp", "mlp_bn"),
@@ -71,7 +73,12 @@ class Config:
     lr_schedule: str = _field("cosine", "Learning rate schedule over all epochs.")
     lr_decay_epochs: str = _field("120,160", "Epochs where the step schedule divides lr by 10.")
     warmup_epochs: int = _field(0, "Linear learning rate warm-up epochs.")
-    weight_decay: float = _field(1e-4, "Decoupled SGD weight decay.")
+    weight_decay: float = _field(
+        1e-4,
+        "Decoupled SGD weight decay (Keras SGD: w -= lr * wd * w each step, outside the "
+        "momentum). PyTorch's coupled decay with momentum m acts about 1 / (1 - m) = 10x "
+        "stronger: the paper's 1e-4 corresponds to about 1e-3 here.",
+    )
     knn_k: int = _field(200, "Neighbours of the kNN monitor.")
     knn_temperature: float = _field(0.07, "Vote temperature of the kNN monitor.")
     knn_features: str = _field(
@@ -101,7 +108,7 @@ class Config:
         """
         fields = {field.name: field for field in dataclasses.fields(cls)}
         values = {}
-        with open(path) as f:
+        with tf.io.gfile.GFile(path) as f:  # workdirs may live on gs:// etc.
             for line in f:
                 line = line.strip()
                 if not line or line.startswith("#"):

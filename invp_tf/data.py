@@ -105,7 +105,8 @@ def load_source(
       train_examples: if > 0 keep only the first n examples (indices stay [0, n)).
 
     Returns:
-      A Source, or None for a folder dataset that has no such split (a folder without
+      A Source, or None when "test" does not exist (a tfds dataset with neither test nor
+      validation split), or for a folder dataset that has no such split (a folder without
       train/ and test/ (or val/) subfolders is all "train").
 
     Raises:
@@ -271,6 +272,8 @@ def _tfds_source(dataset, split, data_dir, train_examples):
         )
     if split == "test" and "test" not in splits and "validation" in splits:
         split = "validation"
+    if split == "test" and split not in splits:
+        return None  # a dataset with no held-out split: nothing to monitor on
     if split not in splits:
         raise ValueError(f"tfds dataset {name!r} has splits {sorted(splits)}, not {split!r}")
     info = splits[split]

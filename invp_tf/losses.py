@@ -107,14 +107,22 @@ def invp_losses(
     indices = tf.cast(indices, tf.int32)
     knn_graph = tf.cast(knn_graph, tf.int32)
     logits = tf.matmul(embeddings, bank, transpose_b=True) / temperature  # [B, N]
-    num_rows = bank.shape[0] if bank.shape[0] is not None else tf.shape(bank)[0]
+    num_rows = bank.shape[0]  # static N, or None inside a shape-polymorphic function
 
-    # TopM(i): [B, M] logits and rows. Without hard negatives it is the whole bank.
-    if hard_negatives and isinstance(num_rows, int) and num_background < num_rows:
-        top_logits, top_rows = tf.math.top_k(logits, k=num_background)
+    # TopM(i): [B, M] logits and rows (M = N when N <= M). Without hard negatives,
+    # or when M covers the bank, TopM is the whole bank and no sort is needed.
+    if hard_negatives and (num_rows is None or num_background < num_rows):
+        k = (
+            num_background
+            if num_rows is not None
+            else tf.minimum(num_background, tf.shape(bank)[0])
+        )
+        top_logits, top_rows = tf.math.top_k(logits, k=k)
     else:
         top_logits = logits
-        top_rows = tf.broadcast_to(tf.range(num_rows, dtype=tf.int32)[None], tf.shape(logits))
+        top_rows = tf.broadcast_to(
+            tf.range(tf.shape(bank)[0], dtype=tf.int32)[None], tf.shape(logits)
+        )
     self_logit = tf.gather(logits, indices, batch_dims=1)  # [B] s_ii
     is_self = top_rows == indices[:, None]  # [B, M]
 

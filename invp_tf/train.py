@@ -56,24 +56,44 @@ def validate(config, num_examples):
             f"(the dataset has {num_examples} training images)",
         ),
         (
-            config.batch_size <= num_examples,
-            f"--batch_size={config.batch_size} exceeds the {num_examples} training images",
+            1 <= config.batch_size <= num_examples,
+            f"--batch_size={config.batch_size} must be in [1, {num_examples}] "
+            f"(the dataset has {num_examples} training images)",
         ),
+        (config.num_background >= 1, f"--num_background={config.num_background} must be >= 1"),
         (config.num_layers >= 1, f"--num_layers={config.num_layers} must be >= 1"),
         (config.num_positives >= 1, f"--num_positives={config.num_positives} must be >= 1"),
+        (config.num_knn_positives >= 0, f"--num_knn_positives={config.num_knn_positives} < 0"),
+        (config.embedding_dim >= 1, f"--embedding_dim={config.embedding_dim} must be >= 1"),
         (config.temperature > 0, f"--temperature={config.temperature} must be > 0"),
         (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
+        (config.eval_every >= 1, f"--eval_every={config.eval_every} must be >= 1"),
+        (config.knn_k >= 1, f"--knn_k={config.knn_k} must be >= 1"),
+        (config.learning_rate > 0, f"--learning_rate={config.learning_rate} must be > 0"),
+        (0 < config.crop_scale <= 1, f"--crop_scale={config.crop_scale} must be in (0, 1]"),
         (
             0 <= config.memory_momentum < 1,
             f"--memory_momentum={config.memory_momentum} must be in [0, 1)",
         ),
     ]
+    try:
+        config.lr_decay_epoch_list  # noqa: B018 (parsed here to name the flag on error)
+    except ValueError:
+        raise ValueError(
+            f"--lr_decay_epochs={config.lr_decay_epochs} must be comma-separated integers"
+        ) from None
     if config.positive_mode == "knn":
         k = config.num_knn_positives or propagation.max_set_size(
             config.num_neighbors, config.num_layers
         )
+        # "The K rows of TopM(i) most similar to v_i, minus i": TopM must hold K + 1 rows.
+        top = config.num_background if config.hard_negatives else num_examples
         checks.append(
-            (k + 1 <= num_examples, f"--num_knn_positives={k} needs more than {k} training images")
+            (
+                k + 1 <= min(top, num_examples),
+                f"--num_knn_positives={k} needs K + 1 = {k + 1} <= --num_background "
+                f"({config.num_background}) and <= the {num_examples} training images",
+            )
         )
     for ok, message in checks:
         if not ok:
@@ -250,7 +270,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
         # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv.
         uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
         graph_seconds = None
-        if uses_invariance:
+        if uses_invariance and config.positive_mode == "propagation":  # knn mode: no graph
             start = time.perf_counter()
             graph = neighbors.build_knn_graph(
                 model.memory_bank.bank.numpy(), config.num_neighbors, config.knn_method
@@ -289,11 +309,18 @@ def train_and_evaluate(config, workdir, callbacks=()):
             )
         train_seconds = time.perf_counter() - start
         logs = {name: values[-1] for name, values in history.history.items()}
+        finished = int(optimizer.iterations) == (epoch + 1) * steps_per_epoch
         if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
             raise TrainingError(
                 f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for this "
                 f"epoch, the last good checkpoint is {manager.latest_checkpoint} "
                 "(lower --learning_rate or raise --temperature)"
+            )
+        if not finished:
+            # A callback stopped fit mid-epoch: saving now would resume as if it were done.
+            raise TrainingError(
+                f"epoch {epoch} stopped after {int(optimizer.iterations) - epoch * steps_per_epoch}"
+                f" of {steps_per_epoch} steps; nothing was saved for it, rerun to redo it"
             )
 
         # 3. kNN monitor on the test split.

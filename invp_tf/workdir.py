@@ -53,8 +53,10 @@ def load_run(workdir):
     encoder = encoder_from_config(config)
     reader = tf.train.load_checkpoint(path)
     shapes = reader.get_variable_to_shape_map()
-    bank_key = next(k for k in shapes if k.startswith("bank/") and "OPTIMIZER" not in k)
-    graph_key = next(k for k in shapes if k.startswith("graph/") and "OPTIMIZER" not in k)
+    bank_key = next((k for k in shapes if k.startswith("bank/") and "OPTIMIZER" not in k), None)
+    graph_key = next((k for k in shapes if k.startswith("graph/") and "OPTIMIZER" not in k), None)
+    if bank_key is None or graph_key is None:
+        raise ValueError(f"{path} is not an invp_tf training checkpoint (no bank or graph)")
     epoch = tf.Variable(0, dtype=tf.int64)
     tf.train.Checkpoint(encoder=encoder, epoch=epoch).restore(path).expect_partial()
     return Run(

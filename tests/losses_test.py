@@ -269,3 +269,16 @@ def test_golden_set_mode(golden):
     assert invariance == pytest.approx(3.864284, abs=2e-6)
     _, exact = _golden_losses(golden, background="exact")
     assert exact == pytest.approx(3.695905, abs=2e-6)
+
+
+def test_bank_of_unknown_size_keeps_hard_negatives():
+    v, indices, bank, graph = _random_case()
+    kwargs = dict(temperature=0.2, num_background=20, num_layers=3, num_positives=7)
+    fn = tf.function(
+        lambda bank: losses.invp_losses(v.astype(np.float32), indices, bank, graph, **kwargs),
+        input_signature=[tf.TensorSpec([None, bank.shape[1]], tf.float32)],
+    )
+    instance, invariance = fn(tf.constant(bank, tf.float32))
+    want_instance, want_invariance = oracle(v, indices, bank, graph, **kwargs)
+    np.testing.assert_allclose(instance.numpy(), want_instance, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)

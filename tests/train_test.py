@@ -147,6 +147,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_idx_dir, tmp_path):
         (dict(num_neighbors=64), "--num_neighbors=64 must be in"),
         (dict(head="deep"), "--head=deep is not one of"),
         (dict(batch_size=100), "--batch_size=100"),
+        (dict(batch_size=0), "--batch_size=0"),
+        (dict(eval_every=0), "--eval_every=0"),
+        (dict(num_background=0), "--num_background=0"),
+        (dict(crop_scale=0.0), "--crop_scale=0.0"),
+        (dict(lr_decay_epochs="1;2"), "--lr_decay_epochs=1;2"),
+        (dict(positive_mode="knn", num_knn_positives=40), "--num_knn_positives=40 needs"),
     ],
 )
 def test_bad_flags_are_named(tiny_idx_dir, tmp_path, overrides, message):
@@ -269,3 +275,16 @@ def test_load_run_refuses_a_directory_without_a_run(tmp_path):
     (tmp_path / "flags.txt").write_text("--epochs=1\n")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         workdir_lib.load_run(str(tmp_path))
+
+
+class _StopAt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            self.model.stop_training = True
+
+
+def test_epoch_stopped_by_a_callback_is_not_saved(tiny_idx_dir, tmp_path):
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=1)
+    with pytest.raises(train.TrainingError, match="epoch 0 stopped after 2 of 4 steps"):
+        train.train_and_evaluate(config, config.workdir, callbacks=[_StopAt()])
+    assert tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints")) is None

@@ -94,3 +94,27 @@ def build_knn_graph(embeddings, k, method="scann"):
     else:
         raise ValueError(f"knn method must be one of {METHODS}, got {method!r}")
     return _drop_self(candidates, k).astype(np.int32)
+
+
+def graph_recall(embeddings, knn_graph, sample_size=2000, seed=0):
+    """recall@k of a kNN graph against exact search on a random sample of rows.
+
+    Args:
+      embeddings: [N, D] rows the graph was built from.
+      knn_graph: [N, k] int graph to check.
+      sample_size: rows checked (all rows when N is smaller).
+      seed: seed of the sample.
+
+    Returns:
+      Mean over the sampled rows of |graph row & exact top-k (self excluded)| / k.
+    """
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, k = knn_graph.shape
+    rows = np.random.default_rng(seed).choice(n, min(sample_size, n), replace=False)
+    sims = embeddings[rows] @ embeddings.T  # [S, N]
+    sims[np.arange(len(rows)), rows] = -np.inf
+    exact = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # unordered exact top k
+    hits = [
+        len(set(a.tolist()) & set(b.tolist())) for a, b in zip(knn_graph[rows], exact, strict=True)
+    ]
+    return float(np.sum(hits)) / (len(rows) * k)

@@ -269,7 +269,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     for epoch in range(first_epoch, config.epochs):
         # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv.
         uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
-        graph_seconds = None
+        graph_seconds = graph_recall = None
         if uses_invariance and config.positive_mode == "propagation":  # knn mode: no graph
             start = time.perf_counter()
             graph = neighbors.build_knn_graph(
@@ -277,6 +277,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
             )
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start
+            # Exact search on 2,000 sampled rows: how much of the true kNN graph ScaNN found.
+            graph_recall = neighbors.graph_recall(model.memory_bank.bank.numpy(), graph, seed=epoch)
         purity = {}
         if uses_invariance and train_labels is not None and config.positive_mode == "propagation":
             # Labels only measure the positives this epoch will use; training never sees them.
@@ -344,6 +346,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
             "loss_inv": logs["loss_inv"] if uses_invariance else None,
             "knn_top1": knn_top1,
             "graph_seconds": graph_seconds,
+            "graph_recall": graph_recall,
             "purity_neighbors": purity.get("purity_neighbors"),
             "purity_hard": purity.get("purity_hard"),
             "mean_positives": purity.get("mean_positives"),

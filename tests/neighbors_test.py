@@ -52,3 +52,14 @@ def test_bad_arguments():
         neighbors.build_knn_graph(x, 2, method="faiss")
     with pytest.raises(ValueError, match="shape"):
         neighbors.build_knn_graph(x[0], 2)
+
+
+def test_graph_recall_against_hand_made_graphs():
+    x = _clustered(n=300)
+    exact = _oracle(x, 3)
+    assert neighbors.graph_recall(x, exact, sample_size=100) == 1.0
+    # Replace one of the three neighbours of every row by a far row: recall 2/3.
+    wrong = exact.copy()
+    far = np.argmin(x @ x.T, axis=1)
+    wrong[:, 2] = far
+    assert neighbors.graph_recall(x, wrong, sample_size=300) == pytest.approx(2 / 3)

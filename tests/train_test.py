@@ -71,7 +71,8 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
         assert key in rows[0]
     assert rows[0]["loss_inv"] is None and rows[0]["graph_seconds"] is None  # ramp-up
     assert rows[2]["loss_inv"] is not None and rows[2]["graph_seconds"] >= 0
-    assert rows[0]["purity_neighbors"] is None  # no graph yet
+    assert rows[0]["purity_neighbors"] is None and rows[0]["graph_recall"] is None  # no graph
+    assert rows[2]["graph_recall"] == pytest.approx(1.0, abs=0.02)  # brute force is exact
     for key in ("purity_neighbors", "purity_hard"):
         assert 0.0 <= rows[2][key] <= 1.0
     assert 1.0 <= rows[2]["mean_positives"] <= 2 + 4  # k + k^2 with k = 2

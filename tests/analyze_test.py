@@ -15,9 +15,9 @@ import tensorflow as tf
 from PIL import Image
 
 from invp_tf import analyze
-from invp_tf import config as config_lib
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
+from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,31 +30,7 @@ def run_dir(tmp_path_factory):
     data_dir = root / "idx"
     data_dir.mkdir()
     write_idx_dataset(data_dir, num_train=64, num_test=24, height=12, width=12)
-    # The small model of tests/train_test.py.
-    config = config_lib.Config(
-        workdir=str(root / "run"),
-        dataset="fashion_mnist",
-        data_dir=str(data_dir),
-        epochs=2,
-        batch_size=16,
-        image_size=12,
-        augment="crop_flip",
-        crop_scale=0.5,
-        encoder="resnet18_cifar",
-        width_multiplier=0.0625,
-        head="mlp",
-        embedding_dim=16,
-        temperature=0.2,
-        num_neighbors=2,
-        num_layers=2,
-        num_positives=3,
-        num_background=32,
-        rampup_epochs=1,
-        knn_method="brute_force",
-        learning_rate=0.05,
-        knn_k=10,
-        seed=3,
-    )
+    config = tiny_config(data_dir, root / "run", epochs=2, weight_decay=1e-4)
     train.train_and_evaluate(config, config.workdir)
     return config.workdir
 

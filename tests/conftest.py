@@ -1,10 +1,13 @@
 """Shared test fixtures: tiny IDX datasets in the Fashion-MNIST file layout."""
 
+import dataclasses
 import gzip
 import struct
 
 import numpy as np
 import pytest
+
+from invp_tf import config as config_lib
 
 
 def write_idx(path, array):
@@ -40,3 +43,33 @@ def tiny_idx_dir(tmp_path):
     directory.mkdir()
     write_idx_dataset(directory, num_train=64, num_test=24, height=12, width=12)
     return directory
+
+
+def tiny_config(data_dir, workdir, **overrides):
+    """A Config small enough to train a few epochs in seconds (3 epochs, L_inv from epoch 1)."""
+    config = config_lib.Config(
+        workdir=str(workdir),
+        dataset="fashion_mnist",
+        data_dir=str(data_dir),
+        epochs=3,
+        batch_size=16,
+        image_size=12,
+        augment="crop_flip",
+        crop_scale=0.5,
+        encoder="resnet18_cifar",
+        width_multiplier=0.0625,
+        head="mlp",
+        embedding_dim=16,
+        temperature=0.2,
+        num_neighbors=2,
+        num_layers=2,
+        num_positives=3,
+        num_background=32,
+        rampup_epochs=1,
+        knn_method="brute_force",
+        learning_rate=0.05,
+        weight_decay=5e-4,
+        knn_k=10,
+        seed=3,
+    )
+    return dataclasses.replace(config, **overrides)

@@ -17,38 +17,10 @@ from absl import flags
 from invp_tf import config as config_lib
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
+from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, workdir, **overrides):
-    config = config_lib.Config(
-        workdir=str(workdir),
-        dataset="fashion_mnist",
-        data_dir=str(data_dir),
-        epochs=3,
-        batch_size=16,
-        image_size=12,
-        augment="crop_flip",
-        crop_scale=0.5,
-        encoder="resnet18_cifar",
-        width_multiplier=0.0625,
-        head="mlp",
-        embedding_dim=16,
-        temperature=0.2,
-        num_neighbors=2,
-        num_layers=2,
-        num_positives=3,
-        num_background=32,
-        rampup_epochs=1,
-        knn_method="brute_force",
-        learning_rate=0.05,
-        weight_decay=5e-4,
-        knn_k=10,
-        seed=3,
-    )
-    return dataclasses.replace(config, **overrides)
 
 
 def _restored_state(config):

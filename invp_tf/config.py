@@ -8,13 +8,20 @@ import dataclasses
 
 import tensorflow as tf
 
+from invp_tf import augment
+from invp_tf import encoder
+from invp_tf import losses
+from invp_tf import neighbors
+
+# Valid values of the enumerated flags. Those naming a model part come from the
+# module that implements it, so a new head or recipe is a flag value at once.
 CHOICES = {
-    "encoder": ("resnet50", "resnet18", "resnet18_cifar"),
-    "head": ("linear", "mlp", "mlp_bn"),
-    "background": ("approx", "exact"),
-    "positive_mode": ("propagation", "knn"),
-    "knn_method": ("scann", "brute_force"),
-    "augment": ("moco_v2", "cifar", "crop_flip", "none"),
+    "encoder": encoder.BACKBONES,
+    "head": encoder.HEADS,
+    "background": losses.BACKGROUNDS,
+    "positive_mode": losses.POSITIVE_MODES,
+    "knn_method": neighbors.METHODS,
+    "augment": tuple(augment.RECIPES),
     "lr_schedule": ("cosine", "step", "constant"),
     "knn_features": ("bank", "fresh"),
     "bank_init": ("random", "encoder"),

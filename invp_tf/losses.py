@@ -147,10 +147,9 @@ def invp_losses(
     # H(i): the P members with the lowest s_ij (all of N(i) when |N(i)| <= P).
     num_members = members.shape[1]
     if hard_positives and num_positives < num_members:
-        lowest, _ = tf.math.top_k(
-            tf.where(member_valid, -member_logits, _MASKED), k=num_positives
+        hard_logits, _, hard_valid = propagation.hardest_members(
+            member_logits, member_valid, num_positives
         )  # [B, P]
-        hard_logits, hard_valid = -lowest, lowest > _MASKED / 2
     else:
         hard_logits, hard_valid = member_logits, member_valid
     lse_positive = _masked_logsumexp(hard_logits, hard_valid)

@@ -14,6 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 PAD = -1
+# Similarity given to padding when the lowest members are selected: far below
+# any real s_ij (|s_ij| <= 1 / tau), finite so no inf - inf can appear.
+_MASKED = -1e9
 
 
 def max_set_size(num_neighbors, num_layers):
@@ -61,6 +64,24 @@ def propagate(knn_graph, indices, num_layers, deduplicate=True):
     return tf.sort(members, axis=1, direction="DESCENDING")
 
 
+def hardest_members(member_sims, member_valid, num_positives):
+    """H(i): the `num_positives` valid members with the lowest similarity.
+
+    Args:
+      member_sims: [B, S] float s_ij of each member of N(i) (any value on padding).
+      member_valid: [B, S] bool, False on -1 padding.
+      num_positives: P.
+
+    Returns:
+      (sims [B, P'], positions [B, P'] into the S axis, valid [B, P']) with
+      P' = min(P, S), lowest similarity first; valid is False where N(i) has
+      fewer than P' members.
+    """
+    num = min(num_positives, member_sims.shape[1])
+    lowest, positions = tf.math.top_k(tf.where(member_valid, -member_sims, _MASKED), k=num)
+    return -lowest, positions, lowest > _MASKED / 2
+
+
 def positive_purity(
     knn_graph, bank, labels, anchors, *, num_layers, num_positives, chunk_size=1024
 ):
@@ -102,9 +123,8 @@ def positive_purity(
         sums["purity_neighbors"] += float(tf.reduce_sum(tf.reduce_sum(same, 1) / count))
         sums["mean_positives"] += float(tf.reduce_sum(count))
         # H(i): the P members with the lowest similarity (all of N(i) if fewer).
-        num = min(num_positives, members.shape[1])
-        lowest, position = tf.math.top_k(tf.where(valid, -sims, -np.inf), k=num)
-        hard_valid = tf.cast(tf.math.is_finite(lowest), tf.float32)
+        _, position, hard_valid = hardest_members(sims, valid, num_positives)
+        hard_valid = tf.cast(hard_valid, tf.float32)
         hard_same = tf.gather(same, position, batch_dims=1) * hard_valid
         sums["purity_hard"] += float(
             tf.reduce_sum(tf.reduce_sum(hard_same, 1) / tf.reduce_sum(hard_valid, 1))

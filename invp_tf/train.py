@@ -270,26 +270,25 @@ def train_and_evaluate(config, workdir, callbacks=()):
         # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv.
         uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
         graph_seconds = graph_recall = None
+        purity = {}
         if uses_invariance and config.positive_mode == "propagation":  # knn mode: no graph
+            bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all three
             start = time.perf_counter()
-            graph = neighbors.build_knn_graph(
-                model.memory_bank.bank.numpy(), config.num_neighbors, config.knn_method
-            )
+            graph = neighbors.build_knn_graph(bank, config.num_neighbors, config.knn_method)
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start
             # Exact search on 2,000 sampled rows: how much of the true kNN graph ScaNN found.
-            graph_recall = neighbors.graph_recall(model.memory_bank.bank.numpy(), graph, seed=epoch)
-        purity = {}
-        if uses_invariance and train_labels is not None and config.positive_mode == "propagation":
-            # Labels only measure the positives this epoch will use; training never sees them.
-            purity = propagation.positive_purity(
-                graph,
-                model.memory_bank.bank,
-                train_labels,
-                purity_anchors,
-                num_layers=config.num_layers,
-                num_positives=config.num_positives,
-            )
+            graph_recall = neighbors.graph_recall(bank, graph, seed=epoch)
+            if train_labels is not None:
+                # Labels only measure the positives this epoch will use; training never sees them.
+                purity = propagation.positive_purity(
+                    graph,
+                    bank,
+                    train_labels,
+                    purity_anchors,
+                    num_layers=config.num_layers,
+                    num_positives=config.num_positives,
+                )
         model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
 
         # 2. One epoch of training; the data order and views depend only on (seed, epoch).

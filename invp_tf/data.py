@@ -457,6 +457,44 @@ def check_images(source: Source) -> None:
 # ----------------------------------------------------------------------------- pipelines
 
 
+def labels_by_index(source: Source) -> np.ndarray:
+    """[N] int32 labels in index order (-1 where unknown); reads labels only, in batches."""
+    labels = np.full(source.num_examples, -1, np.int32)
+    for index, label in source.dataset().map(lambda ex: (ex["index"], ex["label"])).batch(4096):
+        labels[index.numpy()] = label.numpy()
+    return labels
+
+
+def subset_source(source: Source, indices) -> Source:
+    """The examples of `source` whose index is in `indices` (indices keep their values).
+
+    The subset is read by filtering `source` in order, so its file-level shuffle is off;
+    `train_pipeline` then shuffles the subset exactly with a buffer of its size.
+    """
+    indices = np.unique(np.asarray(indices, np.int64))
+    if indices.size == 0:
+        raise ValueError(f"empty subset of {source.name} split {source.split!r}")
+    if indices[0] < 0 or indices[-1] >= source.num_examples:
+        raise ValueError(
+            f"subset indices must be in [0, {source.num_examples}) for {source.name}, got "
+            f"[{indices[0]}, {indices[-1]}]"
+        )
+    member = np.zeros(source.num_examples, bool)
+    member[indices] = True
+    member = tf.constant(member)
+
+    def make_dataset(shuffle_files, seed):
+        del shuffle_files, seed
+        return source.dataset().filter(lambda ex: tf.gather(member, ex["index"]))
+
+    return dataclasses.replace(
+        source,
+        num_examples=int(indices.size),
+        exact_shuffle=False,
+        make_dataset=make_dataset,
+    )
+
+
 def _deterministic(ds):
     options = tf.data.Options()
     options.deterministic = True  # also covers tfds' parallel interleave of shard files

@@ -335,6 +335,10 @@ class Encoder(keras.Model):
         """
         return self.backbone.stage_outputs(self._normalise(images), training=training)
 
+    def features(self, images, training=False):
+        """Pooled backbone features [B,F] float32 of float images [B,H,W,3] in [0,1] (no head)."""
+        return self.backbone(self._normalise(images), training=training)
+
     def call(self, images, training=False):
         """Embeds a batch of images.
 
@@ -346,7 +350,7 @@ class Encoder(keras.Model):
             dict "embedding": [B,D] float32, unit L2 norm; "features": [B,F] float32 pooled
             backbone features.
         """
-        features = self.backbone(self._normalise(images), training=training)  # [B,F] float32
+        features = self.features(images, training=training)  # [B,F] float32
         embedding = self.head(features, training=training)  # [B,D], compute dtype
         # Normalise in float32: float16 squares overflow/underflow for large/small norms.
         embedding = tf.math.l2_normalize(tf.cast(embedding, tf.float32), axis=-1, epsilon=1e-12)

@@ -1,7 +1,17 @@
-"""Evaluation of learned features: the weighted kNN monitor of InstDisc."""
+"""Evaluation of learned features: weighted kNN, per-block linear probes, fine-tuning.
 
+The protocols of the paper's Tables 1-3, as library functions; `invp_tf.evaluate` is
+their command line. Every function takes numpy arrays or tf.data pipelines and returns
+plain numbers, so a protocol can be checked against a NumPy oracle.
+"""
+
+import keras
 import numpy as np
 import tensorflow as tf
+
+# Blocks a probe can read: global-average-pooled stage outputs of the backbone
+# (stage4 pooled is the encoder's "features") and the L2-normalised embedding.
+BLOCKS = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding")
 
 
 def knn_class_scores(
@@ -98,3 +108,316 @@ def extract_embeddings(infer, dataset):
         indices.append(index.numpy())
         labels.append(label.numpy())
     return np.concatenate(features), np.concatenate(indices), np.concatenate(labels)
+
+
+def top_k_accuracies(scores, labels):
+    """{"top1", "top5"} of class scores [T, C] against labels [T] (top5 = top1 when C < 5)."""
+    return {
+        "top1": top_k_accuracy(scores, labels, 1),
+        "top5": top_k_accuracy(scores, labels, min(5, scores.shape[1])),
+    }
+
+
+def block_feature_function(encoder, blocks=BLOCKS):
+    """A tf.function images [B,H,W,3] in [0,1] -> {block: [B, C_block] float32}, inference mode.
+
+    One forward pass gives every requested block: stage maps are global-average-pooled;
+    "embedding" is the encoder's L2-normalised embedding of the same pass.
+    """
+    unknown = [b for b in blocks if b not in BLOCKS]
+    if unknown:
+        raise ValueError(f"unknown block {unknown[0]!r}; valid blocks: {', '.join(BLOCKS)}")
+    blocks = tuple(blocks)
+
+    @tf.function(reduce_retracing=True)
+    def infer(images):
+        maps = encoder.stage_outputs(images, training=False)
+        pooled = {
+            name: tf.reduce_mean(tf.cast(x, tf.float32), axis=(1, 2)) for name, x in maps.items()
+        }
+        out = {b: pooled[b] for b in blocks if b != "embedding"}
+        if "embedding" in blocks:
+            embedding = tf.cast(encoder.head(pooled["stage4"], training=False), tf.float32)
+            out["embedding"] = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
+        return out
+
+    return infer
+
+
+def pixel_function(max_side=32):
+    """images [B,H,W,3] -> {"pixels": [B, s*s*3]} with s = min(H, max_side) (area resize).
+
+    The raw-pixel baseline's features; large images are shrunk so the baseline stays
+    affordable (Fashion-MNIST and CIFAR are used as they are).
+    """
+
+    @tf.function(reduce_retracing=True)
+    def pixels(images):
+        side = images.shape[1]
+        if side > max_side:
+            images = tf.image.resize(images, [max_side, max_side], method="area")
+        return {"pixels": tf.reshape(images, [tf.shape(images)[0], -1])}
+
+    return pixels
+
+
+def extract_block_features(fn, dataset, num_examples, *, progress=True):
+    """Runs `fn` over (images, indices, labels) batches and places rows by index.
+
+    Args:
+      fn: images -> {name: [B, F]} (block_feature_function, pixel_function).
+      dataset: batches of (images, indices int32 in [0, num_examples), labels).
+      num_examples: N, rows of the outputs.
+      progress: show a progress bar.
+
+    Returns:
+      ({name: [N, F] float32}, labels [N] int32); rows never seen stay zero / label -1.
+    """
+    features, labels = {}, np.full(num_examples, -1, np.int32)
+    bar = keras.utils.Progbar(num_examples, unit_name="image") if progress else None
+    for images, index, label in dataset:
+        out = fn(images)
+        index = index.numpy()
+        for name, value in out.items():
+            if name not in features:
+                features[name] = np.zeros((num_examples, value.shape[1]), np.float32)
+            features[name][index] = value.numpy()
+        labels[index] = label.numpy()
+        if bar is not None:
+            bar.add(len(index))
+    return features, labels
+
+
+def knn_accuracies(
+    train_features, train_labels, test_features, test_labels, *, k, temperature, num_classes
+):
+    """{"top1", "top5"} of the weighted kNN classifier (see knn_class_scores)."""
+    scores = knn_class_scores(
+        train_features,
+        train_labels,
+        test_features,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+    )
+    return top_k_accuracies(scores, test_labels)
+
+
+def balanced_subset(labels, fraction, seed=0, exclude=None):
+    """A class-balanced labelled subset: `fraction` of every class, drawn with a fixed seed.
+
+    Class c contributes round(fraction * n_c) examples (at least 1) of its n_c candidates;
+    the draw for class c depends only on (seed, c, its candidates), so it is reproducible.
+
+    Args:
+      labels: [N] int labels (negative = unlabelled, never drawn).
+      fraction: in (0, 1].
+      seed: the seed of the draw.
+      exclude: optional indices that must not be drawn (a held-out evaluation split).
+
+    Returns:
+      Sorted int64 indices into labels.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    allowed = labels >= 0
+    if exclude is not None:
+        allowed[np.asarray(exclude, np.int64)] = False
+    chosen = []
+    for c in np.unique(labels[allowed]):
+        candidates = np.flatnonzero(allowed & (labels == c))
+        n = min(len(candidates), max(1, int(round(fraction * len(candidates)))))
+        rng = np.random.default_rng([seed, int(c)])
+        chosen.append(np.sort(rng.choice(candidates, size=n, replace=False)))
+    if not chosen:
+        raise ValueError("no labelled examples to draw a subset from")
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def train_linear_probes(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes,
+    epochs=100,
+    batch_size=256,
+    learning_rate=0.1,
+    momentum=0.9,
+    weight_decay=0.0,
+    seed=0,
+    summary_writer=None,
+    progress=True,
+):
+    """Trains one BatchNorm-free linear classifier per feature block, all on the same batches.
+
+    The paper's protocol on frozen features: softmax regression with SGD (momentum,
+    coupled L2 weight decay), a step schedule (x0.1 at 60% and 80% of the epochs), zero
+    initial weights. Each block is standardised with its train mean and standard deviation
+    first (a fixed affine map, so the classifier is still linear in the features); it makes
+    one learning rate fit blocks of very different scales.
+
+    Args:
+      train_features / test_features: {block: [N, F] / [T, F]} arrays, same keys.
+      train_labels / test_labels: [N] / [T] ints in [0, num_classes).
+      num_classes: C.
+      epochs, batch_size, learning_rate, momentum, weight_decay: the SGD protocol.
+      seed: seed of the per-epoch shuffles.
+      summary_writer: optional tf.summary writer for per-epoch losses.
+      progress: show a progress bar.
+
+    Returns:
+      {block: {"top1", "top5", "train_loss"}} on the test rows.
+    """
+    names = list(train_features)
+    n = len(train_labels)
+    if n == 0:
+        raise ValueError("no training rows for the linear probe")
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size
+    total = max(epochs * steps_per_epoch, 1)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [int(0.6 * total), int(0.8 * total)],
+        [learning_rate, learning_rate * 0.1, learning_rate * 0.01],
+    )
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
+    stats = {}
+    for name in names:
+        x = train_features[name].astype(np.float64)
+        stats[name] = (x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32))
+    train = {
+        name: tf.constant(((train_features[name] - m) / s).astype(np.float32))
+        for name, (m, s) in stats.items()
+    }
+    labels = tf.constant(np.asarray(train_labels, np.int32))
+    kernels = {
+        name: tf.Variable(tf.zeros([train[name].shape[1], num_classes]), name=f"{name}_kernel")
+        for name in names
+    }
+    biases = {name: tf.Variable(tf.zeros([num_classes]), name=f"{name}_bias") for name in names}
+    variables = [v for name in names for v in (kernels[name], biases[name])]
+
+    @tf.function
+    def step(rows):
+        y = tf.gather(labels, rows)
+        with tf.GradientTape() as tape:
+            losses = {}
+            for name in names:
+                logits = tf.gather(train[name], rows) @ kernels[name] + biases[name]
+                losses[name] = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+                )
+            penalty = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(k**2) for k in kernels.values()])
+            total_loss = tf.add_n(list(losses.values())) + penalty
+        optimizer.apply_gradients(zip(tape.gradient(total_loss, variables), variables, strict=True))
+        return losses
+
+    rng = np.random.default_rng(seed)
+    bar = None
+    if progress:
+        stateful = [f"loss_{name}" for name in names]  # show the epoch's value, not a running mean
+        bar = keras.utils.Progbar(epochs, unit_name="epoch", stateful_metrics=stateful)
+    epoch_loss = {name: float("nan") for name in names}
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        sums = {name: 0.0 for name in names}
+        for b in range(steps_per_epoch):
+            losses = step(tf.constant(order[b * batch_size : (b + 1) * batch_size], tf.int32))
+            for name in names:
+                sums[name] += float(losses[name])
+        epoch_loss = {name: sums[name] / max(steps_per_epoch, 1) for name in names}
+        if summary_writer is not None:
+            with summary_writer.as_default(step=epoch + 1):
+                for name, value in epoch_loss.items():
+                    tf.summary.scalar(f"linear/{name}/train_loss", value)
+        if bar is not None:
+            bar.update(epoch + 1, [(f"loss_{name}", v) for name, v in epoch_loss.items()])
+    results = {}
+    for name in names:
+        mean, std = stats[name]
+        logits = ((test_features[name] - mean) / std) @ kernels[name].numpy() + biases[name].numpy()
+        results[name] = top_k_accuracies(logits, np.asarray(test_labels))
+        results[name]["train_loss"] = epoch_loss[name]
+    return results
+
+
+class Classifier(keras.Model):
+    """The encoder's backbone with a new linear classifier on its pooled features.
+
+    The projection head is not used (and frozen), as in the paper's fine-tuning.
+    """
+
+    def __init__(self, encoder, num_classes, **kwargs):
+        kwargs.setdefault("name", "classifier")
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.encoder.head.trainable = False
+        self.classifier = keras.layers.Dense(
+            num_classes,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=0),
+            name="logits",
+        )
+
+    def call(self, images, training=False):
+        return self.classifier(self.encoder.features(images, training=training))
+
+
+def fine_tune(
+    encoder,
+    train_dataset,
+    test_dataset,
+    *,
+    num_classes,
+    epochs,
+    steps_per_epoch,
+    learning_rate=0.05,
+    momentum=0.9,
+    weight_decay=1e-4,
+    callbacks=(),
+    verbose=1,
+):
+    """Fine-tunes the whole backbone plus a new linear classifier (semi-supervised, transfer).
+
+    SGD with Nesterov momentum, cosine learning rate decay over all steps, decoupled weight
+    decay on every trainable variable.
+
+    Args:
+      encoder: an invp_tf Encoder (restored weights); it is trained in place.
+      train_dataset: batches (images, labels), repeated or at least epochs x steps long.
+      test_dataset: batches (images, labels), the held-out split.
+      num_classes: C.
+      epochs, steps_per_epoch: the budget.
+      learning_rate, momentum, weight_decay: the SGD protocol.
+      callbacks: Keras callbacks (TensorBoard, ...).
+      verbose: Keras fit verbosity (1 = progress bar).
+
+    Returns:
+      ({"top1", "top5", "train_loss"} on the test split, the trained Classifier).
+    """
+    model = Classifier(encoder, num_classes)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate, decay_steps=max(epochs * steps_per_epoch, 1)
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            schedule, momentum=momentum, nesterov=True, weight_decay=weight_decay
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="top1"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ],
+    )
+    history = model.fit(
+        train_dataset,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=list(callbacks),
+        verbose=verbose,
+    )
+    scores = model.evaluate(test_dataset, verbose=verbose, return_dict=True)
+    result = {"top1": float(scores["top1"]), "top5": float(scores["top5"])}
+    result["train_loss"] = float(history.history["loss"][-1])
+    return result, model

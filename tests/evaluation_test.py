@@ -1,5 +1,8 @@
 import numpy as np
+import pytest
+import tensorflow as tf
 
+from invp_tf import encoder as encoder_lib
 from invp_tf import evaluation
 
 
@@ -48,3 +51,96 @@ def test_top_k_accuracy():
     scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
     assert evaluation.top_k_accuracy(scores, [2, 0], k=1) == 0.5
     assert evaluation.top_k_accuracy(scores, [2, 0], k=2) == 1.0
+
+
+def test_knn_accuracies_top5_matches_oracle():
+    rng = np.random.default_rng(1)
+    train, test = rng.standard_normal((120, 6)), rng.standard_normal((40, 6))
+    labels, test_labels = rng.integers(0, 7, 120), rng.integers(0, 7, 40)
+    got = evaluation.knn_accuracies(
+        train, labels, test, test_labels, k=15, temperature=0.2, num_classes=7
+    )
+    want = _oracle(train, labels, test, 15, 0.2, 7)
+    ranks = np.argsort(-want, axis=1, kind="stable")
+    assert got["top1"] == np.mean(ranks[:, 0] == test_labels)
+    assert got["top5"] == np.mean(np.any(ranks[:, :5] == test_labels[:, None], axis=1))
+
+
+def test_block_features_are_the_encoders_own_outputs():
+    encoder = encoder_lib.build_encoder(
+        "resnet18_cifar", head="mlp", embedding_dim=8, width_multiplier=0.0625, image_size=12
+    )
+    images = tf.random.stateless_uniform([5, 12, 12, 3], seed=[0, 1])
+    out = evaluation.block_feature_function(encoder)(images)
+    assert list(out) == list(evaluation.BLOCKS)
+    direct = encoder(images, training=False)
+    np.testing.assert_allclose(out["embedding"], direct["embedding"], atol=1e-6)
+    np.testing.assert_allclose(out["stage4"], direct["features"], atol=1e-6)
+    maps = encoder.stage_outputs(images, training=False)
+    for block in ("stem", "stage1", "stage2", "stage3"):
+        np.testing.assert_allclose(out[block], np.mean(maps[block], axis=(1, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown block 'conv5'"):
+        evaluation.block_feature_function(encoder, ("stage4", "conv5"))
+
+
+def test_balanced_subset_is_balanced_deterministic_and_respects_exclusions():
+    labels = np.array([0] * 100 + [1] * 50 + [2] * 30 + [-1] * 20)
+    np.random.default_rng(0).shuffle(labels)
+    subset = evaluation.balanced_subset(labels, 0.1, seed=4)
+    np.testing.assert_array_equal(np.bincount(labels[subset]), [10, 5, 3])
+    np.testing.assert_array_equal(subset, evaluation.balanced_subset(labels, 0.1, seed=4))
+    assert not np.array_equal(subset, evaluation.balanced_subset(labels, 0.1, seed=5))
+    held = evaluation.balanced_subset(labels, 0.2, seed=9)
+    rest = evaluation.balanced_subset(labels, 1.0, seed=4, exclude=held)
+    assert not set(held) & set(rest)
+    assert len(held) + len(rest) == 180  # every labelled example is in exactly one
+    # A class smaller than 1/fraction still contributes one example.
+    np.testing.assert_array_equal(
+        np.bincount(labels[evaluation.balanced_subset(labels, 0.001)]), [1, 1, 1]
+    )
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+            evaluation.balanced_subset(labels, bad)
+
+
+def test_linear_probe_one_full_batch_step_matches_numpy_oracle():
+    rng = np.random.default_rng(2)
+    c, lr = 4, 0.5
+    x = rng.standard_normal((64, 5)) * [1, 10, 0.1, 3, 1] + 7
+    y = rng.integers(0, c, 64)
+    test_x, test_y = rng.standard_normal((50, 5)) * [1, 10, 0.1, 3, 1] + 7, rng.integers(0, c, 50)
+    result = evaluation.train_linear_probes(
+        {"a": x.astype(np.float32)},
+        y,
+        {"a": test_x.astype(np.float32)},
+        test_y,
+        num_classes=c,
+        epochs=1,
+        batch_size=64,
+        learning_rate=lr,
+        momentum=0.0,
+        progress=False,
+    )["a"]
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    target = np.eye(c)[y] - 1.0 / c  # minus the gradient of the CE at zero weights
+    kernel = lr * ((x - mean) / std).T @ target / len(y)
+    bias = lr * target.mean(0)
+    scores = (test_x - mean) / std @ kernel + bias
+    assert result["train_loss"] == pytest.approx(np.log(c), rel=1e-6)
+    assert result["top1"] == evaluation.top_k_accuracy(scores, test_y, 1)
+    assert result["top5"] == 1.0  # C = 4 < 5
+
+
+def test_linear_probes_learn_each_block_separately():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((3, 6)) * 4
+    labels = rng.integers(0, 3, 300)
+    feats = centres[labels] + rng.standard_normal((300, 6))
+    noise = rng.standard_normal((300, 6))
+    train = {"signal": feats[:200] * 1000.0, "noise": noise[:200]}  # scales differ wildly
+    test = {"signal": feats[200:] * 1000.0, "noise": noise[200:]}
+    results = evaluation.train_linear_probes(
+        train, labels[:200], test, labels[200:], num_classes=3, epochs=20, progress=False
+    )
+    assert results["signal"]["top1"] > 0.97
+    assert results["noise"]["top1"] < 0.6

@@ -1,0 +1,550 @@
+"""Evaluate a trained run: weighted kNN, per-block linear probe, semi-supervised, transfer.
+
+    python -m invp_tf.evaluate --workdir=runs/demo --protocol=knn
+    python -m invp_tf.evaluate --workdir=runs/demo --protocol=linear            # all blocks
+    python -m invp_tf.evaluate --workdir=runs/demo --protocol=semi --label_fraction=0.01
+    python -m invp_tf.evaluate --workdir=runs/demo --protocol=finetune --dataset=mnist
+
+The encoder is rebuilt from the run's flags.txt and its latest checkpoint. Every protocol
+prints a table with raw-pixel baselines on the same split beside the result (weighted kNN
+and logistic regression on pixels), writes a JSON result (--output, default
+WORKDIR/eval/PROTOCOL.json) and TensorBoard scalars (WORKDIR/eval/tensorboard/PROTOCOL).
+"""
+
+import datetime
+import functools
+import json
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+
+from invp_tf import augment
+from invp_tf import data
+from invp_tf import evaluation
+from invp_tf import workdir as workdir_lib
+
+PROTOCOLS = ("knn", "linear", "semi", "finetune")
+# Protocol defaults of the flags left unset (None).
+_DEFAULTS = {
+    "knn": dict(block="embedding", label_fraction=1.0, batch_size=256),
+    "linear": dict(
+        block="all",
+        label_fraction=1.0,
+        epochs=100,
+        batch_size=256,
+        learning_rate=0.1,
+        weight_decay=0.0,
+    ),
+    "semi": dict(
+        label_fraction=0.01, epochs=30, batch_size=64, learning_rate=0.05, weight_decay=1e-4
+    ),
+    "finetune": dict(
+        label_fraction=1.0, epochs=30, batch_size=64, learning_rate=0.05, weight_decay=1e-4
+    ),
+}
+# tfds' ImageNet label subsets are already the labelled fraction.
+_TFDS_LABEL_SUBSETS = ("tfds:imagenet2012_subset",)
+
+# name -> (absl DEFINE function name, default, help). The flags are defined only when the
+# module runs as the program (define_flags), so that importing it beside invp_tf.train, whose
+# flags share names, is safe; make_settings uses the same defaults.
+FLAG_SPECS = {
+    "workdir": ("string", None, "Training run to evaluate (flags.txt + checkpoints/)."),
+    "protocol": ("enum", "knn", "Evaluation protocol: " + ", ".join(PROTOCOLS) + "."),
+    "dataset": (
+        "string",
+        None,
+        "Dataset to evaluate on (fashion_mnist, mnist, tfds:NAME, folder:/path); default: the "
+        "run's. finetune transfers to it.",
+    ),
+    "data_dir": (
+        "string",
+        None,
+        "Data folder of --dataset; default: the run's when the dataset is the run's.",
+    ),
+    "train_examples": (
+        "integer",
+        0,
+        "Use only the first n train examples (0 = the whole train split).",
+    ),
+    "label_fraction": (
+        "float",
+        None,
+        "Fraction of train labels used, class-balanced, drawn with --seed; in (0, 1]. "
+        "Default: 0.01 for semi, 1 otherwise.",
+    ),
+    "block": (
+        "string",
+        None,
+        "knn/linear: block(s) to read, comma-separated, or 'all'; of "
+        f"{', '.join(evaluation.BLOCKS)}. Default: embedding for knn, all for linear.",
+    ),
+    "epochs": ("integer", None, "Training epochs (linear 100, semi 30, finetune 30 by default)."),
+    "batch_size": ("integer", None, "Batch size (knn/linear 256, semi/finetune 64 by default)."),
+    "learning_rate": (
+        "float",
+        None,
+        "Initial SGD learning rate (linear 0.1, semi/finetune 0.05 by default).",
+    ),
+    "weight_decay": ("float", None, "Weight decay (linear 0, semi/finetune 1e-4 by default)."),
+    "k": ("integer", 200, "Neighbours of the weighted kNN classifier."),
+    "temperature": ("float", 0.07, "Vote temperature of the weighted kNN."),
+    "crop_scale": (
+        "float",
+        None,
+        "semi/finetune: min area of the random crops; default: the run's --crop_scale.",
+    ),
+    "held_out_fraction": (
+        "float",
+        0.1,
+        "When the dataset has no test split: the class-balanced fraction of train held out for "
+        "evaluation (never trained on).",
+    ),
+    "baselines": (
+        "bool",
+        True,
+        "Also compute the raw-pixel kNN and logistic regression baselines.",
+    ),
+    "seed": ("integer", 0, "Seed of the label subset, shuffles and crops."),
+    "output": ("string", None, "JSON result file; default WORKDIR/eval/PROTOCOL.json."),
+}
+_FLAGS = {}
+
+
+def define_flags():
+    """Defines the command-line flags of FLAG_SPECS (once)."""
+    for name, (kind, default, help_text) in FLAG_SPECS.items():
+        if name in _FLAGS:
+            continue
+        if kind == "enum":
+            _FLAGS[name] = flags.DEFINE_enum(name, default, PROTOCOLS, help_text)
+        else:
+            _FLAGS[name] = getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
+
+
+class EvaluationError(ValueError):
+    """Bad input to an evaluation, with a message naming the flag, file or value."""
+
+
+def make_settings(workdir, protocol, **overrides):
+    """The settings of one evaluation: flag defaults, then `overrides`, then protocol defaults.
+
+    Raises:
+      EvaluationError: unknown protocol or setting name.
+    """
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"--protocol={protocol}: valid protocols: {', '.join(PROTOCOLS)}")
+    settings = {name: spec[1] for name, spec in FLAG_SPECS.items()}
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise EvaluationError(f"unknown evaluation setting(s): {sorted(unknown)}")
+    settings.update(overrides, workdir=workdir, protocol=protocol)
+    if str(settings["dataset"] or "").startswith(_TFDS_LABEL_SUBSETS):
+        settings.setdefault("label_fraction", None)
+        if settings["label_fraction"] is None:
+            settings["label_fraction"] = 1.0
+    for name, value in _DEFAULTS[protocol].items():
+        if settings[name] is None:
+            settings[name] = value
+    return settings
+
+
+def settings_from_flags():
+    """The parsed flags as settings (see make_settings)."""
+    values = {name: holder.value for name, holder in _FLAGS.items()}
+    return make_settings(values.pop("workdir"), values.pop("protocol"), **values)
+
+
+def parse_blocks(block):
+    """'all' or 'a,b' -> tuple of block names; raises EvaluationError naming a bad one."""
+    if block == "all":
+        return evaluation.BLOCKS
+    names = tuple(b.strip() for b in block.split(",") if b.strip())
+    for name in names or ("",):
+        if name not in evaluation.BLOCKS:
+            raise EvaluationError(
+                f"--block={block}: no block named {name!r}; valid blocks: "
+                f"{', '.join(evaluation.BLOCKS)} or 'all'"
+            )
+    return names
+
+
+def check_settings(s):
+    """Raises EvaluationError for the first bad flag value (before any work is done)."""
+    if not s["workdir"]:
+        raise EvaluationError("--workdir is required")
+    checks = [
+        (
+            s["label_fraction"] is not None and 0 < s["label_fraction"] <= 1,
+            f"--label_fraction={s['label_fraction']} must be in (0, 1]",
+        ),
+        (
+            0 < s["held_out_fraction"] < 1,
+            f"--held_out_fraction={s['held_out_fraction']} must be in (0, 1)",
+        ),
+        (s["k"] >= 1, f"--k={s['k']} must be >= 1"),
+        (s["temperature"] > 0, f"--temperature={s['temperature']} must be > 0"),
+        (s["batch_size"] >= 1, f"--batch_size={s['batch_size']} must be >= 1"),
+        (s["train_examples"] >= 0, f"--train_examples={s['train_examples']} must be >= 0"),
+        (
+            s["epochs"] is None or s["epochs"] >= 1,
+            f"--epochs={s['epochs']} must be >= 1",
+        ),
+        (
+            s["learning_rate"] is None or s["learning_rate"] > 0,
+            f"--learning_rate={s['learning_rate']} must be > 0",
+        ),
+        (
+            s["weight_decay"] is None or s["weight_decay"] >= 0,
+            f"--weight_decay={s['weight_decay']} must be >= 0",
+        ),
+        (
+            s["crop_scale"] is None or 0 < s["crop_scale"] <= 1,
+            f"--crop_scale={s['crop_scale']} must be in (0, 1]",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EvaluationError(message)
+    if s["protocol"] in ("knn", "linear"):
+        parse_blocks(s["block"])
+    elif s["block"] is not None:
+        raise EvaluationError(
+            f"--block applies to knn and linear; {s['protocol']} fine-tunes the whole network"
+        )
+    dataset = s["dataset"] or ""
+    if dataset.startswith(_TFDS_LABEL_SUBSETS) and s["label_fraction"] != 1:
+        raise EvaluationError(
+            f"{dataset} already is the labelled subset: use --label_fraction=1 "
+            f"(got {s['label_fraction']})"
+        )
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+class Splits:
+    """The labelled train rows and the evaluation split of one dataset.
+
+    Attributes:
+      train: the train Source (all of it; `train_rows` selects the labelled ones).
+      train_labels: [N] labels of train by index.
+      train_rows: sorted indices of the labelled train examples used.
+      test: the evaluation Source: the test split, or `train` itself when held out.
+      test_rows: indices of `test` evaluated (all of the test split, or the held-out rows).
+      test_name: "test" (the dataset's own split name) or "held-out".
+    """
+
+    def __init__(self, dataset, data_dir, *, train_examples, label_fraction, held_out, seed):
+        self.train = data.load_source(dataset, "train", data_dir, train_examples)
+        if not self.train.num_classes:
+            raise EvaluationError(f"{dataset} has no labels: it cannot be evaluated")
+        self.train_labels = data.labels_by_index(self.train)
+        test = data.load_source(dataset, "test", data_dir)
+        exclude = None
+        if test is None:
+            # No test split: hold out a class-balanced part of train, never trained on.
+            exclude = evaluation.balanced_subset(self.train_labels, held_out, seed=seed + 1)
+            self.test, self.test_rows, self.test_name = self.train, exclude, "held-out"
+        else:
+            self.test, self.test_rows = test, np.arange(test.num_examples)
+            self.test_name = test.split
+        if label_fraction < 1 or exclude is not None:
+            self.train_rows = evaluation.balanced_subset(
+                self.train_labels, label_fraction, seed=seed, exclude=exclude
+            )
+        else:
+            self.train_rows = np.flatnonzero(self.train_labels >= 0)
+        self.num_classes = self.train.num_classes
+
+    def describe(self):
+        return {
+            "train_split": {
+                "examples": int(self.train.num_examples),
+                "labelled_used": int(len(self.train_rows)),
+            },
+            "eval_split": {"name": self.test_name, "examples": int(len(self.test_rows))},
+        }
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def _extract(fn, source, rows, s, image_size):
+    """{name: [len(rows), F]} and labels [len(rows)] of the examples `rows` of `source`."""
+    if len(rows) < source.num_examples:
+        source = data.subset_source(source, rows)
+    pipeline = data.eval_pipeline(
+        source, batch_size=max(s["batch_size"], 256), image_size=image_size
+    )
+    n = int(np.max(rows)) + 1
+    features, labels = evaluation.extract_block_features(fn, pipeline, n)
+    return {name: value[rows] for name, value in features.items()}, labels[rows]
+
+
+def _with_pixels(fn, s):
+    if not s["baselines"]:
+        return fn
+    pixels = evaluation.pixel_function()
+    return lambda images: {**fn(images), **pixels(images)}
+
+
+def _pixel_baselines(train, train_labels, test, test_labels, s, num_classes, linear_settings):
+    """Raw-pixel kNN (mean-centred, same k and temperature) and logistic regression."""
+    mean = train["pixels"].mean(0)
+    knn = evaluation.knn_accuracies(
+        train["pixels"] - mean,
+        train_labels,
+        test["pixels"] - mean,
+        test_labels,
+        k=s["k"],
+        temperature=s["temperature"],
+        num_classes=num_classes,
+    )
+    baselines = {"pixel_knn": knn}
+    if linear_settings is not None:
+        logreg = evaluation.train_linear_probes(
+            {"pixels": train["pixels"]},
+            train_labels,
+            {"pixels": test["pixels"]},
+            test_labels,
+            num_classes=num_classes,
+            **linear_settings,
+        )["pixels"]
+        baselines["pixel_logistic_regression"] = logreg
+    return baselines
+
+
+def _linear_settings(s, epochs=None, writer=None):
+    return dict(
+        epochs=epochs or s["epochs"],
+        batch_size=s["batch_size"],
+        learning_rate=s["learning_rate"],
+        weight_decay=s["weight_decay"],
+        seed=s["seed"],
+        summary_writer=writer,
+    )
+
+
+def run_knn(run, splits, s, writer):
+    blocks = parse_blocks(s["block"])
+    fn = _with_pixels(evaluation.block_feature_function(run.encoder, blocks), s)
+    size = run.config.image_size
+    train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
+    test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    results = {
+        block: evaluation.knn_accuracies(
+            train[block],
+            train_labels,
+            test[block],
+            test_labels,
+            k=s["k"],
+            temperature=s["temperature"],
+            num_classes=splits.num_classes,
+        )
+        for block in blocks
+    }
+    baselines = {}
+    if s["baselines"]:
+        baselines = _pixel_baselines(
+            train, train_labels, test, test_labels, s, splits.num_classes, None
+        )
+    return results, baselines
+
+
+def run_linear(run, splits, s, writer):
+    blocks = parse_blocks(s["block"])
+    fn = _with_pixels(evaluation.block_feature_function(run.encoder, blocks), s)
+    size = run.config.image_size
+    train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
+    test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    results = evaluation.train_linear_probes(
+        {b: train[b] for b in blocks},
+        train_labels,
+        {b: test[b] for b in blocks},
+        test_labels,
+        num_classes=splits.num_classes,
+        **_linear_settings(s, writer=writer),
+    )
+    baselines = {}
+    if s["baselines"]:
+        baselines = _pixel_baselines(
+            train, train_labels, test, test_labels, s, splits.num_classes, _linear_settings(s)
+        )
+    return results, baselines
+
+
+def run_fine_tune(run, splits, s, writer, tensorboard_dir):
+    """semi and finetune: the whole network on the labelled rows, then the evaluation split."""
+    size = run.config.image_size
+    labelled = data.subset_source(splits.train, splits.train_rows)
+    batch_size = min(s["batch_size"], labelled.num_examples)
+    if batch_size < s["batch_size"]:
+        logging.warning("batch size %d > %d labelled examples", s["batch_size"], batch_size)
+    scale = s["crop_scale"] if s["crop_scale"] is not None else run.config.crop_scale
+    view = functools.partial(augment.crop_flip_view, scale=(scale, 1.0))
+    epochs = s["epochs"]
+
+    def labelled_epoch(epoch):
+        ds = data.train_pipeline(
+            labelled,
+            batch_size=batch_size,
+            image_size=size,
+            view=view,
+            seed=s["seed"],
+            epoch=epoch,
+        )
+        return ds.map(lambda images, index, labels: (images, labels))
+
+    train_ds = labelled_epoch(0)
+    for epoch in range(1, epochs):
+        train_ds = train_ds.concatenate(labelled_epoch(epoch))
+    # Keras may read one batch past the last step; repeating keeps that from ending the data.
+    train_ds = train_ds.repeat()
+    test_source = splits.test
+    if len(splits.test_rows) < test_source.num_examples:
+        test_source = data.subset_source(test_source, splits.test_rows)
+    test_ds = data.eval_pipeline(test_source, batch_size=256, image_size=size).map(
+        lambda images, index, labels: (images, labels)
+    )
+    # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
+    baselines = {}
+    fn = _with_pixels(evaluation.block_feature_function(run.encoder, ("embedding",)), s)
+    train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
+    test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    baselines["frozen_embedding_knn"] = evaluation.knn_accuracies(
+        train["embedding"],
+        train_labels,
+        test["embedding"],
+        test_labels,
+        k=s["k"],
+        temperature=s["temperature"],
+        num_classes=splits.num_classes,
+    )
+    if s["baselines"]:
+        linear = _linear_settings(s, epochs=100)
+        linear["batch_size"] = min(256, len(train_labels))
+        linear["learning_rate"] = 0.1
+        linear["weight_decay"] = 0.0
+        baselines.update(
+            _pixel_baselines(train, train_labels, test, test_labels, s, splits.num_classes, linear)
+        )
+    result, _ = evaluation.fine_tune(
+        run.encoder,
+        train_ds,
+        test_ds,
+        num_classes=splits.num_classes,
+        epochs=epochs,
+        steps_per_epoch=labelled.num_examples // batch_size,
+        learning_rate=s["learning_rate"],
+        weight_decay=s["weight_decay"],
+        callbacks=[keras.callbacks.TensorBoard(log_dir=tensorboard_dir)],
+    )
+    return {"network": result}, baselines
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _best(results):
+    block = max(results, key=lambda b: results[b]["top1"])
+    return {"block": block, **results[block]}
+
+
+def format_table(report):
+    """The result table printed to stdout."""
+    lines = [
+        f"invp_tf.evaluate {report['protocol']}: {report['workdir']} (epoch "
+        f"{report['checkpoint_epoch']}) on {report['dataset']}: "
+        f"{report['train_split']['labelled_used']} labelled train -> "
+        f"{report['eval_split']['examples']} {report['eval_split']['name']}",
+        f"{'':36s}{'top1':>8s}{'top5':>8s}",
+    ]
+    for name, r in report["results"].items():
+        lines.append(f"{name:36s}{r['top1']:8.4f}{r['top5']:8.4f}")
+    for name, r in report["baselines"].items():
+        lines.append(f"{'baseline ' + name:36s}{r['top1']:8.4f}{r['top5']:8.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(s):
+    """Runs one protocol with settings `s` (see settings_from_flags); returns the report."""
+    check_settings(s)
+    start = time.time()
+    run = workdir_lib.load_run(s["workdir"])
+    dataset = s["dataset"] or run.config.dataset
+    data_dir = s["data_dir"]
+    if data_dir is None and dataset == run.config.dataset:
+        data_dir = run.config.data_dir or None
+    splits = Splits(
+        dataset,
+        data_dir,
+        train_examples=s["train_examples"],
+        label_fraction=s["label_fraction"],
+        held_out=s["held_out_fraction"],
+        seed=s["seed"],
+    )
+    if s["protocol"] == "semi" and dataset != run.config.dataset:
+        logging.warning(
+            "semi on %s, not the run's %s: that is transfer", dataset, run.config.dataset
+        )
+    out_dir = os.path.join(s["workdir"], "eval")
+    tensorboard_dir = os.path.join(out_dir, "tensorboard", s["protocol"])
+    writer = tf.summary.create_file_writer(tensorboard_dir)
+    if s["protocol"] == "knn":
+        results, baselines = run_knn(run, splits, s, writer)
+    elif s["protocol"] == "linear":
+        results, baselines = run_linear(run, splits, s, writer)
+    else:
+        results, baselines = run_fine_tune(run, splits, s, writer, tensorboard_dir)
+    with writer.as_default(step=run.epoch):
+        for name, r in {**results, **{f"baseline_{k}": v for k, v in baselines.items()}}.items():
+            tf.summary.scalar(f"{s['protocol']}/{name}/top1", r["top1"])
+            tf.summary.scalar(f"{s['protocol']}/{name}/top5", r["top5"])
+    writer.flush()
+    report = {
+        "protocol": s["protocol"],
+        "workdir": s["workdir"],
+        "checkpoint_epoch": run.epoch,
+        "dataset": dataset,
+        **splits.describe(),
+        "settings": {k: v for k, v in s.items() if k not in ("workdir", "protocol", "output")},
+        "results": results,
+        "best": _best(results),
+        "baselines": baselines,
+        "seconds": round(time.time() - start, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    output = s["output"] or os.path.join(out_dir, f"{s['protocol']}.json")
+    tf.io.gfile.makedirs(os.path.dirname(output) or ".")
+    tmp = output + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    tf.io.gfile.rename(tmp, output, overwrite=True)
+    report["output"] = output
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        report = evaluate(settings_from_flags())
+    except (ValueError, FileNotFoundError) as e:
+        logging.debug("stopped", exc_info=True)
+        print(f"invp_tf.evaluate: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(format_table(report))
+    print(f"wrote {report['output']}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,185 @@
+"""invp_tf.evaluate end to end on one tiny trained run: every protocol, splits, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from invp_tf import data
+from invp_tf import evaluate
+from invp_tf import evaluation
+from invp_tf import train
+from invp_tf import workdir as workdir_lib
+from tests import conftest
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-epoch run on 64 train / 24 test 12x12 images of three classes."""
+    root = tmp_path_factory.mktemp("evaluate")
+    idx = root / "idx"
+    idx.mkdir()
+    conftest.write_idx_dataset(idx, num_train=64, num_test=24, height=12, width=12)
+    config = conftest.tiny_config(idx, root / "run", epochs=2)
+    train.train_and_evaluate(config, config.workdir)
+    return config
+
+
+def _oracle_knn_top1(run, block, k, temperature):
+    """Fresh features through eval_pipeline + the encoder, then a NumPy weighted kNN."""
+    out = {}
+    for split in ("train", "test"):
+        source = data.load_source("fashion_mnist", split, run.config.data_dir)
+        feats, labels = [], []
+        for images, _, label in data.eval_pipeline(source, batch_size=7, image_size=12):
+            result = run.encoder(images, training=False)
+            feats.append(result["embedding" if block == "embedding" else "features"].numpy())
+            labels.append(label.numpy())
+        out[split] = np.concatenate(feats), np.concatenate(labels)
+    (train_x, train_y), (test_x, test_y) = out["train"], out["test"]
+    train_x /= np.linalg.norm(train_x, axis=1, keepdims=True)
+    test_x /= np.linalg.norm(test_x, axis=1, keepdims=True)
+    correct = 0
+    for row, label in zip(test_x, test_y, strict=True):
+        sims = train_x @ row
+        top = np.argsort(-sims, kind="stable")[:k]
+        votes = np.bincount(train_y[top], np.exp(sims[top] / temperature), minlength=3)
+        correct += np.argmax(votes) == label
+    return correct / len(test_y)
+
+
+def test_knn_protocol_matches_numpy_oracle(tiny_run, tmp_path):
+    settings = evaluate.make_settings(
+        tiny_run.workdir, "knn", block="embedding,stage4", k=5, output=str(tmp_path / "k.json")
+    )
+    report = evaluate.evaluate(settings)
+    run = workdir_lib.load_run(tiny_run.workdir)
+    for block in ("embedding", "stage4"):
+        want = _oracle_knn_top1(run, block, 5, 0.07)
+        assert report["results"][block]["top1"] == pytest.approx(want, abs=1e-9)
+    assert report["checkpoint_epoch"] == 2
+    assert report["train_split"] == {"examples": 64, "labelled_used": 64}
+    assert report["eval_split"] == {"name": "test", "examples": 24}
+    assert set(report["baselines"]) == {"pixel_knn"}
+    assert json.loads((tmp_path / "k.json").read_text())["results"] == report["results"]
+    assert "baseline pixel_knn" in evaluate.format_table(report)
+
+
+def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
+    settings = evaluate.make_settings(
+        tiny_run.workdir, "linear", epochs=3, batch_size=16, output=str(tmp_path / "l.json")
+    )
+    report = evaluate.evaluate(settings)
+    assert list(report["results"]) == list(evaluation.BLOCKS)
+    for r in report["results"].values():
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and np.isfinite(r["train_loss"])
+    best = max(report["results"], key=lambda b: report["results"][b]["top1"])
+    assert report["best"]["block"] == best
+    assert set(report["baselines"]) == {"pixel_knn", "pixel_logistic_regression"}
+    # The toy classes are bright bars: a pixel logistic regression separates them.
+    assert report["baselines"]["pixel_logistic_regression"]["top1"] > 0.9
+    assert tf.io.gfile.glob(os.path.join(tiny_run.workdir, "eval/tensorboard/linear/*"))
+
+
+def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path):
+    settings = evaluate.make_settings(
+        tiny_run.workdir,
+        "semi",
+        label_fraction=0.25,
+        epochs=2,
+        batch_size=8,
+        output=str(tmp_path / "s.json"),
+    )
+    report = evaluate.evaluate(settings)
+    labels = data.labels_by_index(data.load_source("fashion_mnist", "train", tiny_run.data_dir))
+    want = sum(max(1, round(0.25 * n)) for n in np.bincount(labels))
+    assert report["train_split"]["labelled_used"] == want
+    assert report["eval_split"] == {"name": "test", "examples": 24}
+    network = report["results"]["network"]
+    assert 0 <= network["top1"] <= 1 and np.isfinite(network["train_loss"])
+    assert set(report["baselines"]) == {
+        "frozen_embedding_knn",
+        "pixel_knn",
+        "pixel_logistic_regression",
+    }
+    assert json.loads((tmp_path / "s.json").read_text())["settings"]["label_fraction"] == 0.25
+
+
+def _image_folder(root, per_class=12):
+    """folder:ROOT with class subfolders and no test split."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["circle", "square"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 50, (16, 16, 3)).astype(np.uint8)
+            image[4 * c : 4 * c + 6] += 150
+            png = tf.io.encode_png(image).numpy()
+            (root / name / f"{i:03d}.png").write_bytes(png)
+    return root
+
+
+def test_finetune_transfers_to_a_folder_and_holds_out_a_disjoint_split(tiny_run, tmp_path):
+    folder = _image_folder(tmp_path / "shapes")
+    splits = evaluate.Splits(
+        f"folder:{folder}", None, train_examples=0, label_fraction=1.0, held_out=0.25, seed=0
+    )
+    assert splits.test_name == "held-out"
+    assert not set(splits.train_rows) & set(splits.test_rows)
+    assert len(splits.train_rows) + len(splits.test_rows) == 24
+    np.testing.assert_array_equal(np.bincount(splits.train_labels[splits.test_rows]), [3, 3])
+    settings = evaluate.make_settings(
+        tiny_run.workdir,
+        "finetune",
+        dataset=f"folder:{folder}",
+        held_out_fraction=0.25,
+        epochs=1,
+        batch_size=6,
+        output=str(tmp_path / "f.json"),
+    )
+    report = evaluate.evaluate(settings)
+    assert report["eval_split"] == {"name": "held-out", "examples": 6}
+    assert report["train_split"]["labelled_used"] == 18
+    assert 0 <= report["results"]["network"]["top1"] <= 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(protocol="linear", block="stage9"), "--block=stage9: no block named 'stage9'"),
+        (dict(protocol="knn", block="embedding,,conv1"), "no block named 'conv1'"),
+        (dict(protocol="semi", label_fraction=0.0), r"--label_fraction=0.0 must be in \(0, 1\]"),
+        (dict(protocol="semi", label_fraction=1.5), r"--label_fraction=1.5 must be in \(0, 1\]"),
+        (dict(protocol="semi", block="stage4"), "--block applies to knn and linear"),
+        (dict(protocol="knn", k=0), "--k=0 must be >= 1"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path, overrides, message):
+    protocol = overrides.pop("protocol")
+    with pytest.raises(evaluate.EvaluationError, match=message):
+        evaluate.evaluate(evaluate.make_settings(str(tmp_path), protocol, **overrides))
+
+
+def test_workdir_without_checkpoint_is_refused(tiny_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a training run: no flags.txt"):
+        evaluate.evaluate(evaluate.make_settings(str(tmp_path), "knn"))
+    (tmp_path / "flags.txt").write_text((open(os.path.join(tiny_run.workdir, "flags.txt")).read()))
+    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+        evaluate.evaluate(evaluate.make_settings(str(tmp_path), "knn"))
+
+
+def test_cli_error_is_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "invp_tf.evaluate", f"--workdir={tmp_path}", "--block=conv9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "invp_tf.evaluate: error: --block=conv9: no block named 'conv9'; valid blocks: "
+        "stem, stage1, stage2, stage3, stage4, embedding or 'all'"
+    )

@@ -403,17 +403,15 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         )
         return ds.map(lambda images, index, labels: (images, labels))
 
-    train_ds = labelled_epoch(0)
-    for epoch in range(1, epochs):
-        train_ds = train_ds.concatenate(labelled_epoch(epoch))
-    # Keras may read one batch past the last step; repeating keeps that from ending the data.
-    train_ds = train_ds.repeat()
     test_source = splits.test
     if len(splits.test_rows) < test_source.num_examples:
         test_source = data.subset_source(test_source, splits.test_rows)
     test_ds = data.eval_pipeline(test_source, batch_size=256, image_size=size).map(
         lambda images, index, labels: (images, labels)
     )
+    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
+    num_batches = -(-test_source.num_examples // 256)
+    test_ds = test_ds.apply(tf.data.experimental.assert_cardinality(num_batches))
     # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
     baselines = {}
     fn = _with_pixels(evaluation.block_feature_function(run.encoder, ("embedding",)), s)
@@ -438,7 +436,7 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         )
     result, _ = evaluation.fine_tune(
         run.encoder,
-        train_ds,
+        labelled_epoch,
         test_ds,
         num_classes=splits.num_classes,
         epochs=epochs,

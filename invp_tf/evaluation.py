@@ -366,7 +366,7 @@ class Classifier(keras.Model):
 
 def fine_tune(
     encoder,
-    train_dataset,
+    train_epoch,
     test_dataset,
     *,
     num_classes,
@@ -385,7 +385,8 @@ def fine_tune(
 
     Args:
       encoder: an invp_tf Encoder (restored weights); it is trained in place.
-      train_dataset: batches (images, labels), repeated or at least epochs x steps long.
+      train_epoch: fn(epoch) -> batches (images, labels) of that epoch, at least
+        steps_per_epoch long (one pipeline per epoch, so only one is alive at a time).
       test_dataset: batches (images, labels), the held-out split.
       num_classes: C.
       epochs, steps_per_epoch: the budget.
@@ -410,14 +411,17 @@ def fine_tune(
             keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ],
     )
-    history = model.fit(
-        train_dataset,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=list(callbacks),
-        verbose=verbose,
-    )
+    history = None
+    for epoch in range(epochs):
+        history = model.fit(
+            train_epoch(epoch),
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=list(callbacks),
+            verbose=verbose,
+        )
     scores = model.evaluate(test_dataset, verbose=verbose, return_dict=True)
     result = {"top1": float(scores["top1"]), "top5": float(scores["top5"])}
-    result["train_loss"] = float(history.history["loss"][-1])
+    result["train_loss"] = float(history.history["loss"][-1]) if history else float("nan")
     return result, model

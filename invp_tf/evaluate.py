@@ -434,17 +434,26 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         baselines.update(
             _pixel_baselines(train, train_labels, test, test_labels, s, splits.num_classes, linear)
         )
-    result, _ = evaluation.fine_tune(
-        run.encoder,
-        labelled_epoch,
-        test_ds,
+    tune = functools.partial(
+        evaluation.fine_tune,
+        train_epoch=labelled_epoch,
+        test_dataset=test_ds,
         num_classes=splits.num_classes,
         epochs=epochs,
         steps_per_epoch=labelled.num_examples // batch_size,
         learning_rate=s["learning_rate"],
         weight_decay=s["weight_decay"],
-        callbacks=[keras.callbacks.TensorBoard(log_dir=tensorboard_dir)],
     )
+    keras.utils.set_random_seed(s["seed"])  # the new classifier's initial weights
+    board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "pretrained"))
+    result, _ = tune(run.encoder, callbacks=[board])
+    if s["baselines"]:
+        # What pretraining adds: the same architecture and protocol from a random init.
+        logging.info("baseline: fine-tuning a randomly initialised encoder the same way")
+        keras.utils.set_random_seed(s["seed"])
+        scratch = workdir_lib.encoder_from_config(run.config)
+        board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "random_init"))
+        baselines["random_init_network"], _ = tune(scratch, callbacks=[board])
     return {"network": result}, baselines
 
 

@@ -105,6 +105,7 @@ def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path)
         "frozen_embedding_knn",
         "pixel_knn",
         "pixel_logistic_regression",
+        "random_init_network",
     }
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["label_fraction"] == 0.25
 
@@ -138,6 +139,7 @@ def test_finetune_transfers_to_a_folder_and_holds_out_a_disjoint_split(tiny_run,
         held_out_fraction=0.25,
         epochs=1,
         batch_size=6,
+        baselines=False,
         output=str(tmp_path / "f.json"),
     )
     report = evaluate.evaluate(settings)

@@ -1,0 +1,431 @@
+"""Export a trained encoder: one SavedModel for TF Serving, TF-Hub and Keras 3.
+
+    python -m invp_tf.export --workdir=runs/demo --export_dir=exported --model_name=invp
+
+writes `exported/invp/<version>/` (the next free version unless --version is given) holding:
+  - signature `serving_default`: images float32 [None, S, S, 3] in [0, 1]
+    -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone};
+  - signature `serving_bytes`: image_bytes string [None] (encoded JPEG/PNG/GIF/BMP)
+    -> the same outputs, after the training-time `augment.eval_view` resize/crop;
+  - the TF-Hub reusable SavedModel API: `__call__(images, training)` (traced for training True
+    and False, so BatchNorm trains under `hub.KerasLayer(trainable=True)`), `variables`,
+    `trainable_variables`, `regularization_losses`; and `serve` (images -> outputs), the
+    default endpoint of `keras.layers.TFSMLayer`;
+  - assets/invp_export.json (image_size, dims, source run) and assets/flags.txt (the recipe).
+
+The traps this module avoids (FACTS.md "Export"): Keras 3 `model.export()` has no callable
+object, so hub cannot fine-tune it; lists of Keras `Variable`s load in Python but break the
+TF1 session loader of `saved_model_cli` and TF Serving, so the lists hold the backing
+`tf.Variable`s. The export is checked through that TF1 loader before it is published, and it is
+published atomically (written beside the target, then renamed), so TF Serving, which polls the
+base folder for numeric version folders, never sees half an export.
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+
+from invp_tf import augment
+from invp_tf import workdir as workdir_lib
+
+SIGNATURES = ("serving_default", "serving_bytes")
+METADATA_FILE = "invp_export.json"
+# Accepted pixel range of `images`: [0, 1] widened for the overshoot of bicubic/Lanczos resizing
+# in a client's own preprocessing, narrow enough to reject 0..255 pixels and mean/std-normalised
+# images (both silently give wrong embeddings; REST clients cannot send a dtype to catch them).
+PIXEL_RANGE = (-0.1, 1.1)
+# File signatures tf.io.decode_image reads (JPEG, PNG, GIF, BMP).
+_IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+# Largest difference allowed between the reloaded export and the in-memory encoder, relative to
+# the largest output value: kernel-order round-off is ~1e-5; a wrong variable or view is ~1.
+_VERIFY_TOLERANCE = 1e-3
+
+
+class ExportError(RuntimeError):
+    """The export could not be written or did not reproduce the encoder; nothing was published."""
+
+
+def check_images(images, image_size):
+    """Checks a batch of images at run time; the error names what is wrong.
+
+    The signature declares `images` with unknown rank on purpose: a declared [None, S, S, 3]
+    would let the graph optimiser fold these checks away, and TF Serving does not check feed
+    shapes itself (a 13x13 batch would silently embed). The dtype is enforced by the signature.
+
+    Args:
+      images: float32 tensor of any shape.
+      image_size: S.
+
+    Returns:
+      `images` with static shape [None, S, S, 3], after the checks.
+    """
+    # The checks run in parallel, so none may fail on a wrong rank itself: the shape is padded
+    # to 4 entries and the size and channel checks only fire for rank 4.
+    rank, shape = tf.rank(images), tf.shape(images)
+    is_rank4 = tf.equal(rank, 4)
+    padded = tf.concat([shape, [-1, -1, -1, -1]], axis=0)  # [batch, height, width, channels,..]
+    height, width, channels = padded[1], padded[2], padded[3]
+    pixels = tf.reshape(images, [-1])
+    lowest = tf.reduce_min(tf.concat([pixels, [0.0]], axis=0))  # empty batches pass
+    highest = tf.reduce_max(tf.concat([pixels, [0.0]], axis=0))
+    checks = [
+        tf.debugging.Assert(
+            is_rank4,
+            ["images must have rank 4 [batch, height, width, 3]; got shape", shape],
+            summarize=8,
+        ),
+        tf.debugging.Assert(
+            tf.logical_or(
+                tf.logical_not(is_rank4),
+                tf.logical_and(tf.equal(height, image_size), tf.equal(width, image_size)),
+            ),
+            [f"images must have size {image_size}x{image_size} (height x width); got shape", shape],
+            summarize=8,
+        ),
+        tf.debugging.Assert(
+            tf.logical_or(tf.logical_not(is_rank4), tf.equal(channels, 3)),
+            ["images must have 3 channels (RGB); got shape", shape],
+            summarize=8,
+        ),
+        tf.debugging.Assert(
+            tf.logical_and(lowest >= PIXEL_RANGE[0], highest <= PIXEL_RANGE[1]),
+            [
+                "images must be float32 in [0, 1] (divide uint8 pixels by 255); got min",
+                lowest,
+                "max",
+                highest,
+            ],
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        images = tf.identity(images)
+    # Not tf.ensure_shape: Grappler unifies its input and output shapes and then folds the
+    # checks above to "rank 4" before they run. Reshape (a no-op on valid input) states the
+    # static shape without asserting anything about its input.
+    return tf.reshape(images, [-1, image_size, image_size, 3])
+
+
+def decode_images(image_bytes, image_size):
+    """Encoded images -> the evaluation view of training, [B, S, S, 3] float32 in [0, 1].
+
+    Each element is decoded with `tf.io.decode_image` (first frame of a GIF, grey and RGBA
+    converted to RGB), then resized/cropped by `augment.eval_view`, exactly as the eval pipeline
+    does for image folders.
+
+    Args:
+      image_bytes: string [B], encoded JPEG, PNG, GIF or BMP images.
+      image_size: S.
+
+    Returns:
+      float32 [B, S, S, 3].
+    """
+
+    def decode_one(i):
+        data = image_bytes[i]
+        is_image = tf.reduce_any(
+            [tf.strings.substr(data, 0, len(m)) == m for m in _IMAGE_MAGICS], axis=0
+        )
+        message = tf.strings.format(
+            "image_bytes[{}] is not an encoded JPEG, PNG, GIF or BMP image; it starts with {}",
+            (i, tf.strings.substr(data, 0, 8)),
+        )
+        checked = tf.debugging.Assert(is_image, [message])
+        with tf.control_dependencies([checked]):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return augment.eval_view(tf.ensure_shape(image, [None, None, 3]), image_size)
+
+    indices = tf.range(tf.shape(image_bytes)[0])
+    return tf.map_fn(
+        decode_one,
+        indices,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+    )
+
+
+def _regularization_loss(kernels, l2):
+    # A zero-argument tf.function, the form hub.KerasLayer adds to the model's losses.
+    return tf.function(
+        lambda: l2 * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels]), input_signature=[]
+    )
+
+
+class _Untracked:
+    """Holds the Keras encoder out of the saved object graph: only its variables are saved."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+
+class EncoderModule(tf.Module):
+    """What the SavedModel root is: the TF-Hub reusable SavedModel API plus serving functions.
+
+    Args:
+      encoder: a built `encoder.Encoder`.
+      image_size: S, the side of the images it was trained on.
+      l2_regularization: coefficient of the exported L2 penalty on conv/dense kernels
+        (`regularization_losses`; none when 0).
+      metadata_path: optional JSON file saved as the asset `invp_export.json`.
+      flags_path: optional flags.txt of the run, saved as the asset `flags.txt`.
+    """
+
+    # tf.Module defines these as read-only properties that collect every variable reachable
+    # from the object; the hub API wants explicit lists, so class attributes shadow them.
+    variables = None
+    trainable_variables = None
+
+    def __init__(
+        self, encoder, image_size, l2_regularization=0.0, metadata_path=None, flags_path=None
+    ):
+        super().__init__(name="invp_encoder")
+        self._held = _Untracked(encoder)
+        self._image_size = int(image_size)
+        # The backing tf.Variables, not the Keras Variables (FACTS.md "Export").
+        self.variables = [v.value for v in encoder.variables]
+        self.trainable_variables = [v.value for v in encoder.trainable_variables]
+        kernels = [v.value for v in encoder.trainable_variables if v.name == "kernel"]
+        self.regularization_losses = (
+            [_regularization_loss(kernels, float(l2_regularization))] if l2_regularization else []
+        )
+        if metadata_path:
+            self.metadata = tf.saved_model.Asset(metadata_path)
+        if flags_path:
+            self.flags = tf.saved_model.Asset(flags_path)
+
+    def _outputs(self, images, training):
+        images = check_images(images, self._image_size)
+        outputs = self._held.encoder(images, training=training)
+        return {"embedding": outputs["embedding"], "features": outputs["features"]}
+
+    @tf.function
+    def __call__(self, images, training=False):
+        """TF-Hub API: images [B, S, S, 3] in [0, 1] -> {"embedding", "features"}.
+
+        Traced for training=True (BatchNorm uses batch statistics and updates its moving
+        averages) and training=False.
+        """
+        return self._outputs(images, training)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+    def serve(self, images):
+        """images float32 [B, S, S, 3] in [0, 1] -> {"embedding", "features"}, inference."""
+        return self._outputs(images, training=False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        """image_bytes string [B] of encoded images -> {"embedding", "features"}, inference."""
+        return self._outputs(decode_images(image_bytes, self._image_size), training=False)
+
+
+def save(module, path):
+    """Writes `module` as a SavedModel at `path` with both signatures and both __call__ traces."""
+    spec = tf.TensorSpec(None, tf.float32, name="images")
+    module.__call__.get_concrete_function(spec, training=True)
+    module.__call__.get_concrete_function(spec, training=False)
+    signatures = {"serving_default": module.serve, "serving_bytes": module.serve_bytes}
+    tf.saved_model.save(module, path, signatures=signatures)
+
+
+def run_signatures_tf1(path, feeds):
+    """Runs signatures through the TF1 session loader, the loader of saved_model_cli and
+    TF Serving (which fails on exports that load fine in TF2).
+
+    Args:
+      path: SavedModel folder.
+      feeds: {signature name: {input name: numpy array}}.
+
+    Returns:
+      {signature name: {output name: numpy array}}.
+    """
+    results = {}
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+        for name, inputs in feeds.items():
+            signature = meta_graph.signature_def[name]
+            fetches = {key: info.name for key, info in signature.outputs.items()}
+            feed_dict = {signature.inputs[key].name: value for key, value in inputs.items()}
+            results[name] = session.run(fetches, feed_dict)
+    return results
+
+
+def verify(path, encoder, image_size, seed=0):
+    """Checks the SavedModel at `path` against the in-memory encoder, through the TF1 loader.
+
+    Raises:
+      ExportError: a signature is missing or its outputs differ from the encoder's.
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(size=(2, image_size, image_size, 3)).astype(np.float32)
+    # A non-square image exercises the resize (and, when large, the centre crop) of eval_view.
+    pixels = rng.integers(0, 256, size=(image_size + 7, 2 * image_size + 3, 3), dtype=np.uint8)
+    png = tf.io.encode_png(pixels).numpy()
+    expected = {
+        "serving_default": encoder(images, training=False),
+        "serving_bytes": encoder(augment.eval_view(pixels, image_size)[None], training=False),
+    }
+    feeds = {
+        "serving_default": {"images": images},
+        "serving_bytes": {"image_bytes": np.array([png], dtype=object)},
+    }
+    try:
+        results = run_signatures_tf1(path, feeds)
+    except (KeyError, tf.errors.OpError) as e:
+        detail = " ".join(str(e).split())[:500]  # one line for the CLI's error message
+        raise ExportError(
+            f"the export does not run in the TF1 (TF Serving) loader: {detail}"
+        ) from e
+    for name, outputs in expected.items():
+        for key in ("embedding", "features"):
+            want = outputs[key].numpy()
+            diff = float(np.max(np.abs(results[name][key] - want)) / max(1, np.max(np.abs(want))))
+            if not diff <= _VERIFY_TOLERANCE:
+                raise ExportError(f"{name}/{key} differs from the encoder by {diff:.3g} (relative)")
+
+
+def next_version(model_dir):
+    """1 + the largest numeric version folder in `model_dir` (1 when there is none)."""
+    if not os.path.isdir(model_dir):
+        return 1
+    versions = [int(name) for name in os.listdir(model_dir) if re.fullmatch(r"\d+", name)]
+    return max(versions, default=0) + 1
+
+
+def _write_metadata(path, run, workdir, l2_regularization):
+    # What a consumer needs without reading the graph (invp_tf.embed reads image_size and dims).
+    config = run.config
+    metadata = {
+        "image_size": config.image_size,
+        "embedding_dim": config.embedding_dim,
+        "feature_dim": run.encoder.feature_dim,
+        "encoder": config.encoder,
+        "head": config.head,
+        "width_multiplier": config.width_multiplier,
+        "epoch": run.epoch,
+        "workdir": os.path.abspath(workdir),
+        "l2_regularization": l2_regularization,
+        "signatures": list(SIGNATURES),
+    }
+    with open(path, "w") as f:
+        json.dump(metadata, f, indent=2)
+
+
+def export_run(workdir, export_dir, model_name, version=0, l2_regularization=None):
+    """Exports the latest checkpoint of a training run to `export_dir/model_name/version/`.
+
+    Args:
+      workdir: the run's work directory (flags.txt and checkpoints/).
+      export_dir: base folder of TF Serving (holds one folder per model name).
+      model_name: folder name of the model under `export_dir`.
+      version: positive integer version; 0 picks the next free one.
+      l2_regularization: coefficient of the exported L2 kernel penalty; None: half the run's
+        --weight_decay (the pull SGD's decoupled weight decay had in training).
+
+    Returns:
+      The path of the version folder written.
+
+    Raises:
+      FileNotFoundError: `workdir` is not a run or has no checkpoint.
+      ValueError: bad model name or version, or the version folder exists.
+      ExportError: the written SavedModel failed its check (nothing is published).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_name or ""):
+        raise ValueError(
+            f"--model_name={model_name!r} must be a folder name (letters, digits, _ . -)"
+        )
+    if version < 0:
+        raise ValueError(f"--version={version} must be a positive integer (0 = next free)")
+    run = workdir_lib.load_run(workdir)
+    model_dir = os.path.join(export_dir, model_name)
+    version = version or next_version(model_dir)
+    target = os.path.join(model_dir, str(version))
+    if os.path.exists(target):
+        raise ValueError(f"{target} already exists; pick another --version or omit it")
+    config = run.config
+    if l2_regularization is None:
+        l2_regularization = config.weight_decay / 2
+    if l2_regularization < 0:
+        raise ValueError(f"--l2_regularization={l2_regularization} must be >= 0")
+    os.makedirs(model_dir, exist_ok=True)
+    # A dot-folder beside the target: not a numeric version, so TF Serving ignores it.
+    staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir)
+    try:
+        metadata_path = os.path.join(staging, METADATA_FILE)
+        _write_metadata(metadata_path, run, workdir, l2_regularization)
+        module = EncoderModule(
+            run.encoder,
+            config.image_size,
+            l2_regularization=l2_regularization,
+            metadata_path=metadata_path,
+            flags_path=os.path.join(workdir, "flags.txt"),
+        )
+        saved = os.path.join(staging, "saved_model")
+        save(module, saved)
+        verify(saved, run.encoder, config.image_size)
+        try:
+            os.rename(saved, target)  # atomic on one file system: all or nothing
+        except OSError as e:  # another export took this version meanwhile
+            raise ExportError(f"could not publish {target}: {e.strerror}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Command line. The flags are defined only when this module runs as the program: train defines
+# --workdir too, and both modules are imported by the tests.
+
+
+def _define_flags():
+    return {
+        "workdir": flags.DEFINE_string(
+            "workdir", None, "Training run to export (latest checkpoint)."
+        ),
+        "export_dir": flags.DEFINE_string(
+            "export_dir", None, "Base folder of the exports; the model goes to <it>/<model_name>/."
+        ),
+        "model_name": flags.DEFINE_string(
+            "model_name", "invp", "Model name: folder under export_dir."
+        ),
+        "version": flags.DEFINE_integer("version", 0, "Version number; 0 = the next free one."),
+        "l2_regularization": flags.DEFINE_float(
+            "l2_regularization",
+            None,
+            "Coefficient of the L2 penalty on kernels exported as regularization_losses (added to "
+            "the loss by hub.KerasLayer(trainable=True)); default: half the run's --weight_decay "
+            "(what SGD's decoupled decay pulled in training); 0: none.",
+        ),
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    values = {name: holder.value for name, holder in _FLAGS.items()}
+    try:
+        if not values["workdir"] or not values["export_dir"]:
+            raise ValueError("--workdir and --export_dir are required")
+        path = export_run(
+            values["workdir"],
+            values["export_dir"],
+            values["model_name"],
+            values["version"],
+            values["l2_regularization"],
+        )
+    except (ValueError, FileNotFoundError, ExportError) as e:
+        logging.debug("stopped", exc_info=True)
+        print(f"invp_tf.export: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(path)
+
+
+if __name__ == "__main__":
+    _FLAGS = _define_flags()
+    app.run(main)

@@ -418,6 +418,7 @@ def fine_tune(
             initial_epoch=epoch,
             epochs=epoch + 1,
             steps_per_epoch=steps_per_epoch,
+            shuffle=False,  # the pipeline shuffles, deterministically per epoch
             callbacks=list(callbacks),
             verbose=verbose,
         )

@@ -1,25 +1,37 @@
 """Train-step throughput: the InvP step against the bare encoder step.
 
-    python -m benchmarks.train_step --encoder=resnet18 --width_multiplier=0.5 \
-        --image_size=28 --batch_size=128 --bank_sizes=10000,60000 --num_background=1024,4096
+    python -m benchmarks.train_step --bank_sizes=60000,1281167 --num_background=4096 \
+        --background_search=exact,sampled --jit=off,on
 
 The bare step is forward + backward + SGD of the same encoder on the same batch
 with a trivial loss; the InvP step is `InvPModel.train_step` (loss against the
 bank, hard negatives, propagated positives, bank update) with the invariance
-term on. Synthetic inputs; median of --steps timed steps after two warm-up
-steps. Appends one row per setting to BENCHMARKS.md.
+term on. Apart from the steps, each setting times the loss alone, forward and
+gradient with respect to the batch embeddings (`losses.invp_losses`: the bank
+similarity, the TopM search and the rest of the loss math), and the similarity
+matmul alone (forward + gradient), so the overhead can be split.
+
+Synthetic inputs and a random bank and graph; medians of --steps rounds after
+two warm-up calls, every round timing the bare step, the InvP step and the two
+loss parts once each, so load changes hit them alike. --mixed_precision runs
+the encoder under Keras' mixed_bfloat16 policy (CPU; mixed_float16 on a GPU);
+the loss is float32 either way. Appends one row per setting to BENCHMARKS.md,
+with the load average.
 """
 
+import os
 import statistics
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import app
 from absl import flags
 
 from benchmarks import report
 from invp_tf import encoder as encoder_lib
+from invp_tf import losses
 from invp_tf import model as model_lib
 
 _ENCODER = flags.DEFINE_string("encoder", "resnet18", "Backbone.")
@@ -27,76 +39,151 @@ _WIDTH = flags.DEFINE_float("width_multiplier", 0.5, "Width multiplier.")
 _HEAD = flags.DEFINE_string("head", "mlp_bn", "Head.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Input side.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
-_BANKS = flags.DEFINE_list("bank_sizes", ["10000", "60000"], "Bank sizes N.")
-_BACKGROUND = flags.DEFINE_list("num_background", ["1024", "4096"], "TopM sizes M.")
+_BANKS = flags.DEFINE_list("bank_sizes", ["60000", "1281167"], "Bank sizes N.")
+_BACKGROUND = flags.DEFINE_list("num_background", ["4096"], "TopM sizes M.")
+_SEARCH = flags.DEFINE_list(
+    "background_search", list(losses.BACKGROUND_SEARCHES), "losses.BACKGROUND_SEARCHES to time."
+)
+_JIT = flags.DEFINE_list("jit", ["off"], "XLA compilation of both steps: off, on or both.")
+_MIXED = flags.DEFINE_bool("mixed_precision", False, "Encoder under a mixed precision policy.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps.")
-_JIT = flags.DEFINE_bool("jit_compile", False, "XLA-compile both steps.")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append rows to.")
 
 
-def _median_seconds(step, args):
-    step(*args)
-    step(*args)
-    times = []
+def _median_seconds(*steps):
+    """Median seconds of each (function, args) pair, timed in alternation.
+
+    Two warm-up calls each, then --steps rounds that call every function once, so
+    a change of machine load during the run hits all of them alike.
+    """
+    for step, args in steps:
+        step(*args)
+        step(*args)
+    times = [[] for _ in steps]
     for _ in range(_STEPS.value):
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), step(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (step, args), seconds in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), step(*args))
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in times]
+
+
+def _bare_step(encoder, jit):
+    """Forward + backward + SGD of the encoder alone, with a trivial loss."""
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+
+    @tf.function(jit_compile=jit)
+    def step(images):
+        with tf.GradientTape() as tape:
+            embedding = encoder(images, training=True)["embedding"]
+            loss = tf.reduce_sum(tf.cast(embedding[:, 0], tf.float32))
+        variables = encoder.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        return loss
+
+    return step
+
+
+def _loss_steps(model, embeddings, indices, jit):
+    """(loss forward + gradient, similarity matmul forward + gradient) as timed steps."""
+    bank, graph = model.memory_bank.bank, model.knn_graph
+
+    @tf.function(jit_compile=jit)
+    def loss_step(embeddings):
+        with tf.GradientTape() as tape:
+            tape.watch(embeddings)
+            instance, invariance = losses.invp_losses(
+                embeddings, indices, bank, graph, **model.loss_options
+            )
+            loss = tf.reduce_mean(instance) + 0.6 * tf.reduce_mean(invariance)
+        return tape.gradient(loss, embeddings)
+
+    @tf.function(jit_compile=jit)
+    def similarity_step(embeddings):
+        with tf.GradientTape() as tape:
+            tape.watch(embeddings)
+            logits = tf.matmul(embeddings, bank, transpose_b=True)  # [B, N]
+            loss = tf.reduce_sum(logits[:, ::97])  # a gradient as dense as the loss's
+        return tape.gradient(loss, embeddings)
+
+    return (loss_step, (embeddings,)), (similarity_step, (embeddings,))
 
 
 def main(argv):
     del argv
+    if _MIXED.value:
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     keras.utils.set_random_seed(0)
     batch, size = _BATCH.value, _IMAGE_SIZE.value
     encoder = encoder_lib.build_encoder(
         _ENCODER.value, head=_HEAD.value, width_multiplier=_WIDTH.value, image_size=size
     )
     images = tf.random.uniform([batch, size, size, 3])
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-
-    @tf.function(jit_compile=_JIT.value)
-    def bare_step(images):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(encoder(images, training=True)["embedding"][:, 0])
-        variables = encoder.trainable_variables
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
-        return loss
-
-    bare = batch / _median_seconds(bare_step, (images,))
-    setting = (
-        f"{_ENCODER.value} x{_WIDTH.value} {_HEAD.value}, {size}px, batch {batch}, "
-        f"jit {'on' if _JIT.value else 'off'}"
+    rng = np.random.default_rng(0)
+    policy = keras.mixed_precision.global_policy().name
+    print(
+        f"{_ENCODER.value} x{_WIDTH.value} {_HEAD.value}, {size}px, batch {batch}, {policy}\n"
+        f"{'jit':>3} {'N':>8} {'M':>5} {'search':>8} {'bare/s':>7} {'InvP/s':>7} {'over':>6} "
+        f"{'loss ms':>8} {'matmul ms':>9} {'load':>9}"
     )
-    print(f"{setting}: bare encoder step {bare:.0f} img/s")
     rows = []
-    for num_examples in map(int, _BANKS.value):
-        for num_background in map(int, _BACKGROUND.value):
-            model = model_lib.InvPModel(
-                encoder,
-                num_examples,
-                embedding_dim=encoder.embedding_dim,
-                loss_options=dict(
-                    temperature=0.1, num_background=num_background, num_layers=3, num_positives=20
-                ),
-            )
-            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-            model.invariance_weight.assign(0.6)
-            data = (images, tf.range(batch), tf.zeros([batch], tf.int32))
-            step = tf.function(model.train_step, jit_compile=_JIT.value)
-            invp = batch / _median_seconds(step, (data,))
-            overhead = bare / invp - 1.0
-            print(
-                f"  N={num_examples} M={num_background}: InvP step {invp:.0f} img/s "
-                f"(+{overhead:.0%} time over bare)"
-            )
-            rows.append(
-                f"train step | `python -m benchmarks.train_step "
-                f"--encoder={_ENCODER.value} --width_multiplier={_WIDTH.value} "
-                f"--image_size={size} --batch_size={batch}` | {report.machine()} | {setting}; "
-                f"N={num_examples}, M={num_background}: bare {bare:.0f} img/s, InvP {invp:.0f} "
-                f"img/s (+{overhead:.0%} step time)"
-            )
+    for jit in [{"off": False, "on": True}[value] for value in _JIT.value]:
+        bare_step = _bare_step(encoder, jit)
+        for num_examples in map(int, _BANKS.value):
+            indices = tf.constant(rng.choice(num_examples, batch, replace=False), tf.int32)
+            data = (images, indices, tf.zeros([batch], tf.int32))
+            graph = rng.integers(0, num_examples, (num_examples, 4), dtype=np.int32)
+            for num_background in map(int, _BACKGROUND.value):
+                for search in _SEARCH.value:
+                    load = os.getloadavg()[0]
+                    model = model_lib.InvPModel(
+                        encoder,
+                        num_examples,
+                        embedding_dim=encoder.embedding_dim,
+                        loss_options=dict(
+                            temperature=0.1,
+                            num_background=num_background,
+                            num_layers=3,
+                            num_positives=20,
+                            background_search=search,
+                        ),
+                    )
+                    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+                    model.knn_graph.assign(graph)
+                    model.invariance_weight.assign(0.6)
+                    step = tf.function(model.train_step, jit_compile=jit)
+                    embeddings = tf.math.l2_normalize(tf.random.normal([batch, 128]), axis=1)
+                    bare_s, invp_s, loss_s, matmul_s = _median_seconds(
+                        (bare_step, (images,)),
+                        (step, (data,)),
+                        *_loss_steps(model, embeddings, indices, jit),
+                    )
+                    bare, invp = batch / bare_s, batch / invp_s
+                    overhead = bare / invp - 1.0
+                    load = f"{load:.1f}/{os.getloadavg()[0]:.1f}"
+                    print(
+                        f"{'on' if jit else 'off':>3} {num_examples:>8} {num_background:>5} "
+                        f"{search:>8} {bare:>7.0f} {invp:>7.0f} {overhead:>+6.0%} "
+                        f"{loss_s * 1e3:>8.1f} {matmul_s * 1e3:>9.1f} {load:>9}",
+                        flush=True,
+                    )
+                    rows.append(
+                        f"train step | `python -m benchmarks.train_step --encoder={_ENCODER.value} "
+                        f"--width_multiplier={_WIDTH.value} --head={_HEAD.value} "
+                        f"--image_size={size} --batch_size={batch} --bank_sizes={num_examples} "
+                        f"--num_background={num_background} --background_search={search} "
+                        f"--jit={'on' if jit else 'off'}"
+                        f"{' --mixed_precision' if _MIXED.value else ''}` | "
+                        f"{report.machine()}, load avg {load} (before/after) | "
+                        f"{_ENCODER.value} x{_WIDTH.value} {_HEAD.value}, {size} px, batch "
+                        f"{batch}, {policy}, jit {'on' if jit else 'off'}; N={num_examples}, "
+                        f"M={num_background}, TopM search {search}: bare {bare:.0f} img/s, InvP "
+                        f"{invp:.0f} img/s ({overhead:+.0%} step time); loss alone (forward + "
+                        f"gradient) {loss_s * 1e3:.1f} ms, of which similarity matmul "
+                        f"{matmul_s * 1e3:.1f} ms"
+                    )
+                    del model, step
     report.append_rows(_OUTPUT.value, rows)
 
 

@@ -19,6 +19,7 @@ CHOICES = {
     "encoder": encoder.BACKBONES,
     "head": encoder.HEADS,
     "background": losses.BACKGROUNDS,
+    "background_search": losses.BACKGROUND_SEARCHES,
     "positive_mode": losses.POSITIVE_MODES,
     "knn_method": neighbors.METHODS,
     "augment": tuple(augment.RECIPES),
@@ -67,6 +68,11 @@ class Config:
     rampup_epochs: int = _field(30, "Epochs T of instance discrimination only before L_inv.")
     memory_momentum: float = _field(0.5, "Momentum m of the memory bank update.")
     background: str = _field("approx", "Background of L_inv: approx (authors) or exact (Eq. 4-5).")
+    background_search: str = _field(
+        "exact",
+        "How TopM is found: exact (top_k over the bank) or sampled (rows above a threshold "
+        "read off a bank sample; several times faster on a CPU, losses within about 1e-3).",
+    )
     positive_mode: str = _field("propagation", "Positives by propagation, or plain kNN (ablation).")
     num_knn_positives: int = _field(0, "K of positive_mode=knn (0 = k + k^2 + ... + k^l).")
     hard_positives: bool = _field(True, "Keep the P hardest positives (False: all of N(i)).")

@@ -1,18 +1,53 @@
-"""Host-side kNN graph over the memory bank; the only module that imports scann.
+"""Host-side kNN graph over the memory bank.
 
 knn[j] = the k bank rows most similar to bank[j] by dot product, most similar
 first, never j itself. Built between epochs, on the host, from a NumPy copy of
-the bank. `brute_force` is the exact oracle (chunked matmul); `scann` uses
-ScaNN's exact brute-force scorer for small banks and a partitioned, quantised
-index with exact re-ranking for large ones.
+the bank. `brute_force` is the exact oracle (chunked matmul); `scann` picks its
+settings from the bank size (`scann_settings`): exact scoring for small banks, a
+partitioned index for larger ones, with asymmetric hashing and exact re-ranking
+above a million-ish rows. Queries go in chunks, so memory stays bounded.
 """
 
 import numpy as np
 
 METHODS = ("scann", "brute_force")
-# Below this many rows ScaNN's exact brute-force scorer is fast enough
-# (FACTS.md: 60k x 128 self-search in 15 s on 2 cores).
-SCANN_EXACT_MAX_ROWS = 100_000
+# Settings measured on a 2-core host (BENCHMARKS.md, benchmarks/graph_build.py),
+# k=4, D=128, clustered banks:
+# - Exact brute-force scoring is quadratic: 60k rows took 17 s, against 1.4 s for
+#   a partitioned index with exact scoring of 10 leaves (recall@4 1.000).
+SCANN_BRUTE_FORCE_MAX_ROWS = 10_000
+# - Exact scoring of the searched leaves is linear in the leaf size, sqrt(N); at
+#   1.28M rows it took 355 s for 10 leaves. Asymmetric hashing (4-bit codes per
+#   2 dims) scores those leaves several times faster, and exact re-ranking of the
+#   best 64 * k hashed candidates brings recall@4 back to 0.995.
+SCANN_HASHING_MIN_ROWS = 300_000
+SCANN_LEAVES_TO_SEARCH = 10
+# Query rows per search call: bounds the search's working memory.
+QUERY_CHUNK_ROWS = 65_536
+
+
+def scann_settings(num_rows, dim, k):
+    """ScaNN index settings for a self-search of `num_rows` x `dim` rows.
+
+    Returns:
+      dict with "scoring" ("brute_force", "exact_leaves" or "hashing"), and for
+      partitioned indexes "num_leaves" (about sqrt(N), so a leaf and the number
+      of leaves grow alike), "leaves_to_search", "training_sample_size"; for
+      hashing also "dims_per_block" and "reorder" (exactly re-ranked candidates).
+    """
+    if num_rows <= SCANN_BRUTE_FORCE_MAX_ROWS:
+        return {"scoring": "brute_force"}
+    num_leaves = int(round(np.sqrt(num_rows)))
+    settings = {
+        "scoring": "exact_leaves",
+        "num_leaves": num_leaves,
+        "leaves_to_search": min(SCANN_LEAVES_TO_SEARCH, num_leaves),
+        "training_sample_size": min(num_rows, 250_000),
+    }
+    if num_rows >= SCANN_HASHING_MIN_ROWS:
+        # 2 dims per 4-bit code (an odd last dim gets a block of its own).
+        settings.update(scoring="hashing", dims_per_block=2 if dim > 1 else 1, reorder=64 * k)
+    return settings
 
 
 def _drop_self(neighbors, k):
@@ -27,9 +62,10 @@ def _drop_self(neighbors, k):
     return np.take_along_axis(neighbors, order, axis=1)[:, :k]
 
 
-def _brute_force(embeddings, k, chunk_size=2048):
-    """Exact top-(k+1) by dot product in row chunks (memory chunk x N)."""
+def _brute_force(embeddings, k, chunk_elements=2**25):
+    """Exact top-(k+1) by dot product in row chunks (memory chunk_elements floats)."""
     n = embeddings.shape[0]
+    chunk_size = max(1, chunk_elements // n)
     out = np.empty((n, k + 1), np.int64)
     for start in range(0, n, chunk_size):
         sims = embeddings[start : start + chunk_size] @ embeddings.T  # [c, N]
@@ -41,7 +77,8 @@ def _brute_force(embeddings, k, chunk_size=2048):
     return out
 
 
-def _scann(embeddings, k):
+def _scann(embeddings, k, query_chunk_rows=QUERY_CHUNK_ROWS):
+    """Top-(k+1) by dot product with the ScaNN index of `scann_settings`."""
     try:
         import scann  # pylint: disable=g-import-not-at-top
     except ImportError as e:  # scann is Linux/x86 only
@@ -49,24 +86,30 @@ def _scann(embeddings, k):
             "--knn_method=scann needs the scann package (pip install scann==1.4.2); "
             "use --knn_method=brute_force without it"
         ) from e
-    n = embeddings.shape[0]
+    n, dim = embeddings.shape
+    settings = scann_settings(n, dim, k)
     builder = scann.scann_ops_pybind.builder(embeddings, k + 1, "dot_product")
-    if n <= SCANN_EXACT_MAX_ROWS:
-        searcher = builder.score_brute_force().build()
-    else:
-        num_leaves = int(2 * np.sqrt(n))
-        searcher = (
-            builder.tree(
-                num_leaves=num_leaves,
-                num_leaves_to_search=max(num_leaves // 20, 10),
-                training_sample_size=min(n, 250_000),
-            )
-            .score_ah(2, anisotropic_quantization_threshold=0.2)
-            .reorder(100)
-            .build()
+    if settings["scoring"] != "brute_force":
+        builder = builder.tree(
+            num_leaves=settings["num_leaves"],
+            num_leaves_to_search=settings["leaves_to_search"],
+            training_sample_size=settings["training_sample_size"],
+            spherical=True,  # bank rows are unit vectors
         )
-    neighbors, _ = searcher.search_batched(embeddings, final_num_neighbors=k + 1)
-    return np.asarray(neighbors, np.int64)
+    if settings["scoring"] == "hashing":
+        builder = builder.score_ah(
+            settings["dims_per_block"], anisotropic_quantization_threshold=0.2
+        ).reorder(settings["reorder"])
+    else:
+        builder = builder.score_brute_force()
+    searcher = builder.build()
+    out = np.empty((n, k + 1), np.int64)
+    for start in range(0, n, query_chunk_rows):
+        neighbors, _ = searcher.search_batched_parallel(
+            embeddings[start : start + query_chunk_rows], final_num_neighbors=k + 1
+        )
+        out[start : start + query_chunk_rows] = neighbors
+    return out
 
 
 def build_knn_graph(embeddings, k, method="scann"):
@@ -96,25 +139,71 @@ def build_knn_graph(embeddings, k, method="scann"):
     return _drop_self(candidates, k).astype(np.int32)
 
 
-def graph_recall(embeddings, knn_graph, sample_size=2000, seed=0):
+def graph_recall(embeddings, knn_graph, sample_size=2000, seed=0, chunk_rows=16_384):
     """recall@k of a kNN graph against exact search on a random sample of rows.
+
+    Exact search streams the bank in chunks of rows ([sample, chunk] similarities
+    at a time, not sample x N: 2,000 x 1.28M floats would be 10 GB) and keeps a
+    running exact top k per sampled row, seeded with the graph's own rows: their
+    worst similarity bounds the exact k-th from below, so only the few rows that
+    beat it are ever collected and merged.
 
     Args:
       embeddings: [N, D] rows the graph was built from.
       knn_graph: [N, k] int graph to check.
       sample_size: rows checked (all rows when N is smaller).
       seed: seed of the sample.
+      chunk_rows: bank rows per similarity block.
 
     Returns:
       Mean over the sampled rows of |graph row & exact top-k (self excluded)| / k.
     """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    knn_graph = np.asarray(knn_graph, np.int64)
     n, k = knn_graph.shape
     rows = np.random.default_rng(seed).choice(n, min(sample_size, n), replace=False)
-    sims = embeddings[rows] @ embeddings.T  # [S, N]
-    sims[np.arange(len(rows)), rows] = -np.inf
-    exact = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # unordered exact top k
-    hits = [
-        len(set(a.tolist()) & set(b.tolist())) for a, b in zip(knn_graph[rows], exact, strict=True)
-    ]
-    return float(np.sum(hits)) / (len(rows) * k)
+    graph = knn_graph[rows]  # [S, k]
+    queries = embeddings[rows]  # [S, D]
+    # Running top k: (column, similarity) per sampled row; -1 / -inf are placeholders
+    # for graph entries that cannot count (the row itself, repeats).
+    best_cols = graph.copy()
+    best_sims = np.einsum("sd,skd->sk", queries, embeddings[graph])
+    earlier = np.tril(np.ones((k, k), bool), -1)  # [j, i]: i < j
+    repeat = np.any((graph[:, :, None] == graph[:, None, :]) & earlier, axis=2)
+    placeholder = repeat | (graph == rows[:, None]) | (graph < 0)
+    best_cols[placeholder], best_sims[placeholder] = -1, -np.inf
+    for start in range(0, n, chunk_rows):
+        sims = queries @ embeddings[start : start + chunk_rows].T  # [S, c]
+        own = np.flatnonzero((rows >= start) & (rows < start + sims.shape[1]))
+        sims[own, rows[own] - start] = -np.inf  # never the row itself
+        bound = best_sims.min(axis=1)[:, None]  # [S, 1]
+        hit_row, hit_col = np.nonzero(sims > bound)
+        if len(hit_row) > 16 * len(rows) * k:  # a poor graph: its bound lets too much in
+            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # [S, k] best of the chunk
+            hit = np.take_along_axis(sims, part, axis=1) > bound
+            hit_row, hit_col = np.nonzero(hit)[0], part[hit]
+        if len(hit_row):
+            best_cols, best_sims = _merge_top_k(
+                best_cols, best_sims, hit_row, hit_col + start, sims[hit_row, hit_col]
+            )
+    hits = np.sum(np.any(graph[:, :, None] == best_cols[:, None, :], axis=2) & ~placeholder)
+    return float(hits) / (len(rows) * k)
+
+
+def _merge_top_k(best_cols, best_sims, hit_row, hit_col, hit_sim):
+    """Top k per row of the current [S, k] best entries and new (row, col, sim) hits."""
+    num, k = best_cols.shape
+    row = np.concatenate([np.repeat(np.arange(num), k), hit_row])
+    col = np.concatenate([best_cols.ravel(), hit_col])
+    sim = np.concatenate([best_sims.ravel(), hit_sim])
+    # A graph row found again in the bank is a repeat: keep one copy.
+    order = np.lexsort((col, row))
+    again = np.zeros(len(row), bool)
+    again[order[1:]] = (row[order[1:]] == row[order[:-1]]) & (col[order[1:]] == col[order[:-1]])
+    again &= col >= 0
+    col[again], sim[again] = -1, -np.inf
+    # Rows ascending, each by similarity descending; the first k of every row stay.
+    order = np.lexsort((-sim, row))
+    first = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=num))[:-1]])
+    keep = order[first[:, None] + np.arange(k)]  # [S, k]
+    return col[keep], sim[keep]

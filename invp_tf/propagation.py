@@ -10,6 +10,8 @@ the anchor may reappear after hop 1); `deduplicate=False` reproduces it so their
 numbers can be checked.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -62,6 +64,34 @@ def propagate(knn_graph, indices, num_layers, deduplicate=True):
     drop = repeat | (members == indices[:, None])
     members = tf.where(drop, tf.constant(PAD, tf.int32), members)
     return tf.sort(members, axis=1, direction="DESCENDING")
+
+
+def propagate_all(knn_graph, num_layers, chunk_size=65_536):
+    """N(i) of every node of the graph: the whole padded table, built in row chunks.
+
+    Same sets as `propagate` (it is called on each chunk of anchors); memory is
+    the [N, S] int32 table plus chunk_size x S per hop.
+
+    Args:
+      knn_graph: [N, k] int graph.
+      num_layers: propagation hops l.
+      chunk_size: anchors per call.
+
+    Returns:
+      [N, S] int32 numpy array, row i = N(i) padded with -1.
+    """
+    knn_graph = tf.convert_to_tensor(np.asarray(knn_graph, np.int32))  # [N, k]
+    n, k = knn_graph.shape
+    table = np.empty((n, max_set_size(k, num_layers)), np.int32)
+    for start in range(0, n, chunk_size):
+        anchors = tf.range(start, min(start + chunk_size, n))
+        table[start : start + chunk_size] = _propagate_chunk(knn_graph, anchors, num_layers)
+    return table
+
+
+@functools.partial(tf.function, reduce_retracing=True)
+def _propagate_chunk(knn_graph, anchors, num_layers):
+    return propagate(knn_graph, anchors, num_layers)
 
 
 def hardest_members(member_sims, member_valid, num_positives):

@@ -218,6 +218,139 @@ def test_unknown_background_is_rejected():
         )
 
 
+# --- background_search="sampled" --------------------------------------------
+# With M < 2 * _SAMPLED_RANK the column sample is the whole bank, so the threshold
+# is the exact M-th value and the sampled search must reproduce the definition.
+SAMPLED_OPTIONS = [
+    dict(),
+    dict(background="exact"),
+    dict(hard_positives=False),
+    dict(num_layers=1),
+    dict(num_background=55),  # M close to N: TopM holds nearly every row, the last one too
+    dict(num_background=55, background="exact"),
+]
+
+
+@pytest.fixture(params=["dense", "compact"])
+def sampled_path(request, monkeypatch):
+    """Runs a test once per implementation of the sampled search."""
+    if request.param == "compact":
+        monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 1)  # the flat-list path at any N
+        monkeypatch.setattr(losses, "_CHUNK_ROWS", 7)  # and several bank chunks
+    else:
+        monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "options",
+    SAMPLED_OPTIONS,
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+def test_sampled_search_with_whole_sample_matches_oracle(sampled_path, options):
+    v, indices, bank, graph = _random_case()
+    kwargs = dict(temperature=0.2, num_background=20, num_layers=3, num_positives=7)
+    kwargs.update(options)
+    instance, invariance = losses.invp_losses(
+        v.astype(np.float32),
+        indices,
+        bank.astype(np.float32),
+        graph,
+        background_search="sampled",
+        **kwargs,
+    )
+    want_instance, want_invariance = oracle(v, indices, bank, graph, **kwargs)
+    np.testing.assert_allclose(instance.numpy(), want_instance, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)
+
+
+def _clustered_case(n=6000, d=32, b=64, seed=0):
+    """A bank of 60 clusters and a batch of noisy views of some of its rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((60, d))
+    bank = centres[rng.integers(0, 60, n)] + 0.5 * rng.standard_normal((n, d))
+    bank = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float32)
+    indices = rng.choice(n, b, replace=False)
+    v = (bank[indices] + 0.1 * rng.standard_normal((b, d))).astype(np.float32)
+    sims = bank @ bank.T
+    np.fill_diagonal(sims, -np.inf)
+    graph = np.argpartition(-sims, 4, axis=1)[:, :4]
+    return v, indices, bank, graph
+
+
+def _losses_and_gradient(v, indices, bank, graph, **kwargs):
+    v = tf.constant(v)
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        instance, invariance = losses.invp_losses(v, indices, bank, graph, **kwargs)
+        total = tf.reduce_mean(instance) + 0.6 * tf.reduce_mean(invariance)
+    return instance.numpy(), invariance.numpy(), tape.gradient(total, v).numpy()
+
+
+@pytest.mark.parametrize("background", losses.BACKGROUNDS)
+def test_sampled_search_is_close_to_exact(sampled_path, background):
+    # M = 1024 of N = 6000: every 8th bank row is sampled, the threshold is the
+    # sample's 128th value, so TopM holds M +- a few dozen rows before the correction.
+    v, indices, bank, graph = _clustered_case()
+    kwargs = dict(
+        temperature=0.1, num_background=1024, num_layers=3, num_positives=20, background=background
+    )
+    exact = _losses_and_gradient(v, indices, bank, graph, **kwargs)
+    sampled = _losses_and_gradient(v, indices, bank, graph, background_search="sampled", **kwargs)
+    for got, want in zip(sampled[:2], exact[:2], strict=True):
+        assert abs(np.mean(got) - np.mean(want)) < 2e-3  # the batch means the step minimises
+        assert np.max(np.abs(got - want)) < 2e-2
+    cosine = np.sum(sampled[2] * exact[2]) / np.linalg.norm(sampled[2]) / np.linalg.norm(exact[2])
+    assert cosine > 0.999
+
+
+def test_sampled_search_under_xla_matches_eager():
+    v, indices, bank, graph = _clustered_case(n=3000, b=16)
+    kwargs = dict(
+        temperature=0.1, num_background=512, num_layers=3, num_positives=20, background="exact"
+    )
+    search = dict(background_search="sampled", **kwargs)
+    fn = tf.function(
+        lambda v: losses.invp_losses(v, indices, bank, graph, **search), jit_compile=True
+    )
+    for got, want in zip(fn(v), losses.invp_losses(v, indices, bank, graph, **search), strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_search_on_a_collapsed_bank(sampled_path):
+    # Every bank row equal: all similarities tie at the threshold. TopM is then M
+    # copies of the same value, which the count correction reproduces exactly; the
+    # gradient only stays finite (the threshold carries none, so the M tied rows get
+    # none either: exact gives 0 for L_ins, the sampled search -bank[i] / tau).
+    rng = np.random.default_rng(0)
+    bank = np.tile(np.eye(8, dtype=np.float32)[:1], (600, 1))
+    v = rng.standard_normal((4, 8)).astype(np.float32)
+    indices = np.array([0, 5, 7, 9])
+    graph = np.stack([(np.arange(600) + 1) % 600, (np.arange(600) + 2) % 600], axis=1)
+    kwargs = dict(temperature=0.1, num_background=256, num_layers=2, num_positives=3)
+    exact = _losses_and_gradient(v, indices, bank, graph, **kwargs)
+    sampled = _losses_and_gradient(v, indices, bank, graph, background_search="sampled", **kwargs)
+    for got, want in zip(sampled[:2], exact[:2], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(sampled[2]))
+
+
+def test_unknown_background_search_is_rejected():
+    v, indices, bank, graph = _random_case()
+    with pytest.raises(ValueError, match="background_search"):
+        losses.invp_losses(
+            v,
+            indices,
+            bank,
+            graph,
+            temperature=0.2,
+            num_background=20,
+            num_layers=3,
+            num_positives=7,
+            background_search="approximate",
+        )
+
+
 # --- The authors' reference case -------------------------------------------
 
 

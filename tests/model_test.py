@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from invp_tf import encoder as encoder_lib
@@ -11,7 +12,7 @@ from invp_tf import model as model_lib
 OPTIONS = dict(temperature=0.2, num_background=16, num_layers=2, num_positives=3)
 
 
-def _model(n=40):
+def _model(options=OPTIONS, n=40):
     keras.utils.set_random_seed(0)
     encoder = encoder_lib.build_encoder(
         "resnet18_cifar", head="mlp", embedding_dim=8, width_multiplier=0.0625, image_size=8
@@ -23,7 +24,7 @@ def _model(n=40):
         num_neighbors=2,
         memory_momentum=0.5,
         seed=1,
-        loss_options=OPTIONS,
+        loss_options=options,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     return model
@@ -36,8 +37,10 @@ def _batch(n=40, b=6):
     return images, indices, np.zeros(b, np.int32)
 
 
-def test_train_step_uses_invp_losses_and_updates_bank():
-    model = _model()
+@pytest.mark.parametrize("background_search", losses.BACKGROUND_SEARCHES)
+def test_train_step_uses_invp_losses_and_updates_bank(background_search):
+    options = dict(OPTIONS, background_search=background_search)
+    model = _model(options)
     graph = np.stack([(np.arange(40) + 1) % 40, (np.arange(40) + 2) % 40], 1).astype(np.int32)
     model.knn_graph.assign(graph)
     model.invariance_weight.assign(0.6)
@@ -46,7 +49,7 @@ def test_train_step_uses_invp_losses_and_updates_bank():
     # BatchNorm in training mode uses batch statistics, so this equals the
     # forward pass inside the step.
     embeddings = model.encoder(images, training=True)["embedding"].numpy()
-    instance, invariance = losses.invp_losses(embeddings, indices, bank_before, graph, **OPTIONS)
+    instance, invariance = losses.invp_losses(embeddings, indices, bank_before, graph, **options)
     weights_before = [w.numpy() for w in model.encoder.trainable_weights]
 
     logs = model.train_step((tf.constant(images), tf.constant(indices), tf.constant(labels)))

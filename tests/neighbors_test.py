@@ -17,17 +17,54 @@ def _oracle(x, k):
     return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
+def _recall(graph, want):
+    k = want.shape[1]
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(graph, want, strict=True)])
+
+
+def _check_contract(x, graph, k, min_recall):
+    n = x.shape[0]
+    assert graph.shape == (n, k) and graph.dtype == np.int32
+    assert not np.any(graph == np.arange(n)[:, None]), "self in its own row"
+    sims = np.take_along_axis(x @ x.T, graph.astype(np.int64), axis=1)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6), "not most similar first"
+    assert _recall(graph, _oracle(x, k)) >= min_recall
+
+
 @pytest.mark.parametrize("method", neighbors.METHODS)
 def test_graph_contract(method):
     x = _clustered()
-    graph = neighbors.build_knn_graph(x, 4, method=method)
-    assert graph.shape == (600, 4) and graph.dtype == np.int32
-    assert not np.any(graph == np.arange(600)[:, None]), "self in its own row"
-    sims = np.take_along_axis(x @ x.T, graph.astype(np.int64), axis=1)
-    assert np.all(np.diff(sims, axis=1) <= 1e-6), "not most similar first"
-    want = _oracle(x, 4)
-    recall = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(graph, want, strict=True)])
-    assert recall >= 0.99
+    _check_contract(x, neighbors.build_knn_graph(x, 4, method=method), 4, 0.99)
+
+
+# Every ScaNN regime of scann_settings, on a bank small enough for a unit test: the
+# size thresholds are lowered so that 3,000 rows take the partitioned paths.
+@pytest.mark.parametrize(
+    "brute_force_max,hashing_min,scoring",
+    [(10_000, 10_000, "brute_force"), (1_000, 10_000, "exact_leaves"), (1_000, 2_000, "hashing")],
+)
+def test_scann_regimes_match_brute_force(monkeypatch, brute_force_max, hashing_min, scoring):
+    monkeypatch.setattr(neighbors, "SCANN_BRUTE_FORCE_MAX_ROWS", brute_force_max)
+    monkeypatch.setattr(neighbors, "SCANN_HASHING_MIN_ROWS", hashing_min)
+    monkeypatch.setattr(neighbors, "QUERY_CHUNK_ROWS", 1_000)  # several query chunks
+    x = _clustered(n=3000, d=32, seed=2)
+    assert neighbors.scann_settings(3000, 32, 4)["scoring"] == scoring
+    _check_contract(x, neighbors.build_knn_graph(x, 4, method="scann"), 4, 0.95)
+
+
+def test_scann_settings_follow_bank_size():
+    assert neighbors.scann_settings(5_000, 128, 4) == {"scoring": "brute_force"}
+    medium = neighbors.scann_settings(60_000, 128, 4)
+    assert medium["scoring"] == "exact_leaves" and medium["num_leaves"] == 245
+    large = neighbors.scann_settings(1_281_167, 128, 4)
+    assert large["scoring"] == "hashing" and large["num_leaves"] == 1132
+    assert large["reorder"] >= 4 * 4 and large["training_sample_size"] <= 1_281_167
+
+
+def test_brute_force_chunks_agree():
+    x = _clustered(n=300)
+    whole = neighbors._brute_force(x, 3)
+    np.testing.assert_array_equal(neighbors._brute_force(x, 3, chunk_elements=1000), whole)
 
 
 def test_scann_matches_brute_force():
@@ -63,3 +100,28 @@ def test_graph_recall_against_hand_made_graphs():
     far = np.argmin(x @ x.T, axis=1)
     wrong[:, 2] = far
     assert neighbors.graph_recall(x, wrong, sample_size=300) == pytest.approx(2 / 3)
+
+
+def _naive_recall(x, graph, sample_size, seed):
+    n, k = graph.shape
+    rows = np.random.default_rng(seed).choice(n, min(sample_size, n), replace=False)
+    exact = _oracle(x, k)[rows]
+    return np.mean([len(set(g) & set(e)) / k for g, e in zip(graph[rows], exact, strict=True)])
+
+
+@pytest.mark.parametrize("kind", ["exact", "noisy", "random", "self", "repeats"])
+def test_graph_recall_streaming_matches_naive_oracle(kind):
+    # Small chunks so the running top-k merges many times; poor graphs take the
+    # per-chunk partition path.
+    x = _clustered(n=500)
+    rng = np.random.default_rng(5)
+    exact = _oracle(x, 4)
+    graph = {
+        "exact": exact,
+        "noisy": np.where(rng.random(exact.shape) < 0.3, rng.integers(0, 500, exact.shape), exact),
+        "random": rng.integers(0, 500, exact.shape),
+        "self": np.concatenate([np.arange(500)[:, None], exact[:, :3]], axis=1),
+        "repeats": np.concatenate([exact[:, :2], exact[:, :2]], axis=1),
+    }[kind]
+    got = neighbors.graph_recall(x, graph, sample_size=200, seed=1, chunk_rows=37)
+    assert got == pytest.approx(_naive_recall(x, graph, 200, 1))

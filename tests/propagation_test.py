@@ -52,6 +52,20 @@ def test_concatenation_mode_keeps_duplicates_and_anchor():
     np.testing.assert_array_equal(out, [[1, 2, 0, 2, 3, 0]])
 
 
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_propagate_all_is_propagate_on_every_row(chunk_size):
+    rng = np.random.default_rng(3)
+    n = 50
+    graph = np.stack(
+        [rng.choice([j for j in range(n) if j != i], 3, replace=False) for i in range(n)]
+    ).astype(np.int32)
+    table = propagation.propagate_all(graph, 2, chunk_size=chunk_size)
+    assert table.shape == (n, propagation.max_set_size(3, 2)) and table.dtype == np.int32
+    np.testing.assert_array_equal(table, propagation.propagate(graph, np.arange(n), 2).numpy())
+    for i, row in enumerate(table):
+        assert set(row[row >= 0].tolist()) == _oracle(graph, i, 2)
+
+
 def test_max_set_size():
     assert propagation.max_set_size(4, 3) == 84
 

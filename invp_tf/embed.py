@@ -16,7 +16,8 @@ Outputs, written atomically (temporary name, then rename):
                   to --images, or the dataset index; label -1 when unknown). It is also the
                   metadata format of TensorBoard's embedding projector.
   FILE.scann/     with --with_knn_index: a ScaNN index (dot product) over the rows, loaded with
-                  scann.scann_ops_pybind.load_searcher(FILE.scann); a result r is row r.
+                  scann.scann_ops_pybind.load_searcher(FILE.scann); a result r is row r
+                  (built by neighbors.build_search_index).
 """
 
 import dataclasses
@@ -37,13 +38,12 @@ from absl import logging
 from invp_tf import augment
 from invp_tf import data
 from invp_tf import export
+from invp_tf import neighbors
 
 OUTPUT_FORMATS = (".npy", ".tfrecord")
 OUTPUT_KEYS = ("embedding", "features")
 # What tf.io.decode_image reads (as data.py's folder source).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# Below this many rows the index scores exactly (FACTS.md: 60k x 128 self-search in 15 s).
-_EXACT_INDEX_MAX_ROWS = 100_000
 
 
 class EmbedError(RuntimeError):
@@ -163,39 +163,6 @@ def _example(item_id, row, label, vector):
     ).SerializeToString()
 
 
-def build_knn_index(vectors, directory, num_neighbors=10):
-    """Builds and saves a ScaNN dot-product index over `vectors` [N, D] to `directory`.
-
-    Exact scoring up to 100,000 rows; above, a partitioned, quantised index with exact
-    re-ranking (the settings of neighbors.build_knn_graph).
-    """
-    try:
-        import scann  # only needed for --with_knn_index
-    except ImportError as e:
-        raise ImportError(
-            "--with_knn_index needs the scann package (pip install scann==1.4.2)"
-        ) from e
-    vectors = np.ascontiguousarray(vectors, np.float32)
-    n = vectors.shape[0]
-    builder = scann.scann_ops_pybind.builder(vectors, min(num_neighbors, n), "dot_product")
-    if n <= _EXACT_INDEX_MAX_ROWS:
-        searcher = builder.score_brute_force().build()
-    else:
-        num_leaves = int(2 * np.sqrt(n))
-        searcher = (
-            builder.tree(
-                num_leaves=num_leaves,
-                num_leaves_to_search=max(num_leaves // 20, 10),
-                training_sample_size=min(n, 250_000),
-            )
-            .score_ah(2, anisotropic_quantization_threshold=0.2)
-            .reorder(100)
-            .build()
-        )
-    os.makedirs(directory)
-    searcher.serialize(directory, relative_path=True)  # movable with its folder
-
-
 def _check_output(output):
     ext = os.path.splitext(output)[1]
     if ext not in OUTPUT_FORMATS:
@@ -286,7 +253,7 @@ def embed(
         if writer.rows != n:
             raise RuntimeError(f"the input pipeline yielded {writer.rows} images, expected {n}")
         if with_knn_index:
-            build_knn_index(
+            neighbors.build_search_index(
                 np.load(writer.array_path, mmap_mode="r"),
                 os.path.join(staging, "index"),
                 index_neighbors,

@@ -8,6 +8,8 @@ partitioned index for larger ones, with asymmetric hashing and exact re-ranking
 above a million-ish rows. Queries go in chunks, so memory stays bounded.
 """
 
+import os
+
 import numpy as np
 
 METHODS = ("scann", "brute_force")
@@ -77,18 +79,24 @@ def _brute_force(embeddings, k, chunk_elements=2**25):
     return out
 
 
-def _scann(embeddings, k, query_chunk_rows=QUERY_CHUNK_ROWS):
-    """Top-(k+1) by dot product with the ScaNN index of `scann_settings`."""
+def _scann_searcher(embeddings, num_neighbors, k=None):
+    """A ScaNN dot-product searcher over `embeddings` with the settings of `scann_settings`.
+
+    Args:
+      embeddings: [N, D] float32 rows (contiguous).
+      num_neighbors: neighbours a search returns by default.
+      k: the graph's k that sizes the re-ranking (default num_neighbors).
+    """
     try:
         import scann  # pylint: disable=g-import-not-at-top
     except ImportError as e:  # scann is Linux/x86 only
         raise ImportError(
-            "--knn_method=scann needs the scann package (pip install scann==1.4.2); "
-            "use --knn_method=brute_force without it"
+            "ScaNN search needs the scann package (pip install scann==1.4.2); "
+            "graphs can use --knn_method=brute_force without it"
         ) from e
     n, dim = embeddings.shape
-    settings = scann_settings(n, dim, k)
-    builder = scann.scann_ops_pybind.builder(embeddings, k + 1, "dot_product")
+    settings = scann_settings(n, dim, k or num_neighbors)
+    builder = scann.scann_ops_pybind.builder(embeddings, num_neighbors, "dot_product")
     if settings["scoring"] != "brute_force":
         builder = builder.tree(
             num_leaves=settings["num_leaves"],
@@ -102,7 +110,26 @@ def _scann(embeddings, k, query_chunk_rows=QUERY_CHUNK_ROWS):
         ).reorder(settings["reorder"])
     else:
         builder = builder.score_brute_force()
-    searcher = builder.build()
+    return builder.build()
+
+
+def build_search_index(vectors, directory, num_neighbors=10):
+    """Builds a ScaNN dot-product index over `vectors` [N, D] and saves it to `directory`.
+
+    The settings are those of the graph builder (`scann_settings`). Load it with
+    `scann.scann_ops_pybind.load_searcher(directory)`; a result r is row r of `vectors`.
+    The index is saved with relative paths, so it moves with its folder.
+    """
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    searcher = _scann_searcher(vectors, min(num_neighbors, vectors.shape[0]))
+    os.makedirs(directory)
+    searcher.serialize(directory, relative_path=True)
+
+
+def _scann(embeddings, k, query_chunk_rows=QUERY_CHUNK_ROWS):
+    """Top-(k+1) by dot product with the ScaNN index of `scann_settings`."""
+    n = embeddings.shape[0]
+    searcher = _scann_searcher(embeddings, k + 1, k)
     out = np.empty((n, k + 1), np.int64)
     for start in range(0, n, query_chunk_rows):
         neighbors, _ = searcher.search_batched_parallel(

@@ -161,6 +161,7 @@ def main(argv):
     for setting in settings:
         r = _run_isolated(setting)
         total = r["build"] + r["propagate"]
+        sample_rows = min(_RECALL_SAMPLE.value, r["num_rows"])
         scann = ", ".join(f"{key}={value}" for key, value in r["scann"].items())
         print(
             f"{r['num_rows']:>9} {r['dim']:>4} {r['build']:>8.1f} {r['propagate']:>7.1f} "
@@ -175,7 +176,7 @@ def main(argv):
             f"{bank_text}; N={r['num_rows']}, D={r['dim']}, k={_NUM_NEIGHBORS.value}, "
             f"l={_NUM_LAYERS.value}, {_METHOD.value} ({scann or 'exact'}): "
             f"build {r['build']:.1f} s + propagation {r['propagate']:.1f} s = {total:.1f} s; "
-            f"recall@{_NUM_NEIGHBORS.value} {r['recall']:.4f} on {min(_RECALL_SAMPLE.value, r['num_rows'])} rows "
+            f"recall@{_NUM_NEIGHBORS.value} {r['recall']:.4f} on {sample_rows} rows "
             f"(exact check {r['recall_seconds']:.1f} s); peak RSS {r['rss']:.2f} GB "
             f"(bank + imports {r['rss_bank']:.2f} GB; {r['rss_with_recall']:.2f} GB with the "
             f"check); mean |N(i)| {r['mean_positives']:.1f}"

@@ -18,7 +18,29 @@ def machine():
 
 
 def append_rows(output, rows):
-    """Appends markdown table rows `| date | ... |` to `output` (relative to the repo)."""
+    """Adds `| date | ... |` rows to `output` (relative to the repo).
+
+    They go at the end of the file's first table, the one whose header starts
+    `| date |`, so that they stay rows of it whatever prose follows; at the end of
+    the file if it has no such table.
+    """
+    path = os.path.join(REPO, output)
     today = datetime.date.today()
-    with open(os.path.join(REPO, output), "a") as f:
-        f.writelines(f"| {today} | {row} |\n" for row in rows)
+    new = [f"| {today} | {row} |\n" for row in rows]
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("| date |")), None)
+    if header is None:
+        lines.extend(new)
+    else:
+        end = header
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        if end and not lines[end - 1].endswith("\n"):
+            lines[end - 1] += "\n"
+        lines[end:end] = new
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)

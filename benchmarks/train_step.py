@@ -17,6 +17,11 @@ loss parts once each, so load changes hit them alike. --mixed_precision runs
 the encoder under Keras' mixed_bfloat16 policy (CPU; mixed_float16 on a GPU);
 the loss is float32 either way. Appends one row per setting to BENCHMARKS.md,
 with the load average.
+
+    python -m benchmarks.train_step --closeness_run=runs/demo --num_background=2048
+
+measures instead how close the sampled TopM search comes to the exact one on a
+training run's bank (losses and gradient, a batch of noisy bank rows).
 """
 
 import os
@@ -47,6 +52,9 @@ _SEARCH = flags.DEFINE_list(
 _JIT = flags.DEFINE_list("jit", ["off"], "XLA compilation of both steps: off, on or both.")
 _MIXED = flags.DEFINE_bool("mixed_precision", False, "Encoder under a mixed precision policy.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps.")
+_CLOSENESS = flags.DEFINE_string(
+    "closeness_run", "", "Instead of timing: sampled vs exact TopM on this run's bank."
+)
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append rows to.")
 
 
@@ -109,8 +117,89 @@ def _loss_steps(model, embeddings, indices, jit):
     return (loss_step, (embeddings,)), (similarity_step, (embeddings,))
 
 
+def _rate(images_per_second):
+    return f"{images_per_second:,.0f}" if images_per_second >= 100 else f"{images_per_second:.2f}"
+
+
+def _time_setting(encoder, bare_step, images, num_examples, num_background, search, jit, rng):
+    """Seconds of (bare step, InvP step, loss alone, similarity alone) at one setting."""
+    batch = images.shape[0]
+    indices = tf.constant(rng.choice(num_examples, batch, replace=False), tf.int32)
+    model = model_lib.InvPModel(
+        encoder,
+        num_examples,
+        embedding_dim=encoder.embedding_dim,
+        loss_options=dict(
+            temperature=0.1,
+            num_background=num_background,
+            num_layers=3,
+            num_positives=20,
+            background_search=search,
+        ),
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    model.knn_graph.assign(rng.integers(0, num_examples, (num_examples, 4), dtype=np.int32))
+    model.invariance_weight.assign(0.6)
+    step = tf.function(model.train_step, jit_compile=jit)
+    embeddings = tf.math.l2_normalize(tf.random.normal([batch, 128]), axis=1)
+    return _median_seconds(
+        (bare_step, (images,)),
+        (step, ((images, indices, tf.zeros([batch], tf.int32)),)),
+        *_loss_steps(model, embeddings, indices, jit),
+    )
+
+
+def _closeness(path, num_background):
+    """Sampled against exact TopM search on a training run's bank: a table row.
+
+    The batch is 128 bank rows plus noise (cosine about 0.96 to their row), the
+    graph the run's own; tau is the run's.
+    """
+    from invp_tf import workdir  # pylint: disable=g-import-not-at-top
+
+    run = workdir.load_run(path)
+    rng = np.random.default_rng(0)
+    bank = run.bank.astype(np.float32)
+    indices = rng.choice(len(bank), 128, replace=False).astype(np.int32)
+    views = bank[indices] + 0.3 / np.sqrt(bank.shape[1]) * rng.standard_normal(
+        (128, bank.shape[1])
+    ).astype(np.float32)
+    options = dict(
+        temperature=run.config.temperature,
+        num_background=num_background,
+        num_layers=run.config.num_layers,
+        num_positives=run.config.num_positives,
+    )
+    results = {}
+    for search in losses.BACKGROUND_SEARCHES:
+        views_t = tf.constant(views)
+        with tf.GradientTape() as tape:
+            tape.watch(views_t)
+            instance, invariance = losses.invp_losses(
+                views_t, indices, bank, run.knn_graph, background_search=search, **options
+            )
+            loss = tf.reduce_mean(instance) + 0.6 * tf.reduce_mean(invariance)
+        results[search] = (instance.numpy(), invariance.numpy(), tape.gradient(loss, views_t))
+    (ei, ev, eg), (si, sv, sg) = results["exact"], results["sampled"]
+    cosine = float(tf.reduce_sum(eg * sg) / tf.norm(eg) / tf.norm(sg))
+    return (
+        f"TopM search: sampled vs exact | `python -m benchmarks.train_step "
+        f"--closeness_run={path} --num_background={num_background}` | {report.machine()} | "
+        f"bank of {path} (N={len(bank)}, tau {options['temperature']}), M={num_background}, "
+        f"batch of 128 noisy bank rows: |L_ins difference| mean {np.mean(np.abs(si - ei)):.1e}, "
+        f"max {np.max(np.abs(si - ei)):.1e} (L_ins about {np.mean(ei):.2f}); |L_inv "
+        f"difference| mean {np.mean(np.abs(sv - ev)):.1e}, max {np.max(np.abs(sv - ev)):.1e}; "
+        f"gradient cosine {cosine:.6f}"
+    )
+
+
 def main(argv):
     del argv
+    if _CLOSENESS.value:
+        rows = [_closeness(_CLOSENESS.value, int(m)) for m in _BACKGROUND.value]
+        print("\n".join(rows))
+        report.append_rows(_OUTPUT.value, rows)
+        return
     if _MIXED.value:
         gpu = bool(tf.config.list_physical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
@@ -122,50 +211,28 @@ def main(argv):
     images = tf.random.uniform([batch, size, size, 3])
     rng = np.random.default_rng(0)
     policy = keras.mixed_precision.global_policy().name
+    setting = f"{_ENCODER.value} x{_WIDTH.value} {_HEAD.value}, {size} px, batch {batch}, {policy}"
     print(
-        f"{_ENCODER.value} x{_WIDTH.value} {_HEAD.value}, {size}px, batch {batch}, {policy}\n"
-        f"{'jit':>3} {'N':>8} {'M':>5} {'search':>8} {'bare/s':>7} {'InvP/s':>7} {'over':>6} "
-        f"{'loss ms':>8} {'matmul ms':>9} {'load':>9}"
+        f"{setting}\n{'jit':>3} {'N':>8} {'M':>5} {'search':>8} {'bare/s':>7} {'InvP/s':>7} "
+        f"{'over':>6} {'loss ms':>8} {'loss/bare':>9} {'matmul ms':>9} {'load':>9}"
     )
     rows = []
     for jit in [{"off": False, "on": True}[value] for value in _JIT.value]:
         bare_step = _bare_step(encoder, jit)
         for num_examples in map(int, _BANKS.value):
-            indices = tf.constant(rng.choice(num_examples, batch, replace=False), tf.int32)
-            data = (images, indices, tf.zeros([batch], tf.int32))
-            graph = rng.integers(0, num_examples, (num_examples, 4), dtype=np.int32)
             for num_background in map(int, _BACKGROUND.value):
                 for search in _SEARCH.value:
                     load = os.getloadavg()[0]
-                    model = model_lib.InvPModel(
-                        encoder,
-                        num_examples,
-                        embedding_dim=encoder.embedding_dim,
-                        loss_options=dict(
-                            temperature=0.1,
-                            num_background=num_background,
-                            num_layers=3,
-                            num_positives=20,
-                            background_search=search,
-                        ),
+                    bare_s, invp_s, loss_s, matmul_s = _time_setting(
+                        encoder, bare_step, images, num_examples, num_background, search, jit, rng
                     )
-                    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-                    model.knn_graph.assign(graph)
-                    model.invariance_weight.assign(0.6)
-                    step = tf.function(model.train_step, jit_compile=jit)
-                    embeddings = tf.math.l2_normalize(tf.random.normal([batch, 128]), axis=1)
-                    bare_s, invp_s, loss_s, matmul_s = _median_seconds(
-                        (bare_step, (images,)),
-                        (step, (data,)),
-                        *_loss_steps(model, embeddings, indices, jit),
-                    )
-                    bare, invp = batch / bare_s, batch / invp_s
-                    overhead = bare / invp - 1.0
                     load = f"{load:.1f}/{os.getloadavg()[0]:.1f}"
+                    bare, invp, overhead = batch / bare_s, batch / invp_s, invp_s / bare_s - 1
                     print(
                         f"{'on' if jit else 'off':>3} {num_examples:>8} {num_background:>5} "
-                        f"{search:>8} {bare:>7.0f} {invp:>7.0f} {overhead:>+6.0%} "
-                        f"{loss_s * 1e3:>8.1f} {matmul_s * 1e3:>9.1f} {load:>9}",
+                        f"{search:>8} {_rate(bare):>7} {_rate(invp):>7} {overhead:>+6.0%} "
+                        f"{loss_s * 1e3:>8.1f} {loss_s / bare_s:>9.0%} {matmul_s * 1e3:>9.1f} "
+                        f"{load:>9}",
                         flush=True,
                     )
                     rows.append(
@@ -175,15 +242,13 @@ def main(argv):
                         f"--num_background={num_background} --background_search={search} "
                         f"--jit={'on' if jit else 'off'}"
                         f"{' --mixed_precision' if _MIXED.value else ''}` | "
-                        f"{report.machine()}, load avg {load} (before/after) | "
-                        f"{_ENCODER.value} x{_WIDTH.value} {_HEAD.value}, {size} px, batch "
-                        f"{batch}, {policy}, jit {'on' if jit else 'off'}; N={num_examples}, "
-                        f"M={num_background}, TopM search {search}: bare {bare:.0f} img/s, InvP "
-                        f"{invp:.0f} img/s ({overhead:+.0%} step time); loss alone (forward + "
-                        f"gradient) {loss_s * 1e3:.1f} ms, of which similarity matmul "
-                        f"{matmul_s * 1e3:.1f} ms"
+                        f"{report.machine()}, load avg {load} (before/after) | {setting}, jit "
+                        f"{'on' if jit else 'off'}; N={num_examples}, M={num_background}, TopM "
+                        f"search {search}: bare {_rate(bare)} img/s, InvP {_rate(invp)} img/s "
+                        f"({overhead:+.0%} step time); loss alone (forward + gradient) "
+                        f"{loss_s * 1e3:.1f} ms = {loss_s / bare_s:.0%} of the bare step, of "
+                        f"which similarity matmul {matmul_s * 1e3:.1f} ms"
                     )
-                    del model, step
     report.append_rows(_OUTPUT.value, rows)
 
 

@@ -213,6 +213,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
         hard_positives=config.hard_positives,
         hard_negatives=config.hard_negatives,
         num_knn_positives=config.num_knn_positives or None,
+        background_search=config.background_search,
     )
     model = model_lib.InvPModel(
         encoder,

@@ -257,3 +257,13 @@ def test_epoch_stopped_by_a_callback_is_not_saved(tiny_idx_dir, tmp_path):
     with pytest.raises(train.TrainingError, match="epoch 0 stopped after 2 of 4 steps"):
         train.train_and_evaluate(config, config.workdir, callbacks=[_StopAt()])
     assert tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints")) is None
+
+
+def test_background_search_flag_reaches_the_loss(tiny_idx_dir, tmp_path):
+    # M=32 of 64 rows: the sampled TopM differs from the exact one, so the losses differ.
+    rows = {}
+    for mode in ("exact", "sampled"):
+        config = tiny_config(tiny_idx_dir, tmp_path / mode, epochs=2, background_search=mode)
+        rows[mode] = train.train_and_evaluate(config, config.workdir)
+    assert rows["exact"]["loss_inv"] != rows["sampled"]["loss_inv"]
+    assert abs(rows["exact"]["loss_inv"] - rows["sampled"]["loss_inv"]) < 0.5

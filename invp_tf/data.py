@@ -39,7 +39,7 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # File signatures of the formats tf.io.decode_image reads.
 _IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 # Folders up to this size get a cheap signature check of every file in load_source.
@@ -321,14 +321,14 @@ def _tfds_source(dataset, split, data_dir, train_examples):
 # ----------------------------------------------------------------------------- folder
 
 
-def _list_images(folder):
+def list_images(folder):
     """Sorted relative paths ("class/x.png") of the images under `folder`, recursively."""
     found = []
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = os.path.relpath(parent, folder)
         for f in files:
-            if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith("."):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                 found.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
     return sorted(found)
 
@@ -374,9 +374,9 @@ def _folder_source(dataset, split, train_examples):
     if split not in split_dirs:
         return None
     folder = split_dirs[split]
-    files = _list_images(folder)
+    files = list_images(folder)
     if not files:
-        raise ValueError(f"no images ({', '.join(_IMAGE_EXTENSIONS)}) found under {folder}")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     files = files[: _check_train_examples(train_examples, len(files), dataset, split)]
     classes = _class_names(split_dirs.values())
     class_ids = {c: i for i, c in enumerate(classes)}

@@ -42,8 +42,6 @@ from invp_tf import neighbors
 
 OUTPUT_FORMATS = (".npy", ".tfrecord")
 OUTPUT_KEYS = ("embedding", "features")
-# What tf.io.decode_image reads (as data.py's folder source).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 class EmbedError(RuntimeError):
@@ -67,18 +65,6 @@ class Inputs:
     paths: tuple[str, ...] | None = None
 
 
-def _list_images(folder):
-    """Sorted paths relative to `folder` of every image file below it (hidden ones skipped)."""
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = os.path.relpath(parent, folder)
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                found.append(name if rel == "." else os.path.join(rel, name).replace(os.sep, "/"))
-    return sorted(found)
-
-
 def _decode_file(path, image_size):
     # As the folder source and serving_bytes: first frame, grey/RGBA -> RGB, then the eval view.
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
@@ -94,9 +80,9 @@ def folder_inputs(folder, image_size, batch_size):
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images folder {folder} does not exist")
-    names = _list_images(folder)
+    names = data.list_images(folder)
     if not names:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+        raise ValueError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) found under {folder}")
     paths = tuple(os.path.join(folder, name) for name in names)
     ds = tf.data.Dataset.from_tensor_slices((list(paths), tf.range(len(paths), dtype=tf.int32)))
     ds = ds.map(

@@ -333,12 +333,18 @@ def _linear_settings(s, epochs=None, writer=None):
     )
 
 
-def run_knn(run, splits, s, writer):
-    blocks = parse_blocks(s["block"])
+def _train_and_test_features(run, splits, s, blocks):
+    """Block features (plus pixels for the baselines) and labels of the train and test rows."""
     fn = _with_pixels(evaluation.block_feature_function(run.encoder, blocks), s)
     size = run.config.image_size
     train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
     test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    return train, train_labels, test, test_labels
+
+
+def run_knn(run, splits, s):
+    blocks = parse_blocks(s["block"])
+    train, train_labels, test, test_labels = _train_and_test_features(run, splits, s, blocks)
     results = {
         block: evaluation.knn_accuracies(
             train[block],
@@ -361,10 +367,7 @@ def run_knn(run, splits, s, writer):
 
 def run_linear(run, splits, s, writer):
     blocks = parse_blocks(s["block"])
-    fn = _with_pixels(evaluation.block_feature_function(run.encoder, blocks), s)
-    size = run.config.image_size
-    train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
-    test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    train, train_labels, test, test_labels = _train_and_test_features(run, splits, s, blocks)
     results = evaluation.train_linear_probes(
         {b: train[b] for b in blocks},
         train_labels,
@@ -414,9 +417,9 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
     test_ds = test_ds.apply(tf.data.experimental.assert_cardinality(num_batches))
     # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
     baselines = {}
-    fn = _with_pixels(evaluation.block_feature_function(run.encoder, ("embedding",)), s)
-    train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
-    test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    train, train_labels, test, test_labels = _train_and_test_features(
+        run, splits, s, ("embedding",)
+    )
     baselines["frozen_embedding_knn"] = evaluation.knn_accuracies(
         train["embedding"],
         train_labels,
@@ -506,7 +509,7 @@ def evaluate(s):
     tensorboard_dir = os.path.join(out_dir, "tensorboard", s["protocol"])
     writer = tf.summary.create_file_writer(tensorboard_dir)
     if s["protocol"] == "knn":
-        results, baselines = run_knn(run, splits, s, writer)
+        results, baselines = run_knn(run, splits, s)
     elif s["protocol"] == "linear":
         results, baselines = run_linear(run, splits, s, writer)
     else:

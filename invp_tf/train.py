@@ -147,14 +147,6 @@ def knn_monitor(config, infer, bank, train_source, test_source, train_labels):
     return float(np.mean(predictions == test_labels))
 
 
-def _labels_by_index(source):
-    """[N] int32 labels in index order (-1 where unknown)."""
-    labels = np.full(source.num_examples, -1, np.int32)
-    for index, label in source.dataset().map(lambda ex: (ex["index"], ex["label"])).batch(4096):
-        labels[index.numpy()] = label.numpy()
-    return labels
-
-
 @contextlib.contextmanager
 def _naming_unreadable_images(source):
     """Turns a decode failure deep inside tf.data into an error naming the file."""
@@ -258,7 +250,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     _truncate_metrics(metrics_path, first_epoch)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     with _naming_unreadable_images(train_source):
-        train_labels = _labels_by_index(train_source) if train_source.num_classes else None
+        train_labels = data.labels_by_index(train_source) if train_source.num_classes else None
     # Anchors of the purity monitor: all rows of small banks, a fixed sample of large ones.
     purity_anchors = np.arange(num_examples)
     if num_examples > _PURITY_MAX_ANCHORS:

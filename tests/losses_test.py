@@ -202,9 +202,12 @@ def test_runs_inside_tf_function_with_xla():
     np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_background_is_rejected():
+@pytest.mark.parametrize(
+    "option, value", [("background", "nope"), ("background_search", "approximate")]
+)
+def test_unknown_option_value_is_rejected(option, value):
     v, indices, bank, graph = _random_case()
-    with pytest.raises(ValueError, match="background"):
+    with pytest.raises(ValueError, match=option):
         losses.invp_losses(
             v,
             indices,
@@ -214,7 +217,7 @@ def test_unknown_background_is_rejected():
             num_background=20,
             num_layers=3,
             num_positives=7,
-            background="nope",
+            **{option: value},
         )
 
 
@@ -333,22 +336,6 @@ def test_sampled_search_on_a_collapsed_bank(sampled_path):
     for got, want in zip(sampled[:2], exact[:2], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(sampled[2]))
-
-
-def test_unknown_background_search_is_rejected():
-    v, indices, bank, graph = _random_case()
-    with pytest.raises(ValueError, match="background_search"):
-        losses.invp_losses(
-            v,
-            indices,
-            bank,
-            graph,
-            temperature=0.2,
-            num_background=20,
-            num_layers=3,
-            num_positives=7,
-            background_search="approximate",
-        )
 
 
 # --- The authors' reference case -------------------------------------------

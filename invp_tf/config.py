@@ -9,6 +9,7 @@ import dataclasses
 import tensorflow as tf
 
 from invp_tf import augment
+from invp_tf import distribute
 from invp_tf import encoder
 from invp_tf import losses
 from invp_tf import neighbors
@@ -26,6 +27,7 @@ CHOICES = {
     "lr_schedule": ("cosine", "step", "constant"),
     "knn_features": ("bank", "fresh"),
     "bank_init": ("random", "encoder"),
+    "strategy": distribute.STRATEGIES,
 }
 
 
@@ -99,6 +101,25 @@ class Config:
     )
     eval_every: int = _field(1, "Run the kNN monitor every n epochs (and after the last).")
     jit_compile: bool = _field(False, "XLA-compile the train step.")
+    strategy: str = _field(
+        "default",
+        "tf.distribute strategy: default (one device), mirrored (all local GPUs, or "
+        "--cpu_devices logical CPUs), multi_worker (cluster from TF_CONFIG) or tpu.",
+    )
+    tpu: str = _field("", "TPU name or grpc:// address of --strategy=tpu (empty: the local TPU).")
+    cpu_devices: int = _field(
+        0, "Split the CPU into this many logical devices (0: no split); for mirrored on a CPU."
+    )
+    sync_batchnorm: bool = _field(
+        True,
+        "BatchNorm statistics over the global batch when several replicas train (so N "
+        "replicas with global batch B match one device with batch B); False: per replica.",
+    )
+    mixed_precision: bool = _field(
+        False,
+        "mixed_float16 (mixed_bfloat16 on TPU) compute in the encoder; the embedding, bank "
+        "and similarity/log-sum-exp path stay float32.",
+    )
     seed: int = _field(0, "Seed of weights, bank, shuffling and augmentation.")
 
     def flagfile_lines(self):

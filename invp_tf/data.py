@@ -515,6 +515,10 @@ def train_pipeline(
     seed: int,
     epoch: int,
     shuffle_buffer: int | None = None,
+    global_batch_size: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    skip_steps: int = 0,
 ) -> tf.data.Dataset:
     """One epoch of shuffled, augmented training batches; a pure function of (seed, epoch).
 
@@ -532,6 +536,14 @@ def train_pipeline(
       shuffle_buffer: None: exact shuffle (example list for in-memory/folder sources, a
         buffer of all N examples for tfds when N <= 100k, else file shuffle plus a
         10,000 buffer); an int forces a buffer of that size.
+      global_batch_size: G, the examples of one step over all workers (default
+        batch_size). With num_shards workers each holding G / num_shards of every
+        step, the union of the workers' batches of step s is exactly the batch of
+        step s of a one-device run with batch G (same examples, same views, same
+        order of replicas). Shards are cut before decoding and augmentation.
+      shard_index: this worker's part of every global batch, in [0, num_shards).
+      num_shards: workers (input pipelines) sharing each global batch.
+      skip_steps: global steps already done this epoch (a run resumed mid-epoch).
 
     Returns:
       tf.data.Dataset of (images float32 [B, S, S, 3] in [0, 1], indices int32 [B],
@@ -551,6 +563,23 @@ def train_pipeline(
         # Large sharded data: a bounded buffer only mixes locally, so shuffle files too.
         ds = source.dataset(shuffle_files=n > _FULL_SHUFFLE_MAX_EXAMPLES, seed=epoch_seed)
         ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    global_batch = global_batch_size or batch_size
+    if global_batch % num_shards or (global_batch // num_shards) % batch_size:
+        raise ValueError(
+            f"global batch {global_batch} does not split into {num_shards} worker(s) "
+            f"of whole batches of {batch_size}"
+        )
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
+    steps = n // global_batch
+    if not 0 <= skip_steps <= steps:
+        raise ValueError(f"skip_steps {skip_steps} is not in [0, {steps}]")
+    # The whole steps only (the last partial global batch is dropped on every worker alike).
+    ds = ds.take(steps * global_batch).skip(skip_steps * global_batch)
+    if num_shards > 1:
+        part = global_batch // num_shards
+        ds = ds.enumerate().filter(lambda p, ex: (p % global_batch) // part == shard_index)
+        ds = ds.map(lambda p, ex: ex)
     base = tf.constant(_view_seed_base(seed, epoch), tf.int64)
 
     def to_view(ex):

@@ -285,6 +285,9 @@ class Encoder(keras.Model):
         embedding_dim: D, the size of the embedding stored in the memory bank.
         width_multiplier: scales every backbone stage's channels.
         zero_init_residual: zero-init the last BN gamma of every residual block.
+        sync_batchnorm: in training, every BatchNormalization normalises with the
+            statistics of the global batch (an all-reduce over the replicas of a
+            tf.distribute strategy; the same as False on one device).
         **kwargs: passed to keras.Model (name, dtype, ...).
     """
 
@@ -295,6 +298,7 @@ class Encoder(keras.Model):
         embedding_dim: int = 128,
         width_multiplier: float = 1.0,
         zero_init_residual: bool = False,
+        sync_batchnorm: bool = False,
         **kwargs,
     ):
         if backbone not in BACKBONES:
@@ -310,6 +314,12 @@ class Encoder(keras.Model):
         self.zero_init_residual = bool(zero_init_residual)
         self.backbone = Backbone(backbone, width_multiplier, zero_init_residual)
         self.head = ProjectionHead(head, self.backbone.feature_dim, self.embedding_dim)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        # Set on the built layers rather than threaded through every block: the
+        # flag only changes how training-mode statistics are reduced.
+        for layer in self._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = self.sync_batchnorm
 
     @property
     def feature_dim(self):
@@ -364,6 +374,7 @@ class Encoder(keras.Model):
             embedding_dim=self.embedding_dim,
             width_multiplier=self.width_multiplier,
             zero_init_residual=self.zero_init_residual,
+            sync_batchnorm=self.sync_batchnorm,
         )
         return config
 
@@ -379,6 +390,7 @@ def build_encoder(
     embedding_dim: int = 128,
     width_multiplier: float = 1.0,
     zero_init_residual: bool = False,
+    sync_batchnorm: bool = False,
     image_size: int | None = None,
 ) -> Encoder:
     """Builds an Encoder, creating its variables when image_size is given.
@@ -389,6 +401,7 @@ def build_encoder(
         embedding_dim: D, the embedding size.
         width_multiplier: scales every backbone stage's channels.
         zero_init_residual: zero-init the last BN gamma of every residual block.
+        sync_batchnorm: global-batch BatchNorm statistics across replicas (see Encoder).
         image_size: if set, the encoder is called on zeros [1,image_size,image_size,3] so that
             its variables exist (needed before restoring a checkpoint or counting params).
 
@@ -404,6 +417,7 @@ def build_encoder(
         embedding_dim=embedding_dim,
         width_multiplier=width_multiplier,
         zero_init_residual=zero_init_residual,
+        sync_batchnorm=sync_batchnorm,
     )
     if image_size is not None:
         encoder(tf.zeros([1, image_size, image_size, 3]), training=False)

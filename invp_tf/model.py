@@ -84,6 +84,9 @@ class InvPModel(keras.Model):
             # The optimizer sums gradients over replicas: scale so N replicas with
             # global batch B match one device with batch B.
             scaled_loss = loss / tf.distribute.get_strategy().num_replicas_in_sync
+            # Identity, except under mixed_float16 (a LossScaleOptimizer, which
+            # unscales the gradients again in apply_gradients).
+            scaled_loss = self.optimizer.scale_loss(scaled_loss)
         variables = self.encoder.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))

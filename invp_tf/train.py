@@ -26,6 +26,7 @@ from absl import logging
 from invp_tf import augment
 from invp_tf import config as config_lib
 from invp_tf import data
+from invp_tf import distribute
 from invp_tf import evaluation
 from invp_tf import model as model_lib
 from invp_tf import neighbors
@@ -170,7 +171,39 @@ def _truncate_metrics(path, first_epoch):
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
-def train_and_evaluate(config, workdir, callbacks=()):
+class Preempted(RuntimeError):
+    """A worker got SIGTERM: every worker saved the same mid-epoch checkpoint and stopped."""
+
+
+class _SaveIfPreempted(keras.callbacks.Callback):
+    """After every step, lets TF's PreemptionCheckpointHandler save and stop all workers."""
+
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.handler.save_checkpoint_if_preempted()
+
+
+def _distributed_dataset(strategy, make_pipeline, global_batch_size):
+    """Per-replica batches of each worker's shard (`distribute_datasets_from_function`)."""
+    if strategy.num_replicas_in_sync == 1:
+        return make_pipeline(global_batch_size, 0, 1)
+
+    def per_worker(context):
+        return make_pipeline(
+            context.get_per_replica_batch_size(global_batch_size),
+            context.input_pipeline_id,
+            context.num_input_pipelines,
+        )
+
+    # Each replica gets its own per-replica batches, in replica order, so the
+    # global batch of a step is the same examples as on one device.
+    return strategy.distribute_datasets_from_function(per_worker)
+
+
+def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
     """Trains (or resumes) a run in `workdir`; returns the last metrics row.
 
     Args:
@@ -178,23 +211,39 @@ def train_and_evaluate(config, workdir, callbacks=()):
       workdir: run directory (checkpoints/, tensorboard/, metrics.jsonl).
       callbacks: extra Keras callbacks passed to each epoch's fit (tests use
         one to interrupt a run).
+      strategy: a tf.distribute strategy to train under; None builds the one of
+        --strategy (tests share one MirroredStrategy per process).
+
+    Raises:
+      Preempted: SIGTERM reached a worker; the checkpoint to resume from is saved.
     """
+    if strategy is None:
+        strategy = distribute.make_strategy(
+            config.strategy, tpu=config.tpu, cpu_devices=config.cpu_devices
+        )
+    chief = distribute.is_chief(strategy)
+    replicas = strategy.num_replicas_in_sync
     tf.io.gfile.makedirs(workdir)
-    # First, so that even a run stopped by bad input can be replayed after a fix.
-    with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as f:
-        f.write("\n".join(dataclasses.replace(config, workdir=workdir).flagfile_lines()) + "\n")
+    if chief:
+        # First, so that even a run stopped by bad input can be replayed after a fix.
+        with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as f:
+            f.write("\n".join(dataclasses.replace(config, workdir=workdir).flagfile_lines()) + "\n")
     keras.utils.set_random_seed(config.seed)
     data_dir = config.data_dir or None
     train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
     test_source = data.load_source(config.dataset, "test", data_dir)
     num_examples = train_source.num_examples
     validate(config, num_examples)
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"--batch_size={config.batch_size} does not split over the {replicas} replicas of "
+            f"--strategy={config.strategy} (use a multiple of {replicas})"
+        )
     steps_per_epoch = num_examples // config.batch_size
     view = augment.get_view(config.augment)
     if config.augment == "crop_flip":
         view = functools.partial(view, scale=(config.crop_scale, 1.0))
 
-    encoder = workdir_lib.encoder_from_config(config)
     loss_options = dict(
         temperature=config.temperature,
         num_background=config.num_background,
@@ -207,24 +256,33 @@ def train_and_evaluate(config, workdir, callbacks=()):
         num_knn_positives=config.num_knn_positives or None,
         background_search=config.background_search,
     )
-    model = model_lib.InvPModel(
-        encoder,
-        num_examples,
-        embedding_dim=config.embedding_dim,
-        num_neighbors=config.num_neighbors,
-        memory_momentum=config.memory_momentum,
-        seed=config.seed,
-        loss_options=loss_options,
-    )
-    optimizer = keras.optimizers.SGD(
-        learning_rate_schedule(config, steps_per_epoch),
-        momentum=config.optimizer_momentum,
-        weight_decay=config.weight_decay or None,
-    )
-    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
-    optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
-
-    epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    policy = distribute.precision_policy(strategy, config.mixed_precision)
+    # Every variable (weights, optimizer slots, bank, graph, counters) is created
+    # under the strategy: mirrored on every replica and worker.
+    with strategy.scope(), distribute.dtype_policy(policy):
+        encoder = workdir_lib.encoder_from_config(
+            config, sync_batchnorm=config.sync_batchnorm and replicas > 1
+        )
+        model = model_lib.InvPModel(
+            encoder,
+            num_examples,
+            embedding_dim=config.embedding_dim,
+            num_neighbors=config.num_neighbors,
+            memory_momentum=config.memory_momentum,
+            seed=config.seed,
+            loss_options=loss_options,
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate_schedule(config, steps_per_epoch),
+                momentum=config.optimizer_momentum,
+                weight_decay=config.weight_decay or None,
+            ),
+            jit_compile=config.jit_compile,
+        )
+        optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
+        optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
+        epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(
         encoder=encoder,
         optimizer=optimizer,
@@ -234,21 +292,65 @@ def train_and_evaluate(config, workdir, callbacks=()):
     )
     # CheckpointManager writes the data files first and then replaces the small
     # `checkpoint` index file, so a crash mid-save leaves the previous one valid.
-    manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3
-    )
+    # Every worker reads the chief's checkpoints; the others write scratch copies.
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
+    write_manager = manager
+    if not chief:
+        write_manager = tf.train.CheckpointManager(
+            checkpoint, distribute.checkpoint_directory(strategy, checkpoint_dir), max_to_keep=1
+        )
+
+    def save(number):
+        path = write_manager.save(checkpoint_number=number)
+        if not chief:
+            tf.io.gfile.rmtree(write_manager.directory)
+        return path
+
     infer = evaluation.inference_function(encoder)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed from %s (epoch %d).", manager.latest_checkpoint, int(epoch_counter))
     elif config.bank_init == "encoder":
         eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
         features, index, _ = evaluation.extract_embeddings(infer, eval_data)
         model.memory_bank.assign(features[np.argsort(index)])
-    first_epoch = int(epoch_counter)
+    first_epoch = int(epoch_counter.numpy())
+    # Steps of the first epoch already done: > 0 only after a preemption save.
+    done_steps = int(optimizer.iterations.numpy()) - first_epoch * steps_per_epoch
+    if manager.latest_checkpoint:
+        logging.info(
+            "Resumed from %s (epoch %d, step %d).",
+            manager.latest_checkpoint,
+            first_epoch,
+            int(optimizer.iterations.numpy()),
+        )
+    preemption_callbacks = []
+    if not isinstance(strategy, tf.distribute.TPUStrategy):
+        # SIGTERM on any worker: all save the same step's state, then stop.
+        preemption_step = {}
+
+        def save_preempted(*args, **kwargs):
+            preemption_step["step"] = int(optimizer.iterations.numpy())
+            preemption_step["path"] = save(int(optimizer.iterations.numpy()))
+
+        def stop_preempted():
+            raise Preempted(
+                f"preempted: saved {preemption_step.get('path')} at step "
+                f"{preemption_step.get('step')}; rerun the same command to resume"
+            )
+
+        handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            strategy.cluster_resolver if distribute.is_multi_worker(strategy) else None,
+            manager,
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                exit_fn=stop_preempted, save_fn=save_preempted
+            ),
+        )
+        preemption_callbacks.append(_SaveIfPreempted(handler))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, first_epoch)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    if chief:
+        _truncate_metrics(metrics_path, first_epoch)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
     with _naming_unreadable_images(train_source):
         train_labels = data.labels_by_index(train_source) if train_source.num_classes else None
     # Anchors of the purity monitor: all rows of small banks, a fixed sample of large ones.
@@ -256,23 +358,31 @@ def train_and_evaluate(config, workdir, callbacks=()):
     if num_examples > _PURITY_MAX_ANCHORS:
         rng = np.random.default_rng(config.seed)
         purity_anchors = np.sort(rng.choice(num_examples, _PURITY_MAX_ANCHORS, replace=False))
-    verbose = "auto" if sys.stdout.isatty() else 2
+    verbose = "auto" if sys.stdout.isatty() and chief else 2 if chief else 0
     row = {}
 
     for epoch in range(first_epoch, config.epochs):
-        # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv.
+        skip_steps = done_steps if epoch == first_epoch else 0
+        # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv
+        # (not when resuming mid-epoch: the checkpoint holds the graph of this epoch).
+        # The chief builds it; every worker gets the chief's copy.
         uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
         graph_seconds = graph_recall = None
         purity = {}
-        if uses_invariance and config.positive_mode == "propagation":  # knn mode: no graph
-            bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all three
+        rebuild = uses_invariance and config.positive_mode == "propagation"  # knn: no graph
+        if rebuild and not skip_steps:
             start = time.perf_counter()
-            graph = neighbors.build_knn_graph(bank, config.num_neighbors, config.knn_method)
+            graph = np.zeros(model.knn_graph.shape, np.int32)
+            if chief:
+                bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all three
+                graph = neighbors.build_knn_graph(bank, config.num_neighbors, config.knn_method)
+            graph = distribute.broadcast_from_chief(strategy, graph)
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start
-            # Exact search on 2,000 sampled rows: how much of the true kNN graph ScaNN found.
-            graph_recall = neighbors.graph_recall(bank, graph, seed=epoch)
-            if train_labels is not None:
+            if chief:
+                # Exact search on 2,000 sampled rows: how much of the true kNN graph ScaNN found.
+                graph_recall = neighbors.graph_recall(bank, graph, seed=epoch)
+            if chief and train_labels is not None:
                 # Labels only measure the positives this epoch will use; training never sees them.
                 purity = propagation.positive_purity(
                     graph,
@@ -285,25 +395,37 @@ def train_and_evaluate(config, workdir, callbacks=()):
         model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
 
         # 2. One epoch of training; the data order and views depend only on (seed, epoch).
-        dataset = data.train_pipeline(
-            train_source,
-            batch_size=config.batch_size,
-            image_size=config.image_size,
-            view=view,
-            seed=config.seed,
-            epoch=epoch,
-        )
+        def pipeline(batch_size, shard_index, num_shards, epoch=epoch, skip_steps=skip_steps):
+            return data.train_pipeline(
+                train_source,
+                batch_size=batch_size,
+                image_size=config.image_size,
+                view=view,
+                seed=config.seed,
+                epoch=epoch,
+                global_batch_size=config.batch_size,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                skip_steps=skip_steps,
+            )
+
+        dataset = _distributed_dataset(strategy, pipeline, config.batch_size)
         start = time.perf_counter()
         with _naming_unreadable_images(train_source):
             history = model.fit(
                 dataset,
                 epochs=1,
+                steps_per_epoch=steps_per_epoch - skip_steps,
                 verbose=verbose,
-                callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
+                callbacks=[
+                    keras.callbacks.TerminateOnNaN(),
+                    *preemption_callbacks,
+                    *callbacks,
+                ],
             )
         train_seconds = time.perf_counter() - start
         logs = {name: values[-1] for name, values in history.history.items()}
-        finished = int(optimizer.iterations) == (epoch + 1) * steps_per_epoch
+        finished = int(optimizer.iterations.numpy()) == (epoch + 1) * steps_per_epoch
         if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
             raise TrainingError(
                 f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for this "
@@ -313,13 +435,13 @@ def train_and_evaluate(config, workdir, callbacks=()):
         if not finished:
             # A callback stopped fit mid-epoch: saving now would resume as if it were done.
             raise TrainingError(
-                f"epoch {epoch} stopped after {int(optimizer.iterations) - epoch * steps_per_epoch}"
+                f"epoch {epoch} stopped after {int(optimizer.iterations.numpy()) - epoch * steps_per_epoch}"
                 f" of {steps_per_epoch} steps; nothing was saved for it, rerun to redo it"
             )
 
-        # 3. kNN monitor on the test split.
+        # 3. kNN monitor on the test split (chief only).
         knn_top1 = None
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        if chief and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             knn_top1 = knn_monitor(
                 config,
                 infer,
@@ -342,17 +464,18 @@ def train_and_evaluate(config, workdir, callbacks=()):
             "purity_neighbors": purity.get("purity_neighbors"),
             "purity_hard": purity.get("purity_hard"),
             "mean_positives": purity.get("mean_positives"),
-            "images_per_second": steps_per_epoch * config.batch_size / train_seconds,
+            "images_per_second": (steps_per_epoch - skip_steps) * config.batch_size / train_seconds,
             "learning_rate": float(optimizer.learning_rate.numpy()),
         }
-        with tf.io.gfile.GFile(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with writer.as_default(step=epoch + 1):
-            for name, value in row.items():
-                if name != "epoch" and value is not None:
-                    tf.summary.scalar(name, value)
+        if chief:
+            with tf.io.gfile.GFile(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            with writer.as_default(step=epoch + 1):
+                for name, value in row.items():
+                    if name != "epoch" and value is not None:
+                        tf.summary.scalar(name, value)
         epoch_counter.assign(epoch + 1)
-        manager.save(checkpoint_number=epoch + 1)
+        save(epoch + 1)
         logging.info("epoch %d: %s", epoch, json.dumps(row))
     return row
 

@@ -15,13 +15,18 @@ from invp_tf import config as config_lib
 from invp_tf import encoder as encoder_lib
 
 
-def encoder_from_config(config):
-    """The run's encoder, variables built (weights still to be restored)."""
+def encoder_from_config(config, sync_batchnorm=False):
+    """The run's encoder, variables built (weights still to be restored).
+
+    sync_batchnorm: global-batch BatchNorm statistics (training under several
+    replicas); inference, evaluation and export never need it.
+    """
     return encoder_lib.build_encoder(
         config.encoder,
         head=config.head,
         embedding_dim=config.embedding_dim,
         width_multiplier=config.width_multiplier,
+        sync_batchnorm=sync_batchnorm,
         image_size=config.image_size,
     )
 

@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 
 from invp_tf import config as config_lib
+from invp_tf import distribute
+
+# Two logical CPU devices for the mirrored tests. It has to happen before
+# TensorFlow runs its first op, so here, when pytest loads the fixtures; one
+# device stays the default for every other test.
+distribute.configure_cpu_devices(2)
 
 
 def write_idx(path, array):
@@ -73,3 +79,10 @@ def tiny_config(data_dir, workdir, **overrides):
         seed=3,
     )
     return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs, shared by the whole test process
+    (a second MirroredStrategy in one process can abort the first one's collectives)."""
+    return distribute.make_strategy("mirrored")

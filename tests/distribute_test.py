@@ -1,0 +1,160 @@
+"""tf.distribute: mirrored replicas match one device; helpers and the TPU path."""
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from invp_tf import data
+from invp_tf import distribute
+from invp_tf import train
+from tests.conftest import tiny_config
+
+
+class _Record(keras.callbacks.Callback):
+    """The running epoch loss after every step and the per-replica bank at the end."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+        self.losses = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append([logs["loss"], logs["loss_ins"], logs["loss_inv"]])
+
+    def on_train_end(self, logs=None):
+        self.banks = distribute.local_values(self.strategy, self.model.memory_bank.bank)
+        self.graphs = distribute.local_values(self.strategy, self.model.knn_graph)
+
+
+def _run(tiny_idx_dir, workdir, tf_strategy, **overrides):
+    # A small learning rate: this 4-channel network is chaotic, and at lr 0.05 the
+    # 1e-7 differences of summation order grow to 5e-3 in the bank by epoch 2 on
+    # any two setups (even one device with and without the all-reduce BN formula).
+    config = tiny_config(
+        tiny_idx_dir, workdir, epochs=2, batch_size=16, learning_rate=0.002, **overrides
+    )
+    record = _Record(tf_strategy)
+    row = train.train_and_evaluate(config, config.workdir, [record], strategy=tf_strategy)
+    return record, row
+
+
+def test_mirrored_two_replicas_match_one_device(tiny_idx_dir, tmp_path, mirrored_strategy):
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    one, one_row = _run(tiny_idx_dir, tmp_path / "one", tf.distribute.get_strategy())
+    two, two_row = _run(tiny_idx_dir, tmp_path / "two", mirrored_strategy, strategy="mirrored")
+    # Two epochs of 4 steps (global batch 16); the second uses L_inv (rampup_epochs=1).
+    assert len(one.losses) == len(two.losses) == 8
+    assert two_row["loss_inv"] is not None
+    # The two replicas hold the same bank and graph, equal to the one-device run's.
+    np.testing.assert_array_equal(two.banks[0], two.banks[1])
+    np.testing.assert_array_equal(two.graphs[0], two.graphs[1])
+    np.testing.assert_allclose(two.banks[0], one.banks[0], atol=2e-5)
+    np.testing.assert_array_equal(two.graphs[0], one.graphs[0])
+    # Losses step by step (running means of the epoch, so each step's value matches).
+    np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5, atol=1e-6)
+    assert two_row["knn_top1"] == pytest.approx(one_row["knn_top1"])
+
+    # Per-replica BatchNorm statistics (batch 8) are another model: far from equal.
+    local, _ = _run(
+        tiny_idx_dir,
+        tmp_path / "local",
+        mirrored_strategy,
+        strategy="mirrored",
+        sync_batchnorm=False,
+    )
+    assert np.abs(local.banks[0] - one.banks[0]).max() > 1e-2
+
+
+def test_train_pipeline_shards_keep_the_global_batch(tiny_idx_dir):
+    source = data.load_source("fashion_mnist", "train", str(tiny_idx_dir))
+    common = dict(image_size=12, view="crop_flip", seed=1, epoch=2)
+    whole = list(data.train_pipeline(source, batch_size=16, **common))
+    parts = [
+        list(
+            data.train_pipeline(
+                source, batch_size=4, global_batch_size=16, shard_index=w, num_shards=2, **common
+            )
+        )
+        for w in range(2)
+    ]
+    assert len(whole) == 4 and all(len(p) == 8 for p in parts)
+    for step, (images, indices, _) in enumerate(whole):
+        # Step s of worker w: its two per-replica batches, replicas in order.
+        pieces = [parts[w][2 * step + r] for w in range(2) for r in range(2)]
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), indices)
+        np.testing.assert_allclose(np.concatenate([p[0] for p in pieces]), images)
+    skipped = list(data.train_pipeline(source, batch_size=16, skip_steps=3, **common))
+    assert len(skipped) == 1
+    np.testing.assert_array_equal(skipped[0][1], whole[3][1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(global_batch_size=16, num_shards=3), "does not split into 3 worker"),
+        (dict(global_batch_size=16, num_shards=2, shard_index=2), "shard_index 2"),
+        (dict(skip_steps=17), r"skip_steps 17 is not in \[0, 16\]"),
+    ],
+)
+def test_train_pipeline_bad_sharding_is_named(tiny_idx_dir, kwargs, message):
+    source = data.load_source("fashion_mnist", "train", str(tiny_idx_dir))
+    with pytest.raises(ValueError, match=message):
+        data.train_pipeline(
+            source, batch_size=4, image_size=12, view="crop_flip", seed=0, epoch=0, **kwargs
+        )
+
+
+def test_batch_not_divisible_by_replicas(tiny_idx_dir, tmp_path, mirrored_strategy):
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", batch_size=15, strategy="mirrored")
+    with pytest.raises(ValueError, match="--batch_size=15 does not split over the 2 replicas"):
+        train.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
+
+
+def test_strategy_errors_are_named(monkeypatch):
+    with pytest.raises(ValueError, match="--strategy=horovod is not one of default, mirrored"):
+        distribute.make_strategy("horovod")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="--strategy=multi_worker needs TF_CONFIG"):
+        distribute.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid"):
+        distribute.make_strategy("multi_worker")
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}),
+    )
+    with pytest.raises(ValueError, match=r"task index 3 is not in \[0, 1\)"):
+        distribute.make_strategy("multi_worker")
+    with pytest.raises(ValueError, match="--cpu_devices=0 must be >= 1"):
+        distribute.configure_cpu_devices(0)
+    # TF is running with 2 logical CPUs (conftest): another count is refused, by name.
+    with pytest.raises(ValueError, match="--cpu_devices=4: TensorFlow already started with 2"):
+        distribute.configure_cpu_devices(4)
+
+
+def test_tpu_without_a_tpu_is_named():
+    with pytest.raises(ValueError, match="--strategy=tpu: no TPU found at this machine"):
+        distribute.make_strategy("tpu")
+    with pytest.raises(ValueError, match="cannot reach --tpu=grpc://127.0.0.1:1"):
+        distribute.make_strategy("tpu", tpu="grpc://127.0.0.1:1")
+
+
+def test_precision_policy():
+    default = tf.distribute.get_strategy()
+    assert distribute.precision_policy(default, False) == "float32"
+    assert distribute.precision_policy(default, True) == "mixed_float16"
+    before = keras.config.dtype_policy().name
+    with distribute.dtype_policy("mixed_float16"):
+        assert keras.config.dtype_policy().name == "mixed_float16"
+    assert keras.config.dtype_policy().name == before
+
+
+def test_broadcast_and_chief_off_multi_worker(mirrored_strategy):
+    graph = np.arange(12, dtype=np.int32).reshape(4, 3)
+    assert distribute.is_chief(mirrored_strategy)
+    np.testing.assert_array_equal(distribute.broadcast_from_chief(mirrored_strategy, graph), graph)
+    assert distribute.checkpoint_directory(mirrored_strategy, "/w/checkpoints") == "/w/checkpoints"

@@ -50,9 +50,44 @@ def _dense_initializer():
     )
 
 
+@keras.saving.register_keras_serializable(package="invp_tf")
+class BatchNorm(keras.layers.BatchNormalization):
+    """Keras BatchNormalization whose `synchronized` statistics are two-pass.
+
+    Keras's synchronized moments take E[x^2] - E[x]^2 in float32, which cancels
+    for channels whose variance is small next to their mean, while one device
+    (tf.nn.moments) subtracts the mean first. Here the global mean is
+    all-reduced first, then the squared deviations from it: N replicas get the
+    statistics of one device with the global batch, up to summation order. With
+    one replica, synchronized or not is the same computation.
+    """
+
+    def _moments(self, inputs, mask):
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        if not self.synchronized or mask is not None or replicas == 1:
+            if mask is None:
+                return keras.ops.moments(inputs, axes=self._reduction_axes)
+            return super()._moments(inputs, mask)
+        x = tf.cast(inputs, tf.float32)
+        axes = self._reduction_axes
+        total = tf.distribute.ReduceOp.SUM
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+        count = context.all_reduce(total, count)
+        mean = context.all_reduce(total, tf.reduce_sum(x, axes, keepdims=True)) / count
+        deviations = tf.reduce_sum(tf.square(x - mean), axes, keepdims=True)
+        variance = context.all_reduce(total, deviations) / count
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        if inputs.dtype != tf.float32:  # float16 statistics would overflow: clip, as Keras does
+            limit = inputs.dtype.max
+            mean = tf.cast(tf.clip_by_value(mean, -limit, limit), inputs.dtype)
+            variance = tf.cast(tf.clip_by_value(variance, 0.0, limit), inputs.dtype)
+        return mean, variance
+
+
 def _batch_norm(name, zero_gamma=False):
     # Keras momentum is the weight of the old statistics: torch's momentum 0.1 == Keras 0.9.
-    return keras.layers.BatchNormalization(
+    return BatchNorm(
         momentum=0.9,
         epsilon=1e-5,
         gamma_initializer="zeros" if zero_gamma else "ones",

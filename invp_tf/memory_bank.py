@@ -10,6 +10,23 @@ def random_unit_rows(num_rows, dim, seed):
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
+def _gather_replicas(context, values):
+    """[R * B, ...]: every replica's `values` [B, ...] in replica order, on every replica.
+
+    An all-reduce of each replica's rows placed in its own slot of zeros (exact:
+    x + 0 = x). `ReplicaContext.all_gather` would do the same, but under
+    MultiWorkerMirroredStrategy it fails inside the step ("destinations can not
+    be empty"); all-reduce works under every strategy. B must be the same on
+    every replica (the train pipeline drops partial batches).
+    """
+    replicas = context.num_replicas_in_sync
+    slot = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=values.dtype)  # [R]
+    slot = tf.reshape(slot, [replicas] + [1] * values.shape.rank)  # [R, 1, ...]
+    spread = slot * values[tf.newaxis]  # [R, B, ...], zeros outside this replica's slot
+    total = context.all_reduce(tf.distribute.ReduceOp.SUM, spread)
+    return tf.reshape(total, tf.concat([[-1], tf.shape(values)[1:]], 0))
+
+
 class MemoryBank(tf.Module):
     """bank[j] = EMA of the embedding of image j, kept on the unit sphere.
 
@@ -55,8 +72,8 @@ class MemoryBank(tf.Module):
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             # [B * replicas] and [B * replicas, D]: the global batch on every replica.
-            indices = context.all_gather(indices, axis=0)
-            embeddings = context.all_gather(embeddings, axis=0)
+            indices = _gather_replicas(context, indices)
+            embeddings = _gather_replicas(context, embeddings)
         old = tf.gather(self.bank, indices)  # [B, D]
         new = tf.math.l2_normalize(self.momentum * old + (1.0 - self.momentum) * embeddings, 1)
         self.bank.scatter_update(tf.IndexedSlices(new, indices))

@@ -61,6 +61,14 @@ class InvPModel(keras.Model):
         # Listed so that fit() resets them each epoch and reports them.
         return [self.loss_tracker, self.instance_tracker, self.invariance_tracker]
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy, Keras's fit pulls a first batch and all-reduces it to
+        # build layers symbolically; it fails on the per-replica batch of
+        # MultiWorkerMirroredStrategy. The train step needs no symbolic build (no
+        # compiled loss or metrics; the encoder is built before fit), as on one
+        # device, where Keras skips it too.
+        return None
+
     def call(self, images, training=False):
         return self.encoder(images, training=training)
 
@@ -97,4 +105,9 @@ class InvPModel(keras.Model):
         # Reported as 0 while unused: the placeholder graph's value means nothing.
         in_use = tf.cast(self.invariance_weight > 0.0, tf.float32)
         self.invariance_tracker.update_state(in_use * tf.reduce_mean(invariance))
-        return {m.name: m.result() for m in self.metrics}
+        results = {m.name: m.result() for m in self.metrics}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages step outputs over workers with reduce(MEAN, axis=0),
+            # which fails on scalars: give them that axis (the result is a scalar).
+            results = {name: value[tf.newaxis] for name, value in results.items()}
+        return results

@@ -171,6 +171,10 @@ def _truncate_metrics(path, first_epoch):
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
+# Exit status of a preempted run (TF's restart code on managed clusters).
+PREEMPTED_EXIT_CODE = 42
+
+
 class Preempted(RuntimeError):
     """A worker got SIGTERM: every worker saved the same mid-epoch checkpoint and stopped."""
 
@@ -434,9 +438,10 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
             )
         if not finished:
             # A callback stopped fit mid-epoch: saving now would resume as if it were done.
+            done = int(optimizer.iterations.numpy()) - epoch * steps_per_epoch
             raise TrainingError(
-                f"epoch {epoch} stopped after {int(optimizer.iterations.numpy()) - epoch * steps_per_epoch}"
-                f" of {steps_per_epoch} steps; nothing was saved for it, rerun to redo it"
+                f"epoch {epoch} stopped after {done} of {steps_per_epoch} steps; nothing was "
+                "saved for it, rerun to redo it"
             )
 
         # 3. kNN monitor on the test split (chief only).
@@ -510,6 +515,9 @@ def main(argv):
         logging.debug("stopped", exc_info=True)
         print(f"invp_tf.train: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        print(f"invp_tf.train: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     print(json.dumps(row))
 
 

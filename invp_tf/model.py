@@ -51,6 +51,16 @@ class InvPModel(keras.Model):
             tf.zeros([num_examples, num_neighbors], tf.int32), trainable=False, name="knn_graph"
         )
         self.invariance_weight = tf.Variable(0.0, trainable=False, name="invariance_weight")
+        # Train steps run. The optimizer's `iterations` misses the steps a
+        # mixed-precision LossScaleOptimizer skips (overflowing gradients), so
+        # epochs and resumption count these.
+        self.steps = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="steps",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
         self.loss_options = dict(loss_options or {})
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.instance_tracker = keras.metrics.Mean(name="loss_ins")
@@ -100,6 +110,7 @@ class InvPModel(keras.Model):
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         # After the optimizer step, as in rule 6 (the loss read the old rows).
         self.memory_bank.update(indices, embeddings)
+        self.steps.assign_add(1)
         self.loss_tracker.update_state(loss)
         self.instance_tracker.update_state(tf.reduce_mean(instance))
         # Reported as 0 while unused: the placeholder graph's value means nothing.

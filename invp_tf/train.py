@@ -13,7 +13,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -210,6 +212,20 @@ def _distributed_dataset(strategy, make_pipeline, global_batch_size):
 def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
     """Trains (or resumes) a run in `workdir`; returns the last metrics row.
 
+    See `_train_and_evaluate`; this wrapper gives SIGTERM back to its previous
+    handler afterwards (the preemption handler takes it over during training).
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return _train_and_evaluate(config, workdir, callbacks, strategy)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train_and_evaluate(config, workdir, callbacks, strategy):
+    """Trains (or resumes) a run in `workdir`; returns the last metrics row.
+
     Args:
       config: a config.Config.
       workdir: run directory (checkpoints/, tensorboard/, metrics.jsonl).
@@ -238,6 +254,12 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
     test_source = data.load_source(config.dataset, "test", data_dir)
     num_examples = train_source.num_examples
     validate(config, num_examples)
+    if config.jit_compile and isinstance(strategy, tf.distribute.MirroredStrategy):
+        if not tf.config.list_logical_devices("GPU"):
+            raise ValueError(
+                "--jit_compile does not work with --strategy=mirrored on CPU devices "
+                "(XLA cannot reach the other logical CPU's variables); drop one of them"
+            )
     if config.batch_size % replicas:
         raise ValueError(
             f"--batch_size={config.batch_size} does not split over the {replicas} replicas of "
@@ -287,13 +309,14 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
         optimizer = model.optimizer  # a LossScaleOptimizer under mixed_float16
         optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
         epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(
+    parts = dict(
         encoder=encoder,
         optimizer=optimizer,
         bank=model.memory_bank,
         graph=model.knn_graph,
         epoch=epoch_counter,
     )
+    checkpoint = tf.train.Checkpoint(step=model.steps, **parts)
     # CheckpointManager writes the data files first and then replaces the small
     # `checkpoint` index file, so a crash mid-save leaves the previous one valid.
     # Every worker reads the chief's checkpoints; the others write scratch copies.
@@ -313,20 +336,26 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
 
     infer = evaluation.inference_function(encoder)
     if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        saved = [name for name, _ in tf.train.list_variables(manager.latest_checkpoint)]
+        if any(name.startswith("step/") for name in saved):
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        else:  # written before steps were counted apart: every step was applied then
+            restore = tf.train.Checkpoint(**parts).restore(manager.latest_checkpoint)
+            restore.assert_existing_objects_matched()
+            model.steps.assign(optimizer.iterations)
     elif config.bank_init == "encoder":
         eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
         features, index, _ = evaluation.extract_embeddings(infer, eval_data)
         model.memory_bank.assign(features[np.argsort(index)])
     first_epoch = int(epoch_counter.numpy())
     # Steps of the first epoch already done: > 0 only after a preemption save.
-    done_steps = int(optimizer.iterations.numpy()) - first_epoch * steps_per_epoch
+    done_steps = int(model.steps.numpy()) - first_epoch * steps_per_epoch
     if manager.latest_checkpoint:
         logging.info(
             "Resumed from %s (epoch %d, step %d).",
             manager.latest_checkpoint,
             first_epoch,
-            int(optimizer.iterations.numpy()),
+            int(model.steps.numpy()),
         )
     preemption_callbacks = []
     if not isinstance(strategy, tf.distribute.TPUStrategy):
@@ -334,8 +363,8 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
         preemption_step = {}
 
         def save_preempted(*args, **kwargs):
-            preemption_step["step"] = int(optimizer.iterations.numpy())
-            preemption_step["path"] = save(int(optimizer.iterations.numpy()))
+            preemption_step["step"] = int(model.steps.numpy())
+            preemption_step["path"] = save(int(model.steps.numpy()))
 
         def stop_preempted():
             raise Preempted(
@@ -362,7 +391,9 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
     if num_examples > _PURITY_MAX_ANCHORS:
         rng = np.random.default_rng(config.seed)
         purity_anchors = np.sort(rng.choice(num_examples, _PURITY_MAX_ANCHORS, replace=False))
-    verbose = "auto" if sys.stdout.isatty() and chief else 2 if chief else 0
+    verbose = 0  # the chief's progress is enough
+    if chief:
+        verbose = "auto" if sys.stdout.isatty() else 2
     row = {}
 
     for epoch in range(first_epoch, config.epochs):
@@ -429,7 +460,7 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
             )
         train_seconds = time.perf_counter() - start
         logs = {name: values[-1] for name, values in history.history.items()}
-        finished = int(optimizer.iterations.numpy()) == (epoch + 1) * steps_per_epoch
+        finished = int(model.steps.numpy()) == (epoch + 1) * steps_per_epoch
         if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
             raise TrainingError(
                 f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for this "
@@ -438,7 +469,7 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
             )
         if not finished:
             # A callback stopped fit mid-epoch: saving now would resume as if it were done.
-            done = int(optimizer.iterations.numpy()) - epoch * steps_per_epoch
+            done = int(model.steps.numpy()) - epoch * steps_per_epoch
             raise TrainingError(
                 f"epoch {epoch} stopped after {done} of {steps_per_epoch} steps; nothing was "
                 "saved for it, rerun to redo it"

@@ -123,6 +123,9 @@ def test_batch_not_divisible_by_replicas(tiny_idx_dir, tmp_path, mirrored_strate
     config = tiny_config(tiny_idx_dir, tmp_path / "run", batch_size=15, strategy="mirrored")
     with pytest.raises(ValueError, match="--batch_size=15 does not split over the 2 replicas"):
         train.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", strategy="mirrored", jit_compile=True)
+    with pytest.raises(ValueError, match="--jit_compile does not work with --strategy=mirrored"):
+        train.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
 
 
 def test_strategy_errors_are_named(monkeypatch):
@@ -319,8 +322,57 @@ def test_sigterm_on_one_device_saves_mid_epoch_and_resumes_exactly(tiny_idx_dir,
     straight = tiny_config(tiny_idx_dir, tmp_path / "straight", epochs=3)
     train.train_and_evaluate(straight, straight.workdir)
     config = tiny_config(tiny_idx_dir, tmp_path / "preempted", epochs=3)
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(train.Preempted, match=r"saved .*ckpt-7 at step 7; rerun"):
         train.train_and_evaluate(config, config.workdir, [_SigtermAt(5)])
-    assert signal.getsignal(signal.SIGTERM) is not None
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is given back
     train.train_and_evaluate(config, config.workdir)
     np.testing.assert_array_equal(_bank(tmp_path / "preempted"), _bank(tmp_path / "straight"))
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision and the TPU constraints (checked on the CPU).
+
+
+def test_mixed_precision_keeps_the_similarity_path_float32(tiny_idx_dir, tmp_path):
+    before = keras.config.dtype_policy().name
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=2, mixed_precision=True)
+    record = _Record(tf.distribute.get_strategy())
+    row = train.train_and_evaluate(config, config.workdir, [record])
+    assert keras.config.dtype_policy().name == before  # the policy was only set for the build
+    assert np.all(np.isfinite(record.losses)) and row["loss_inv"] is not None
+    assert record.banks.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(record.banks[0], axis=1), 1.0, rtol=1e-5)
+    # The encoder computed in float16 (a LossScaleOptimizer wrapped SGD); its
+    # variables are float32 and restore into a float32 encoder for evaluation.
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-2"))
+    keys = reader.get_variable_to_shape_map()
+    assert any("loss_scale" in k or "dynamic_scale" in k for k in keys), sorted(keys)[:20]
+    run = workdir_lib.load_run(str(tmp_path / "run"))
+    embedding = run.encoder(tf.zeros([2, 12, 12, 3]))["embedding"]
+    assert embedding.dtype == tf.float32
+
+
+def test_train_step_compiles_with_xla_and_static_shapes(tiny_idx_dir, tmp_path):
+    """What TPUStrategy needs of the step, checked without a TPU: XLA compiles the whole
+    step (no host-only ops, static shapes), and every input shape is static."""
+    source = data.load_source("fashion_mnist", "train", str(tiny_idx_dir))
+    dataset = data.train_pipeline(
+        source,
+        batch_size=8,
+        image_size=12,
+        view="crop_flip",
+        seed=0,
+        epoch=0,
+        global_batch_size=16,
+        shard_index=1,
+        num_shards=2,
+    )
+    for spec in dataset.element_spec:
+        assert spec.shape.is_fully_defined(), spec
+    plain = tiny_config(tiny_idx_dir, tmp_path / "plain", epochs=2)
+    jit = tiny_config(tiny_idx_dir, tmp_path / "jit", epochs=2, jit_compile=True)
+    rows = [train.train_and_evaluate(c, c.workdir) for c in (plain, jit)]
+    assert rows[1]["loss_inv"] is not None
+    # The same step: XLA only reorders float arithmetic.
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-3)

@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,hub
-.venv/bin/ruff check invp_tf tests benchmarks
-.venv/bin/ruff format --check invp_tf tests benchmarks
+.venv/bin/ruff check invp_tf tests benchmarks scripts
+.venv/bin/ruff format --check invp_tf tests benchmarks scripts
 .venv/bin/python -m pytest -q "$@"

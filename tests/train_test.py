@@ -267,3 +267,22 @@ def test_background_search_flag_reaches_the_loss(tiny_idx_dir, tmp_path):
         rows[mode] = train.train_and_evaluate(config, config.workdir)
     assert rows["exact"]["loss_inv"] != rows["sampled"]["loss_inv"]
     assert abs(rows["exact"]["loss_inv"] - rows["sampled"]["loss_inv"]) < 0.5
+
+
+def test_checkpoint_without_step_counter_resumes(tiny_idx_dir, tmp_path, monkeypatch):
+    """Runs checkpointed before `step` was saved (older versions) resume exactly."""
+    straight = tiny_config(tiny_idx_dir, tmp_path / "straight", epochs=2)
+    train.train_and_evaluate(straight, straight.workdir)
+    legacy = tiny_config(tiny_idx_dir, tmp_path / "legacy", epochs=2)
+    checkpoint = tf.train.Checkpoint
+
+    def without_step(step=None, **parts):  # the checkpoint layout of older versions
+        return checkpoint(**parts)
+
+    with monkeypatch.context() as patch, pytest.raises(_Interrupt):
+        patch.setattr(tf.train, "Checkpoint", without_step)
+        train.train_and_evaluate(legacy, legacy.workdir, callbacks=[_InterruptAt(1, 1)])
+    saved = tf.train.list_variables(str(tmp_path / "legacy" / "checkpoints" / "ckpt-1"))
+    assert not any(name.startswith("step/") for name, _ in saved)
+    train.train_and_evaluate(legacy, legacy.workdir)
+    _assert_same_state(straight.workdir, legacy.workdir)

@@ -444,29 +444,34 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
                 skip_steps=skip_steps,
             )
 
-        dataset = _distributed_dataset(strategy, pipeline, config.batch_size)
-        start = time.perf_counter()
-        with _naming_unreadable_images(train_source):
-            history = model.fit(
-                dataset,
-                epochs=1,
-                steps_per_epoch=steps_per_epoch - skip_steps,
-                verbose=verbose,
-                callbacks=[
-                    keras.callbacks.TerminateOnNaN(),
-                    *preemption_callbacks,
-                    *callbacks,
-                ],
-            )
-        train_seconds = time.perf_counter() - start
-        logs = {name: values[-1] for name, values in history.history.items()}
+        # 0 when a preemption save came after the epoch's last step: only the
+        # end-of-epoch work below is left (its row then has no losses).
+        remaining = steps_per_epoch - skip_steps
+        logs, train_seconds = {}, None
+        if remaining:
+            dataset = _distributed_dataset(strategy, pipeline, config.batch_size)
+            start = time.perf_counter()
+            with _naming_unreadable_images(train_source):
+                history = model.fit(
+                    dataset,
+                    epochs=1,
+                    steps_per_epoch=remaining,
+                    verbose=verbose,
+                    callbacks=[
+                        keras.callbacks.TerminateOnNaN(),
+                        *preemption_callbacks,
+                        *callbacks,
+                    ],
+                )
+            train_seconds = time.perf_counter() - start
+            logs = {name: values[-1] for name, values in history.history.items()}
+            if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
+                raise TrainingError(
+                    f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for "
+                    f"this epoch, the last good checkpoint is {manager.latest_checkpoint} "
+                    "(lower --learning_rate or raise --temperature)"
+                )
         finished = int(model.steps.numpy()) == (epoch + 1) * steps_per_epoch
-        if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
-            raise TrainingError(
-                f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for this "
-                f"epoch, the last good checkpoint is {manager.latest_checkpoint} "
-                "(lower --learning_rate or raise --temperature)"
-            )
         if not finished:
             # A callback stopped fit mid-epoch: saving now would resume as if it were done.
             done = int(model.steps.numpy()) - epoch * steps_per_epoch
@@ -491,16 +496,16 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         # and `_truncate_metrics` drops the stale row).
         row = {
             "epoch": epoch,
-            "loss": logs["loss"],
-            "loss_ins": logs["loss_ins"],
-            "loss_inv": logs["loss_inv"] if uses_invariance else None,
+            "loss": logs.get("loss"),
+            "loss_ins": logs.get("loss_ins"),
+            "loss_inv": logs.get("loss_inv") if uses_invariance else None,
             "knn_top1": knn_top1,
             "graph_seconds": graph_seconds,
             "graph_recall": graph_recall,
             "purity_neighbors": purity.get("purity_neighbors"),
             "purity_hard": purity.get("purity_hard"),
             "mean_positives": purity.get("mean_positives"),
-            "images_per_second": (steps_per_epoch - skip_steps) * config.batch_size / train_seconds,
+            "images_per_second": train_seconds and remaining * config.batch_size / train_seconds,
             "learning_rate": float(optimizer.learning_rate.numpy()),
         }
         if chief:

@@ -306,8 +306,15 @@ def test_two_workers_train_resume_after_sigterm_and_restore_on_one(tmp_path):
     assert row["epoch"] == 2
 
 
-def test_sigterm_on_one_device_saves_mid_epoch_and_resumes_exactly(tiny_idx_dir, tmp_path):
-    """The same preemption path without a cluster (PreemptionCheckpointHandler, local mode)."""
+@pytest.mark.parametrize(
+    "signal_at, saved_at",
+    [(5, 7), (2, 4)],  # mid-epoch 1; right after epoch 0's last step (4 steps per epoch)
+)
+def test_sigterm_on_one_device_saves_and_resumes_exactly(
+    tiny_idx_dir, tmp_path, signal_at, saved_at
+):
+    """The same preemption path without a cluster (PreemptionCheckpointHandler, local mode):
+    the handler saves two steps after the signal's step."""
 
     class _SigtermAt(keras.callbacks.Callback):
         def __init__(self, step):
@@ -323,11 +330,13 @@ def test_sigterm_on_one_device_saves_mid_epoch_and_resumes_exactly(tiny_idx_dir,
     train.train_and_evaluate(straight, straight.workdir)
     config = tiny_config(tiny_idx_dir, tmp_path / "preempted", epochs=3)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(train.Preempted, match=r"saved .*ckpt-7 at step 7; rerun"):
-        train.train_and_evaluate(config, config.workdir, [_SigtermAt(5)])
+    with pytest.raises(train.Preempted, match=rf"saved .*ckpt-{saved_at} at step {saved_at};"):
+        train.train_and_evaluate(config, config.workdir, [_SigtermAt(signal_at)])
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is given back
     train.train_and_evaluate(config, config.workdir)
     np.testing.assert_array_equal(_bank(tmp_path / "preempted"), _bank(tmp_path / "straight"))
+    rows = [json.loads(line) for line in (tmp_path / "preempted" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------

@@ -131,16 +131,16 @@ def worker_id(strategy):
 
 
 def broadcast_from_chief(strategy, array):
-    """The chief's `array` on every worker (other workers may pass None).
+    """The chief's `array` on every worker.
 
     Multi-worker only does a collective: replica 0 of the chief contributes the
     array, every other replica zeros, and the sum is the chief's value.
 
     Args:
       strategy: the run's strategy.
-      array: np.ndarray on the chief; None or an array of the same shape and
-        dtype elsewhere.
-      Shape and dtype must be known on every worker: pass a zeros template.
+      array: np.ndarray on the chief; on the other workers an array of the same
+        shape and dtype (zeros will do), since every worker takes part in the
+        collective.
     """
     if not is_multi_worker(strategy):
         return array

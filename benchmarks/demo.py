@@ -7,12 +7,8 @@ resumed run is never reported as a full one), then records the wall time, the
 final kNN top-1 and the training throughput with the command, machine and date.
 """
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
@@ -29,18 +25,7 @@ def main(argv):
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="invp_demo_")
     if os.path.exists(os.path.join(workdir, "checkpoints")):
         raise app.UsageError(f"{workdir} already holds a run; give a fresh --demo_workdir")
-    command = [
-        sys.executable,
-        "-m",
-        "invp_tf.train",
-        f"--flagfile={_FLAGFILE.value}",
-        f"--workdir={workdir}",
-    ]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=report.REPO, check=True)
-    seconds = time.perf_counter() - start
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows, seconds = report.train(_FLAGFILE.value, workdir)
     last = rows[-1]
     speed = sum(r["images_per_second"] for r in rows) / len(rows)
     shown = f"python -m invp_tf.train --flagfile={_FLAGFILE.value} --workdir=DIR"

@@ -11,12 +11,8 @@ the overhead of the replicated step (all-reduced BatchNorm statistics, bank
 gather, gradient all-reduce) on the same cores. Appends one row to BENCHMARKS.md.
 """
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
 import tensorflow as tf
 from absl import app
@@ -34,12 +30,7 @@ _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to appen
 
 def run(strategy, workdir):
     """Trains one run; returns (last metrics row, wall seconds)."""
-    command = [
-        sys.executable,
-        "-m",
-        "invp_tf.train",
-        f"--flagfile={_FLAGFILE.value}",
-        f"--workdir={workdir}",
+    extra = [
         f"--train_examples={_EXAMPLES.value}",
         f"--epochs={_EPOCHS.value}",
         f"--rampup_epochs={_EPOCHS.value - 1}",
@@ -47,13 +38,9 @@ def run(strategy, workdir):
         f"--strategy={strategy}",
     ]
     if strategy == "mirrored" and not tf.config.list_physical_devices("GPU"):
-        command.append(f"--cpu_devices={_CPU_DEVICES.value}")
-    start = time.perf_counter()
-    subprocess.run(command, cwd=report.REPO, check=True, capture_output=True)
-    wall = time.perf_counter() - start
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return rows[-1], wall
+        extra.append(f"--cpu_devices={_CPU_DEVICES.value}")
+    rows, seconds = report.train(_FLAGFILE.value, workdir, *extra, quiet=True)
+    return rows[-1], seconds
 
 
 def main(argv):

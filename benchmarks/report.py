@@ -1,7 +1,11 @@
 """What every benchmark row carries: the machine it ran on, and where rows go."""
 
 import datetime
+import json
 import os
+import subprocess
+import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +48,23 @@ def append_rows(output, rows):
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
+
+
+def train(flagfile, workdir, *extra_flags, quiet=False):
+    """Runs `python -m invp_tf.train` in a fresh process; returns (metrics rows, wall seconds).
+
+    quiet: capture the run's output instead of showing it.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "invp_tf.train",
+        f"--flagfile={flagfile}",
+        f"--workdir={workdir}",
+        *extra_flags,
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, capture_output=quiet)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f], seconds

@@ -554,6 +554,16 @@ def main(argv):
     except Preempted as e:
         print(f"invp_tf.train: {e}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except tf.errors.UnavailableError as e:
+        # A multi-worker peer died without SIGTERM: its collectives abort here.
+        logging.debug("stopped", exc_info=True)
+        reason = e.message.splitlines()[0][:300]
+        print(
+            f"invp_tf.train: error: lost a worker of the cluster ({reason}); restart every "
+            "worker with the same command: they resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     print(json.dumps(row))
 
 

@@ -364,7 +364,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
 
         def save_preempted(*args, **kwargs):
             preemption_step["step"] = int(model.steps.numpy())
-            preemption_step["path"] = save(int(model.steps.numpy()))
+            preemption_step["path"] = save(preemption_step["step"])
 
         def stop_preempted():
             raise Preempted(
@@ -407,10 +407,11 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         rebuild = uses_invariance and config.positive_mode == "propagation"  # knn: no graph
         if rebuild and not skip_steps:
             start = time.perf_counter()
-            graph = np.zeros(model.knn_graph.shape, np.int32)
             if chief:
                 bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all three
                 graph = neighbors.build_knn_graph(bank, config.num_neighbors, config.knn_method)
+            else:  # the template the chief's graph arrives in
+                graph = np.zeros(model.knn_graph.shape, np.int32)
             graph = distribute.broadcast_from_chief(strategy, graph)
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start

@@ -26,6 +26,7 @@ CHOICES = {
     "augment": tuple(augment.RECIPES),
     "lr_schedule": ("cosine", "step", "constant"),
     "knn_features": ("bank", "fresh"),
+    "graph_features": ("bank", "fresh"),
     "bank_init": ("random", "encoder"),
     "strategy": distribute.STRATEGIES,
 }
@@ -80,6 +81,11 @@ class Config:
     hard_positives: bool = _field(True, "Keep the P hardest positives (False: all of N(i)).")
     hard_negatives: bool = _field(True, "TopM background (False: the whole bank).")
     knn_method: str = _field("scann", "kNN graph builder.")
+    graph_features: str = _field(
+        "bank",
+        "Rows the kNN graph is built over between epochs: the memory bank, or fresh embeddings "
+        "of the current encoder over the training images (one inference pass per epoch).",
+    )
     bank_init: str = _field(
         "random", "Initial bank: random unit rows (paper) or embeddings of the initial encoder."
     )

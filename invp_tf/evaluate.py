@@ -31,6 +31,13 @@ from invp_tf import evaluation
 from invp_tf import workdir as workdir_lib
 
 PROTOCOLS = ("knn", "linear", "semi", "finetune")
+LINEAR_SOLVERS = ("lbfgs", "sgd")
+# The random-initialised encoder's block read by the baselines: the pooled backbone, the
+# features a user transfers.
+RANDOM_INIT_BLOCK = "stage4"
+RANDOM_INIT_KEY = "random_init/" + RANDOM_INIT_BLOCK
+# Deprecated spellings kept as flag aliases: the same names as invp_tf.train's monitor.
+_FLAG_ALIASES = {"k": "knn_k", "temperature": "knn_temperature"}
 # Protocol defaults of the flags left unset (None).
 _DEFAULTS = {
     "knn": dict(block="embedding", label_fraction=1.0, batch_size=256),
@@ -94,8 +101,19 @@ FLAG_SPECS = {
         "Initial SGD learning rate (linear 0.1, semi/finetune 0.05 by default).",
     ),
     "weight_decay": ("float", None, "Weight decay (linear 0, semi/finetune 1e-4 by default)."),
-    "k": ("integer", 200, "Neighbours of the weighted kNN classifier."),
-    "temperature": ("float", 0.07, "Vote temperature of the weighted kNN."),
+    "knn_k": ("integer", 200, "Neighbours of the weighted kNN classifier (alias --k)."),
+    "knn_temperature": (
+        "float",
+        0.07,
+        "Vote temperature of the weighted kNN (alias --temperature).",
+    ),
+    "linear_solver": (
+        "string",
+        "lbfgs",
+        "linear: lbfgs (logistic regression fitted to convergence, scikit-learn, C chosen on a "
+        "held-out part of train; for up to a few 100k rows) or sgd (the paper's SGD probe, "
+        "--epochs/--learning_rate/--weight_decay; for ImageNet-size feature sets).",
+    ),
     "crop_scale": (
         "float",
         None,
@@ -127,6 +145,9 @@ def define_flags():
             _FLAGS[name] = flags.DEFINE_enum(name, default, PROTOCOLS, help_text)
         else:
             _FLAGS[name] = getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
+    for alias, name in _FLAG_ALIASES.items():
+        if alias not in flags.FLAGS:
+            flags.DEFINE_alias(alias, name)
 
 
 class EvaluationError(ValueError):
@@ -189,8 +210,15 @@ def check_settings(s):
             0 < s["held_out_fraction"] < 1,
             f"--held_out_fraction={s['held_out_fraction']} must be in (0, 1)",
         ),
-        (s["k"] >= 1, f"--k={s['k']} must be >= 1"),
-        (s["temperature"] > 0, f"--temperature={s['temperature']} must be > 0"),
+        (s["knn_k"] >= 1, f"--knn_k={s['knn_k']} must be >= 1"),
+        (
+            s["knn_temperature"] > 0,
+            f"--knn_temperature={s['knn_temperature']} must be > 0",
+        ),
+        (
+            s["linear_solver"] in LINEAR_SOLVERS,
+            f"--linear_solver={s['linear_solver']} is not one of {', '.join(LINEAR_SOLVERS)}",
+        ),
         (s["batch_size"] >= 1, f"--batch_size={s['batch_size']} must be >= 1"),
         (s["train_examples"] >= 0, f"--train_examples={s['train_examples']} must be >= 0"),
         (
@@ -289,36 +317,63 @@ def _extract(fn, source, rows, s, image_size):
     return {name: value[rows] for name, value in features.items()}, labels[rows]
 
 
-def _with_pixels(fn, s):
+def _with_baseline_features(fn, s, config):
+    """`fn` plus the baselines' features: raw pixels and the encoder at random init."""
     if not s["baselines"]:
         return fn
     pixels = evaluation.pixel_function()
-    return lambda images: {**fn(images), **pixels(images)}
-
-
-def _pixel_baselines(train, train_labels, test, test_labels, s, num_classes, linear_settings):
-    """Raw-pixel kNN (mean-centred, same k and temperature) and logistic regression."""
-    mean = train["pixels"].mean(0)
-    knn = evaluation.knn_accuracies(
-        train["pixels"] - mean,
-        train_labels,
-        test["pixels"] - mean,
-        test_labels,
-        k=s["k"],
-        temperature=s["temperature"],
-        num_classes=num_classes,
+    keras.utils.set_random_seed(s["seed"])
+    scratch = evaluation.block_feature_function(
+        workdir_lib.encoder_from_config(config), (RANDOM_INIT_BLOCK,)
     )
-    baselines = {"pixel_knn": knn}
-    if linear_settings is not None:
-        logreg = evaluation.train_linear_probes(
-            {"pixels": train["pixels"]},
+
+    def features(images):
+        random_init = {f"random_init/{k}": v for k, v in scratch(images).items()}
+        return {**fn(images), **pixels(images), **random_init}
+
+    return features
+
+
+def _baselines(train, train_labels, test, test_labels, s, num_classes, linear=True):
+    """The strong baselines of the same split and labels, each as strong as a standard fit.
+
+    Raw pixels (mean-centred for kNN, standardised for the linear model) and the run's
+    encoder at random initialisation (block `RANDOM_INIT_BLOCK`): weighted kNN at the
+    protocol's k and with k chosen on a held-out part of train, and (linear) logistic
+    regression fitted to convergence with C chosen the same way. The test split never
+    chooses anything.
+    """
+    baselines = {}
+    for name, key in (("pixel", "pixels"), ("random_init", RANDOM_INIT_KEY)):
+        if key not in train:
+            continue
+        x_train, x_test = train[key], test[key]
+        if name == "pixel":
+            mean = x_train.mean(0)
+            x_train, x_test = x_train - mean, x_test - mean
+        baselines[f"{name}_knn"] = evaluation.knn_accuracies(
+            x_train,
             train_labels,
-            {"pixels": test["pixels"]},
+            x_test,
             test_labels,
+            k=s["knn_k"],
+            temperature=s["knn_temperature"],
             num_classes=num_classes,
-            **linear_settings,
-        )["pixels"]
-        baselines["pixel_logistic_regression"] = logreg
+        )
+        if name == "pixel":
+            baselines["pixel_knn_tuned_k"] = evaluation.knn_tuned(
+                x_train,
+                train_labels,
+                x_test,
+                test_labels,
+                temperature=s["knn_temperature"],
+                num_classes=num_classes,
+                seed=s["seed"],
+            )
+        if linear:
+            baselines[f"{name}_logistic_regression"] = evaluation.logistic_regression(
+                train[key], train_labels, test[key], test_labels, seed=s["seed"]
+            )
     return baselines
 
 
@@ -335,7 +390,8 @@ def _linear_settings(s, epochs=None, writer=None):
 
 def _train_and_test_features(run, splits, s, blocks):
     """Block features (plus pixels for the baselines) and labels of the train and test rows."""
-    fn = _with_pixels(evaluation.block_feature_function(run.encoder, blocks), s)
+    fn = evaluation.block_feature_function(run.encoder, blocks)
+    fn = _with_baseline_features(fn, s, run.config)
     size = run.config.image_size
     train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
     test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
@@ -351,16 +407,16 @@ def run_knn(run, splits, s):
             train_labels,
             test[block],
             test_labels,
-            k=s["k"],
-            temperature=s["temperature"],
+            k=s["knn_k"],
+            temperature=s["knn_temperature"],
             num_classes=splits.num_classes,
         )
         for block in blocks
     }
     baselines = {}
     if s["baselines"]:
-        baselines = _pixel_baselines(
-            train, train_labels, test, test_labels, s, splits.num_classes, None
+        baselines = _baselines(
+            train, train_labels, test, test_labels, s, splits.num_classes, linear=False
         )
     return results, baselines
 
@@ -368,19 +424,25 @@ def run_knn(run, splits, s):
 def run_linear(run, splits, s, writer):
     blocks = parse_blocks(s["block"])
     train, train_labels, test, test_labels = _train_and_test_features(run, splits, s, blocks)
-    results = evaluation.train_linear_probes(
-        {b: train[b] for b in blocks},
-        train_labels,
-        {b: test[b] for b in blocks},
-        test_labels,
-        num_classes=splits.num_classes,
-        **_linear_settings(s, writer=writer),
-    )
+    if s["linear_solver"] == "lbfgs":
+        results = {
+            b: evaluation.logistic_regression(
+                train[b], train_labels, test[b], test_labels, seed=s["seed"]
+            )
+            for b in blocks
+        }
+    else:
+        results = evaluation.train_linear_probes(
+            {b: train[b] for b in blocks},
+            train_labels,
+            {b: test[b] for b in blocks},
+            test_labels,
+            num_classes=splits.num_classes,
+            **_linear_settings(s, writer=writer),
+        )
     baselines = {}
     if s["baselines"]:
-        baselines = _pixel_baselines(
-            train, train_labels, test, test_labels, s, splits.num_classes, _linear_settings(s)
-        )
+        baselines = _baselines(train, train_labels, test, test_labels, s, splits.num_classes)
     return results, baselines
 
 
@@ -425,18 +487,12 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         train_labels,
         test["embedding"],
         test_labels,
-        k=s["k"],
-        temperature=s["temperature"],
+        k=s["knn_k"],
+        temperature=s["knn_temperature"],
         num_classes=splits.num_classes,
     )
     if s["baselines"]:
-        linear = _linear_settings(s, epochs=100)
-        linear["batch_size"] = min(256, len(train_labels))
-        linear["learning_rate"] = 0.1
-        linear["weight_decay"] = 0.0
-        baselines.update(
-            _pixel_baselines(train, train_labels, test, test_labels, s, splits.num_classes, linear)
-        )
+        baselines.update(_baselines(train, train_labels, test, test_labels, s, splits.num_classes))
     tune = functools.partial(
         evaluation.fine_tune,
         train_epoch=labelled_epoch,

@@ -426,3 +426,120 @@ def fine_tune(
     result = {"top1": float(scores["top1"]), "top5": float(scores["top5"])}
     result["train_loss"] = float(history.history["loss"][-1]) if history else float("nan")
     return result, model
+
+
+# Grids searched on a held-out part of train (never on the test split) by the tuned
+# baselines and the L-BFGS probe.
+LOGREG_C_VALUES = (0.01, 0.1, 1.0)
+KNN_K_VALUES = (1, 3, 5, 10, 20, 50, 100, 200)
+
+
+def selection_split(labels, held_out_fraction=0.1, seed=0):
+    """(fit rows, held-out rows) of a train set: a class-balanced held-out part for choosing
+    hyperparameters, so the test split never chooses anything."""
+    held = balanced_subset(labels, held_out_fraction, seed=seed)
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def _standardize(train, *others):
+    """Train-statistics standardisation (constant columns are left centred, not divided)."""
+    x = np.asarray(train, np.float64)
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-8] = 1.0
+    return [((np.asarray(a, np.float64) - mean) / std).astype(np.float32) for a in (train, *others)]
+
+
+def _fit_logistic_regression(x, y, c, max_iter):
+    from sklearn import linear_model  # imported here: only the probes need scikit-learn
+
+    model = linear_model.LogisticRegression(C=c, max_iter=max_iter, tol=1e-4)
+    model.fit(x, y)
+    return model
+
+
+def logistic_regression(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    c_values=LOGREG_C_VALUES,
+    held_out_fraction=0.1,
+    seed=0,
+    max_iter=1000,
+):
+    """Multinomial logistic regression fitted to convergence (full-batch L-BFGS, scikit-learn)
+    on standardised features, its inverse L2 strength C chosen on a held-out part of train.
+
+    The strong linear baseline (and probe): each candidate C is fitted on train minus a
+    class-balanced `held_out_fraction`, the best on the held-out rows is refitted on all of
+    train and scored once on the test rows.
+
+    Returns:
+      {"top1", "top5", "C", "held_out_top1": {C: top1}, "iterations", "converged"}.
+    """
+    labels = np.asarray(train_labels)
+    held_out = {}
+    if len(c_values) > 1:
+        fit_rows, held = selection_split(labels, held_out_fraction, seed)
+        x_fit, x_held = _standardize(train_features[fit_rows], train_features[held])
+        for c in c_values:
+            model = _fit_logistic_regression(x_fit, labels[fit_rows], c, max_iter)
+            held_out[str(c)] = float(np.mean(model.predict(x_held) == labels[held]))
+    best = max(c_values, key=lambda c: held_out.get(str(c), 0.0))
+    x_train, x_test = _standardize(train_features, test_features)
+    model = _fit_logistic_regression(x_train, labels, best, max_iter)
+    scores = np.zeros((len(x_test), int(labels.max()) + 1), np.float32)
+    scores[:, model.classes_] = model.predict_proba(x_test)
+    iterations = int(np.max(model.n_iter_))
+    return {
+        **top_k_accuracies(scores, test_labels),
+        "C": best,
+        "held_out_top1": held_out,
+        "iterations": iterations,
+        "converged": iterations < max_iter,
+    }
+
+
+def knn_tuned(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    temperature,
+    num_classes,
+    k_values=KNN_K_VALUES,
+    held_out_fraction=0.1,
+    seed=0,
+):
+    """Weighted kNN with k chosen on a held-out part of train (see logistic_regression).
+
+    Returns:
+      {"top1", "top5", "k", "held_out_top1": {k: top1}}.
+    """
+    labels = np.asarray(train_labels)
+    fit_rows, held = selection_split(labels, held_out_fraction, seed)
+    held_out = {
+        str(k): knn_accuracies(
+            train_features[fit_rows],
+            labels[fit_rows],
+            train_features[held],
+            labels[held],
+            k=k,
+            temperature=temperature,
+            num_classes=num_classes,
+        )["top1"]
+        for k in k_values
+    }
+    best = max(k_values, key=lambda k: held_out[str(k)])
+    result = knn_accuracies(
+        train_features,
+        labels,
+        test_features,
+        test_labels,
+        k=best,
+        temperature=temperature,
+        num_classes=num_classes,
+    )
+    return {**result, "k": best, "held_out_top1": held_out}

@@ -124,21 +124,41 @@ def learning_rate_schedule(config, steps_per_epoch):
     return keras.optimizers.schedules.CosineDecay(config.learning_rate, 1, alpha=1.0)
 
 
-def knn_monitor(config, infer, bank, train_source, test_source, train_labels):
-    """Weighted kNN top-1 on the test split; None when it has no labels."""
+class FreshEmbeddings:
+    """Embeddings [N, D] of the current encoder over the training images (eval view), by index.
+
+    The kNN monitor (--knn_features=fresh) and the graph (--graph_features=fresh) both
+    read them; one pass serves both while the weights have not changed since.
+    """
+
+    def __init__(self, infer, train_source, config, steps):
+        self._infer, self._source, self._steps = infer, train_source, steps
+        self._batch_size = max(config.batch_size, 256)
+        self._image_size = config.image_size
+        self._cache = (None, None)  # (train steps when computed, embeddings)
+
+    def __call__(self):
+        steps = int(self._steps.numpy())
+        if self._cache[0] != steps:
+            pipeline = data.eval_pipeline(
+                self._source, batch_size=self._batch_size, image_size=self._image_size
+            )
+            features, index, _ = evaluation.extract_embeddings(self._infer, pipeline)
+            self._cache = (steps, features[np.argsort(index)])
+        return self._cache[1]
+
+
+def knn_monitor(config, infer, train_features, test_source, train_labels):
+    """Weighted kNN top-1 on the test split; None when it has no labels.
+
+    train_features: [N, D] the bank or fresh embeddings of the training images, by index.
+    """
     if test_source is None or not test_source.num_classes:
         return None
-    pipeline = lambda source: data.eval_pipeline(  # noqa: E731
-        source, batch_size=max(config.batch_size, 256), image_size=config.image_size
+    pipeline = data.eval_pipeline(
+        test_source, batch_size=max(config.batch_size, 256), image_size=config.image_size
     )
-    test_features, _, test_labels = evaluation.extract_embeddings(infer, pipeline(test_source))
-    if config.knn_features == "fresh":
-        train_features, train_index, _ = evaluation.extract_embeddings(
-            infer, pipeline(train_source)
-        )
-        train_features = train_features[np.argsort(train_index)]
-    else:
-        train_features = bank
+    test_features, _, test_labels = evaluation.extract_embeddings(infer, pipeline)
     predictions = evaluation.knn_classify(
         train_features,
         train_labels,
@@ -148,6 +168,29 @@ def knn_monitor(config, infer, bank, train_source, test_source, train_labels):
         num_classes=test_source.num_classes,
     )
     return float(np.mean(predictions == test_labels))
+
+
+def graph_monitor(config, graph, rows, bank, train_labels, anchors, seed):
+    """graph_recall, and with labels the purity of the positives the graph gives.
+
+    graph: [N, k] built over `rows` ([N, D], the bank or fresh embeddings); the hard
+    positives are chosen by similarity to the bank, as in the loss.
+    """
+    # Exact search on 2,000 sampled rows: how much of the true kNN graph the builder found.
+    out = {"graph_recall": neighbors.graph_recall(rows, graph, seed=seed)}
+    if train_labels is not None:
+        # Labels only measure the positives; training never sees them.
+        out.update(
+            propagation.positive_purity(
+                graph,
+                bank,
+                train_labels,
+                anchors,
+                num_layers=config.num_layers,
+                num_positives=config.num_positives,
+            )
+        )
+    return out
 
 
 @contextlib.contextmanager
@@ -335,6 +378,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         return path
 
     infer = evaluation.inference_function(encoder)
+    fresh = FreshEmbeddings(infer, train_source, config, model.steps)
     if manager.latest_checkpoint:
         saved = [name for name, _ in tf.train.list_variables(manager.latest_checkpoint)]
         if any(name.startswith("step/") for name in saved):
@@ -344,9 +388,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             restore.assert_existing_objects_matched()
             model.steps.assign(optimizer.iterations)
     elif config.bank_init == "encoder":
-        eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
-        features, index, _ = evaluation.extract_embeddings(infer, eval_data)
-        model.memory_bank.assign(features[np.argsort(index)])
+        model.memory_bank.assign(fresh())
     first_epoch = int(epoch_counter.numpy())
     # Steps of the first epoch already done: > 0 only after a preemption save.
     done_steps = int(model.steps.numpy()) - first_epoch * steps_per_epoch
@@ -398,35 +440,40 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
 
     for epoch in range(first_epoch, config.epochs):
         skip_steps = done_steps if epoch == first_epoch else 0
-        # 1. The kNN graph, rebuilt from the bank before every epoch that uses L_inv
-        # (not when resuming mid-epoch: the checkpoint holds the graph of this epoch).
+        # 1. The kNN graph, rebuilt before every epoch (not when resuming mid-epoch: the
+        # checkpoint holds the graph of this epoch). The loss reads it only once L_inv is on
+        # (and never with --positive_mode=knn); before that, and in instance-only runs, it is
+        # built for the monitor alone, so every arm logs the purity of its neighbours.
         # The chief builds it; every worker gets the chief's copy.
         uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
-        graph_seconds = graph_recall = None
-        purity = {}
-        rebuild = uses_invariance and config.positive_mode == "propagation"  # knn: no graph
-        if rebuild and not skip_steps:
+        uses_graph = uses_invariance and config.positive_mode == "propagation"
+        graph_seconds = None
+        graph_metrics = {}
+        if (uses_graph or train_labels is not None) and not skip_steps:
             start = time.perf_counter()
             if chief:
-                bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all three
-                graph = neighbors.build_knn_graph(bank, config.num_neighbors, config.knn_method)
+                bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all uses
+                rows = fresh() if config.graph_features == "fresh" else bank
+                graph = neighbors.build_knn_graph(rows, config.num_neighbors, config.knn_method)
             else:  # the template the chief's graph arrives in
                 graph = np.zeros(model.knn_graph.shape, np.int32)
             graph = distribute.broadcast_from_chief(strategy, graph)
             model.knn_graph.assign(graph)
             graph_seconds = time.perf_counter() - start
             if chief:
-                # Exact search on 2,000 sampled rows: how much of the true kNN graph ScaNN found.
-                graph_recall = neighbors.graph_recall(bank, graph, seed=epoch)
-            if chief and train_labels is not None:
-                # Labels only measure the positives this epoch will use; training never sees them.
-                purity = propagation.positive_purity(
-                    graph,
-                    bank,
-                    train_labels,
-                    purity_anchors,
-                    num_layers=config.num_layers,
-                    num_positives=config.num_positives,
+                graph_metrics = graph_monitor(
+                    config, graph, rows, bank, train_labels, purity_anchors, epoch
+                )
+            if chief and config.graph_features == "fresh" and train_labels is not None:
+                # The bank's graph on the same epoch, for comparison (monitor only).
+                bank_graph = neighbors.build_knn_graph(
+                    bank, config.num_neighbors, config.knn_method
+                )
+                bank_metrics = graph_monitor(
+                    config, bank_graph, bank, bank, train_labels, purity_anchors, epoch
+                )
+                graph_metrics.update(
+                    {f"{k}_bank_graph": v for k, v in bank_metrics.items() if k != "graph_recall"}
                 )
         model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
 
@@ -484,11 +531,11 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         # 3. kNN monitor on the test split (chief only).
         knn_top1 = None
         if chief and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            train_features = fresh() if config.knn_features == "fresh" else None
             knn_top1 = knn_monitor(
                 config,
                 infer,
-                model.memory_bank.bank.numpy(),
-                train_source,
+                model.memory_bank.bank.numpy() if train_features is None else train_features,
                 test_source,
                 train_labels,
             )
@@ -502,10 +549,11 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             "loss_inv": logs.get("loss_inv") if uses_invariance else None,
             "knn_top1": knn_top1,
             "graph_seconds": graph_seconds,
-            "graph_recall": graph_recall,
-            "purity_neighbors": purity.get("purity_neighbors"),
-            "purity_hard": purity.get("purity_hard"),
-            "mean_positives": purity.get("mean_positives"),
+            "graph_recall": graph_metrics.get("graph_recall"),
+            "purity_neighbors": graph_metrics.get("purity_neighbors"),
+            "purity_hard": graph_metrics.get("purity_hard"),
+            "mean_positives": graph_metrics.get("mean_positives"),
+            **{k: v for k, v in graph_metrics.items() if k.endswith("_bank_graph")},
             "images_per_second": train_seconds and remaining * config.batch_size / train_seconds,
             "learning_rate": float(optimizer.learning_rate.numpy()),
         }

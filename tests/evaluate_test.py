@@ -54,7 +54,7 @@ def _oracle_knn_top1(run, block, k, temperature):
 
 def test_knn_protocol_matches_numpy_oracle(tiny_run, tmp_path):
     settings = evaluate.make_settings(
-        tiny_run.workdir, "knn", block="embedding,stage4", k=5, output=str(tmp_path / "k.json")
+        tiny_run.workdir, "knn", block="embedding,stage4", knn_k=5, output=str(tmp_path / "k.json")
     )
     report = evaluate.evaluate(settings)
     run = workdir_lib.load_run(tiny_run.workdir)
@@ -64,14 +64,20 @@ def test_knn_protocol_matches_numpy_oracle(tiny_run, tmp_path):
     assert report["checkpoint_epoch"] == 2
     assert report["train_split"] == {"examples": 64, "labelled_used": 64}
     assert report["eval_split"] == {"name": "test", "examples": 24}
-    assert set(report["baselines"]) == {"pixel_knn"}
+    assert set(report["baselines"]) == {"pixel_knn", "pixel_knn_tuned_k", "random_init_knn"}
+    assert report["baselines"]["pixel_knn_tuned_k"]["k"] in evaluation.KNN_K_VALUES
     assert json.loads((tmp_path / "k.json").read_text())["results"] == report["results"]
     assert "baseline pixel_knn" in evaluate.format_table(report)
 
 
 def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
     settings = evaluate.make_settings(
-        tiny_run.workdir, "linear", epochs=3, batch_size=16, output=str(tmp_path / "l.json")
+        tiny_run.workdir,
+        "linear",
+        linear_solver="sgd",
+        epochs=3,
+        batch_size=16,
+        output=str(tmp_path / "l.json"),
     )
     report = evaluate.evaluate(settings)
     assert list(report["results"]) == list(evaluation.BLOCKS)
@@ -79,7 +85,14 @@ def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
         assert 0 <= r["top1"] <= r["top5"] <= 1 and np.isfinite(r["train_loss"])
     best = max(report["results"], key=lambda b: report["results"][b]["top1"])
     assert report["best"]["block"] == best
-    assert set(report["baselines"]) == {"pixel_knn", "pixel_logistic_regression"}
+    assert set(report["baselines"]) == {
+        "pixel_knn",
+        "pixel_knn_tuned_k",
+        "pixel_logistic_regression",
+        "random_init_knn",
+        "random_init_logistic_regression",
+    }
+    assert report["baselines"]["pixel_logistic_regression"]["converged"]
     # The toy classes are bright bars: a pixel logistic regression separates them.
     assert report["baselines"]["pixel_logistic_regression"]["top1"] > 0.9
     assert tf.io.gfile.glob(os.path.join(tiny_run.workdir, "eval/tensorboard/linear/*"))
@@ -104,7 +117,10 @@ def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path)
     assert set(report["baselines"]) == {
         "frozen_embedding_knn",
         "pixel_knn",
+        "pixel_knn_tuned_k",
         "pixel_logistic_regression",
+        "random_init_knn",
+        "random_init_logistic_regression",
         "random_init_network",
     }
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["label_fraction"] == 0.25
@@ -156,7 +172,8 @@ def test_finetune_transfers_to_a_folder_and_holds_out_a_disjoint_split(tiny_run,
         (dict(protocol="semi", label_fraction=0.0), r"--label_fraction=0.0 must be in \(0, 1\]"),
         (dict(protocol="semi", label_fraction=1.5), r"--label_fraction=1.5 must be in \(0, 1\]"),
         (dict(protocol="semi", block="stage4"), "--block applies to knn and linear"),
-        (dict(protocol="knn", k=0), "--k=0 must be >= 1"),
+        (dict(protocol="knn", knn_k=0), "--knn_k=0 must be >= 1"),
+        (dict(protocol="linear", linear_solver="adam"), "--linear_solver=adam is not one of"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, overrides, message):

@@ -144,3 +144,73 @@ def test_linear_probes_learn_each_block_separately():
     )
     assert results["signal"]["top1"] > 0.97
     assert results["noise"]["top1"] < 0.6
+
+
+def _blobs(seed, n_train=300, n_test=120, dim=6, classes=3, spread=1.5):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim)) * 2
+    y_train, y_test = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
+    x_train = centres[y_train] + spread * rng.standard_normal((n_train, dim))
+    x_test = centres[y_test] + spread * rng.standard_normal((n_test, dim))
+    # Wildly different column scales and one constant column: the fit standardises them.
+    scale = np.array([1e-3, 1.0, 1e3, 1.0, 10.0, 1.0])[:dim]
+    x_train, x_test = x_train * scale, x_test * scale
+    x_train[:, 3] = x_test[:, 3] = 7.0
+    return x_train, y_train, x_test, y_test
+
+
+def test_logistic_regression_chooses_c_on_held_out_train_rows_only():
+    from sklearn import linear_model
+
+    x_train, y_train, x_test, y_test = _blobs(0)
+    result = evaluation.logistic_regression(
+        x_train, y_train, x_test, y_test, c_values=(1e-4, 1.0), seed=3
+    )
+    fit, held = evaluation.selection_split(y_train, 0.1, seed=3)
+    assert len(np.intersect1d(fit, held)) == 0 and len(fit) + len(held) == len(y_train)
+    # Oracle: the same choice and refit done by hand with scikit-learn.
+    std = x_train[fit].std(0)
+    std[std < 1e-8] = 1
+    held_top1 = {}
+    for c in (1e-4, 1.0):
+        model = linear_model.LogisticRegression(C=c, max_iter=1000)
+        model.fit((x_train[fit] - x_train[fit].mean(0)) / std, y_train[fit])
+        held_top1[str(c)] = np.mean(
+            model.predict((x_train[held] - x_train[fit].mean(0)) / std) == y_train[held]
+        )
+    assert result["held_out_top1"] == pytest.approx(held_top1)
+    assert result["C"] == 1.0  # C=1e-4 shrinks every weight to about 0 on these blobs
+    std = x_train.std(0)
+    std[std < 1e-8] = 1
+    model = linear_model.LogisticRegression(C=1.0, max_iter=1000)
+    model.fit((x_train - x_train.mean(0)) / std, y_train)
+    want = np.mean(model.predict((x_test - x_train.mean(0)) / std) == y_test)
+    assert result["top1"] == pytest.approx(want)
+    assert result["converged"] and result["top1"] > 0.8
+
+
+def test_knn_tuned_picks_the_best_held_out_k():
+    x_train, y_train, x_test, y_test = _blobs(1, spread=2.5)
+    result = evaluation.knn_tuned(
+        x_train, y_train, x_test, y_test, temperature=0.1, num_classes=3, k_values=(1, 25)
+    )
+    fit, held = evaluation.selection_split(y_train, 0.1, seed=0)
+    held_top1 = {
+        str(k): evaluation.knn_accuracies(
+            x_train[fit],
+            y_train[fit],
+            x_train[held],
+            y_train[held],
+            k=k,
+            temperature=0.1,
+            num_classes=3,
+        )["top1"]
+        for k in (1, 25)
+    }
+    assert result["held_out_top1"] == held_top1
+    best = max((1, 25), key=lambda k: held_top1[str(k)])
+    assert result["k"] == best
+    want = evaluation.knn_accuracies(
+        x_train, y_train, x_test, y_test, k=best, temperature=0.1, num_classes=3
+    )
+    assert result["top1"] == want["top1"]

@@ -51,13 +51,15 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for key in ("loss_ins", "loss_inv", "knn_top1", "graph_seconds", "images_per_second"):
         assert key in rows[0]
-    assert rows[0]["loss_inv"] is None and rows[0]["graph_seconds"] is None  # ramp-up
-    assert rows[2]["loss_inv"] is not None and rows[2]["graph_seconds"] >= 0
-    assert rows[0]["purity_neighbors"] is None and rows[0]["graph_recall"] is None  # no graph
-    assert rows[2]["graph_recall"] == pytest.approx(1.0, abs=0.02)  # brute force is exact
-    for key in ("purity_neighbors", "purity_hard"):
-        assert 0.0 <= rows[2][key] <= 1.0
-    assert 1.0 <= rows[2]["mean_positives"] <= 2 + 4  # k + k^2 with k = 2
+    assert rows[0]["loss_inv"] is None and rows[2]["loss_inv"] is not None  # ramp-up
+    # The graph is built and monitored in every epoch, the ramp-up's included.
+    for row in rows:
+        assert row["graph_seconds"] >= 0
+        assert row["graph_recall"] == pytest.approx(1.0, abs=0.02)  # brute force is exact
+        for key in ("purity_neighbors", "purity_hard"):
+            assert 0.0 <= row[key] <= 1.0
+        assert 1.0 <= row["mean_positives"] <= 2 + 4  # k + k^2 with k = 2
+        assert "purity_neighbors_bank_graph" not in row  # only with --graph_features=fresh
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in rows)
     assert last == rows[-1]
     assert tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints")).endswith("-3")
@@ -68,6 +70,48 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
     assert workdir_lib.load_run(config.workdir).epoch == 3
     assert graph.shape == (64, 2) and not np.any(graph == np.arange(64)[:, None])
     np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
+
+
+def test_instance_only_run_monitors_a_graph_its_loss_never_reads(
+    tiny_idx_dir, tmp_path, monkeypatch
+):
+    config = tiny_config(tiny_idx_dir, tmp_path / "monitored", lambda_inv=0.0, epochs=2)
+    train.train_and_evaluate(config, config.workdir)
+    rows = _rows(config.workdir)
+    assert all(r["loss_inv"] is None and 0 <= r["purity_neighbors"] <= 1 for r in rows)
+    # The same run with a graph of zeros trains to the same state: the loss ignores it.
+    zeros = lambda bank, k, method: np.zeros((len(bank), k), np.int32)  # noqa: E731
+    monkeypatch.setattr(train.neighbors, "build_knn_graph", zeros)
+    blind = dataclasses.replace(config, workdir=str(tmp_path / "blind"))
+    train.train_and_evaluate(blind, blind.workdir)
+    weights_a, bank_a, _ = _restored_state(config.workdir)
+    weights_b, bank_b, _ = _restored_state(blind.workdir)
+    np.testing.assert_array_equal(bank_b, bank_a)
+    for a, b in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_array_equal(b, a)
+
+
+def test_graph_from_fresh_features(tiny_idx_dir, tmp_path):
+    from invp_tf import neighbors
+
+    config = tiny_config(tiny_idx_dir, tmp_path / "fresh", graph_features="fresh", epochs=2)
+    train.train_and_evaluate(config, config.workdir)
+    rows = _rows(config.workdir)
+    for row in rows:  # both graphs' purity on the same epoch
+        assert 0 <= row["purity_neighbors"] <= 1 and 0 <= row["purity_neighbors_bank_graph"] <= 1
+    # The checkpointed graph (built before the last epoch) is the exact kNN graph of the
+    # encoder's embeddings as they were then: rebuild that state and compare.
+    run = workdir_lib.load_run(config.workdir)
+    source = train.data.load_source("fashion_mnist", "train", config.data_dir)
+    previous = tf.train.Checkpoint(encoder=run.encoder)
+    path = os.path.join(config.workdir, "checkpoints", "ckpt-1")
+    previous.restore(path).expect_partial()
+    infer = train.evaluation.inference_function(run.encoder)
+    steps = tf.Variable(0, dtype=tf.int64)
+    embeddings = train.FreshEmbeddings(infer, source, config, steps)()
+    want = neighbors.build_knn_graph(embeddings, config.num_neighbors, "brute_force")
+    np.testing.assert_array_equal(run.knn_graph, want)
+    assert not np.array_equal(run.knn_graph, neighbors.build_knn_graph(run.bank, 2, "brute_force"))
 
 
 class _Interrupt(Exception):

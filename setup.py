@@ -29,6 +29,9 @@ setuptools.setup(
         # tf.summary need it.
         "tensorboard~=2.20.0",
         "numpy>=1.26",
+        # The converged logistic-regression probe and baselines of invp_tf.evaluate
+        # (full-batch L-BFGS); its scipy gives the study's t-intervals.
+        "scikit-learn>=1.3",
         # invp_tf.analyze draws its figures on the Agg canvas (no display needed).
         "matplotlib>=3.8",
     ],

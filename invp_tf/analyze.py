@@ -224,13 +224,13 @@ def _train_images(config, indices):
 
 
 def graph_was_built(run):
-    """Whether the run's checkpointed kNN graph was ever rebuilt from the bank.
+    """Whether the run's checkpointed kNN graph was ever built.
 
-    The graph variable starts as zeros and is only rebuilt before epochs that
-    use L_inv (after the ramp-up, lambda_inv > 0).
+    The graph variable starts as zeros (row 0 then lists itself, which a built graph never
+    does); it is built before every epoch of runs with labels, and before the epochs that
+    use it otherwise. Read off the graph, not the flags, so that every mode agrees.
     """
-    config = run.config
-    return config.lambda_inv > 0 and run.epoch > config.rampup_epochs
+    return bool(np.any(run.knn_graph))
 
 
 def _graph(run):

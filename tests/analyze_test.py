@@ -243,3 +243,19 @@ def test_index_renders_in_a_browser(run_dir, tmp_path):
     pixels = _png(shot)
     # The figures fill much of the page: many distinct colours, not a blank page.
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+def test_positives_of_a_knn_positives_run_come_from_a_real_graph(run_dir, tmp_path):
+    # --positive_mode=knn: the loss never reads the graph; the figure must not draw
+    # positives from the graph variable's initial zeros.
+    config = workdir_lib.load_run(run_dir).config
+    config = dataclasses.replace(config, workdir=str(tmp_path / "knn"), positive_mode="knn")
+    train.train_and_evaluate(config, config.workdir)
+    run = workdir_lib.load_run(config.workdir)
+    graph = analyze._graph(run)
+    assert analyze.graph_was_built(run)
+    assert not np.any(graph == np.arange(len(graph))[:, None])  # zeros: row 0 lists itself
+    unbuilt = dataclasses.replace(run, knn_graph=np.zeros_like(run.knn_graph))
+    assert not analyze.graph_was_built(unbuilt)
+    rebuilt = analyze._graph(unbuilt)  # falls back to the final bank's graph
+    assert not np.any(rebuilt == np.arange(len(rebuilt))[:, None])

@@ -15,7 +15,6 @@ Labels are read only here, to look at the embedding; training never sees them.
 Figures are drawn on matplotlib's Agg canvas, so no display is needed.
 """
 
-import dataclasses
 import functools
 import html
 import json
@@ -50,26 +49,6 @@ CURVE_PANELS = (
 
 # ---------------------------------------------------------------------------
 # Pure helpers (tested against hand-worked cases).
-
-
-def class_balanced_sample(labels, per_class, seed):
-    """Up to `per_class` positions of each class, drawn without replacement.
-
-    Args:
-      labels: [n] int labels; negative values (unknown) are never drawn.
-      per_class: positions drawn per class (all of a class that has fewer).
-      seed: seed of the draw.
-
-    Returns:
-      [m] int64 positions into `labels`, sorted.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels[labels >= 0]):
-        members = np.flatnonzero(labels == label)
-        chosen.append(rng.choice(members, min(per_class, len(members)), replace=False))
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros([0], np.int64)
 
 
 def neighbor_similarities(embeddings, labels, k=NUM_NEIGHBORS, chunk_size=1024):
@@ -169,35 +148,20 @@ def _test_labels(dataset, data_dir):
             f"the test split of {dataset} has no labels: the similarity figure compares "
             "same-class and other-class neighbours, so it needs a labelled test split"
         )
-    labels = np.full(source.num_examples, -1, np.int32)
-    for index, label in source.dataset().map(lambda ex: (ex["index"], ex["label"])).batch(4096):
-        labels[index.numpy()] = label.numpy()
+    labels = data.labels_by_index(source)
     if not np.any(labels >= 0):
         raise ValueError(f"the test split of {dataset} has no labelled images")
     return labels
-
-
-def _only(source, indices):
-    """`source` restricted to the examples whose index is in `indices` (source order)."""
-    keep = np.zeros(source.num_examples, bool)
-    keep[indices] = True
-    keep = tf.constant(keep)
-
-    def make_dataset(shuffle_files, seed):
-        ds = source.dataset(shuffle_files, seed)
-        return ds.filter(lambda ex: tf.gather(keep, ex["index"]))
-
-    return dataclasses.replace(source, make_dataset=make_dataset)
 
 
 def _test_embeddings(run, samples_per_class, seed):
     """Fresh embeddings of a class-balanced test sample: (embeddings [m, D], labels [m])."""
     config = run.config
     labels = _test_labels(config.dataset, config.data_dir)
-    sample = class_balanced_sample(labels, samples_per_class, seed)
+    sample = evaluation.balanced_subset(labels, per_class=samples_per_class, seed=seed)
     source = data.load_source(config.dataset, "test", config.data_dir or None)
     pipeline = data.eval_pipeline(
-        _only(source, sample), batch_size=256, image_size=config.image_size
+        data.subset_source(source, sample), batch_size=256, image_size=config.image_size
     )
     embeddings, _, sample_labels = evaluation.extract_embeddings(
         evaluation.inference_function(run.encoder), pipeline
@@ -216,7 +180,7 @@ def _train_images(config, indices):
     )
     wanted = set(int(i) for i in indices)
     found = {}
-    for ex in _only(source, sorted(wanted)).dataset().as_numpy_iterator():
+    for ex in data.subset_source(source, sorted(wanted)).dataset().as_numpy_iterator():
         found[int(ex["index"])] = (ex["image"], int(ex["label"]))
         if len(found) == len(wanted):
             break
@@ -560,7 +524,11 @@ def analyze(workdir, output_dir, compare=None, num_anchors=6, samples_per_class=
     names = [workdir] + ([compare] if compare else [])
 
     c = run.config
-    count = len(class_balanced_sample(_test_labels(c.dataset, c.data_dir), samples_per_class, seed))
+    count = len(
+        evaluation.balanced_subset(
+            _test_labels(c.dataset, c.data_dir), per_class=samples_per_class, seed=seed
+        )
+    )
     similarity = similarity_figure(run, output_dir, compare_run, samples_per_class, seed, names)
     positives = positives_figure(run, output_dir, num_anchors, seed, workdir)
     curves = curves_figure(workdir, output_dir, compare)

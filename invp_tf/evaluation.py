@@ -203,22 +203,27 @@ def knn_accuracies(
     return top_k_accuracies(scores, test_labels)
 
 
-def balanced_subset(labels, fraction, seed=0, exclude=None):
-    """A class-balanced labelled subset: `fraction` of every class, drawn with a fixed seed.
+def balanced_subset(labels, fraction=None, seed=0, exclude=None, *, per_class=None):
+    """A class-balanced labelled subset: `fraction` of every class (or `per_class` examples
+    of each), drawn with a fixed seed.
 
-    Class c contributes round(fraction * n_c) examples (at least 1) of its n_c candidates;
-    the draw for class c depends only on (seed, c, its candidates), so it is reproducible.
+    Class c contributes round(fraction * n_c) examples (at least 1) of its n_c candidates,
+    or min(per_class, n_c); the draw for class c depends only on (seed, c, its
+    candidates), so it is reproducible.
 
     Args:
       labels: [N] int labels (negative = unlabelled, never drawn).
-      fraction: in (0, 1].
+      fraction: in (0, 1]; give this or per_class.
       seed: the seed of the draw.
       exclude: optional indices that must not be drawn (a held-out evaluation split).
+      per_class: examples drawn per class (all of a class that has fewer).
 
     Returns:
       Sorted int64 indices into labels.
     """
-    if not 0 < fraction <= 1:
+    if (fraction is None) == (per_class is None):
+        raise ValueError("give one of fraction and per_class")
+    if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
     labels = np.asarray(labels)
     allowed = labels >= 0
@@ -227,7 +232,10 @@ def balanced_subset(labels, fraction, seed=0, exclude=None):
     chosen = []
     for c in np.unique(labels[allowed]):
         candidates = np.flatnonzero(allowed & (labels == c))
-        n = min(len(candidates), max(1, int(round(fraction * len(candidates)))))
+        if per_class is None:
+            n = min(len(candidates), max(1, int(round(fraction * len(candidates)))))
+        else:
+            n = min(len(candidates), per_class)
         rng = np.random.default_rng([seed, int(c)])
         chosen.append(np.sort(rng.choice(candidates, size=n, replace=False)))
     if not chosen:

@@ -50,15 +50,6 @@ def _png(path):
     return pixels
 
 
-def test_class_balanced_sample():
-    labels = np.array([0, 0, 0, 1, 1, 2, -1])
-    sample = analyze.class_balanced_sample(labels, per_class=2, seed=0)
-    assert list(sample) == sorted(sample)
-    counts = np.bincount(labels[sample], minlength=3)
-    assert list(counts) == [2, 2, 1]  # class 2 has one image; the unlabelled one is never drawn
-    np.testing.assert_array_equal(sample, analyze.class_balanced_sample(labels, 2, seed=0))
-
-
 def test_neighbor_similarities_hand_worked():
     # Four unit vectors in the plane; a, b are class 0 and c, d class 1.
     #   a.b = 0.8  a.c = 0.6  a.d = 0.0  b.c = 0.96  b.d = 0.6  c.d = 0.8

@@ -457,10 +457,15 @@ def _standardize(train, *others):
     return [((np.asarray(a, np.float64) - mean) / std).astype(np.float32) for a in (train, *others)]
 
 
-def _fit_logistic_regression(x, y, c, max_iter):
+def _fit_logistic_regression(x, y, c, max_iter, start=None):
+    """scikit-learn's multinomial L-BFGS fit; `start` = (coef, intercept) to warm-start from."""
     from sklearn import linear_model  # imported here: only the probes need scikit-learn
 
-    model = linear_model.LogisticRegression(C=c, max_iter=max_iter, tol=1e-4)
+    model = linear_model.LogisticRegression(
+        C=c, max_iter=max_iter, tol=1e-4, warm_start=start is not None
+    )
+    if start is not None:
+        model.coef_, model.intercept_ = (np.array(a) for a in start)
     model.fit(x, y)
     return model
 
@@ -481,22 +486,25 @@ def logistic_regression(
 
     The strong linear baseline (and probe): each candidate C is fitted on train minus a
     class-balanced `held_out_fraction`, the best on the held-out rows is refitted on all of
-    train and scored once on the test rows.
+    train and scored once on the test rows. The problem is strictly convex, so each fit
+    starts from the previous solution (C ascending, then the chosen C's) to save
+    iterations; it ends at the same optimum.
 
     Returns:
       {"top1", "top5", "C", "held_out_top1": {C: top1}, "iterations", "converged"}.
     """
     labels = np.asarray(train_labels)
-    held_out = {}
+    held_out, solutions, start = {}, {}, None
     if len(c_values) > 1:
         fit_rows, held = selection_split(labels, held_out_fraction, seed)
         x_fit, x_held = _standardize(train_features[fit_rows], train_features[held])
-        for c in c_values:
-            model = _fit_logistic_regression(x_fit, labels[fit_rows], c, max_iter)
+        for c in sorted(c_values):
+            model = _fit_logistic_regression(x_fit, labels[fit_rows], c, max_iter, start)
             held_out[str(c)] = float(np.mean(model.predict(x_held) == labels[held]))
+            start = solutions[c] = (model.coef_, model.intercept_)
     best = max(c_values, key=lambda c: held_out.get(str(c), 0.0))
     x_train, x_test = _standardize(train_features, test_features)
-    model = _fit_logistic_regression(x_train, labels, best, max_iter)
+    model = _fit_logistic_regression(x_train, labels, best, max_iter, solutions.get(best))
     scores = np.zeros((len(x_test), int(labels.max()) + 1), np.float32)
     scores[:, model.classes_] = model.predict_proba(x_test)
     iterations = int(np.max(model.n_iter_))

@@ -162,17 +162,6 @@ def _naming_unreadable_images(source):
         raise
 
 
-def _truncate_metrics(path, first_epoch):
-    """Drops rows of epochs >= first_epoch (written before a crash, then redone)."""
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["epoch"] < first_epoch]
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        f.write("".join(rows))
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-
-
 # Exit status of a preempted run (TF's restart code on managed clusters).
 PREEMPTED_EXIT_CODE = 42
 
@@ -217,13 +206,14 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
     """
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        return _train_and_evaluate(config, workdir, callbacks, strategy)
+        with contextlib.ExitStack() as on_exit:  # releases the run's lock
+            return _train_and_evaluate(config, workdir, callbacks, strategy, on_exit)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
 
 
-def _train_and_evaluate(config, workdir, callbacks, strategy):
+def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
     """Trains (or resumes) a run in `workdir`; returns the last metrics row.
 
     Args:
@@ -233,6 +223,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         one to interrupt a run).
       strategy: a tf.distribute strategy to train under; None builds the one of
         --strategy (tests share one MirroredStrategy per process).
+      on_exit: an ExitStack that holds the run's lock until training ends.
 
     Raises:
       Preempted: SIGTERM reached a worker; the checkpoint to resume from is saved.
@@ -243,11 +234,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         )
     chief = distribute.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
-    tf.io.gfile.makedirs(workdir)
-    if chief:
-        # First, so that even a run stopped by bad input can be replayed after a fix.
-        with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as f:
-            f.write("\n".join(dataclasses.replace(config, workdir=workdir).flagfile_lines()) + "\n")
+    # Nothing is written to the workdir before the flags are checked.
+    workdir_lib.check_workdir(workdir)
     keras.utils.set_random_seed(config.seed)
     data_dir = config.data_dir or None
     train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
@@ -265,6 +253,16 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             f"--batch_size={config.batch_size} does not split over the {replicas} replicas of "
             f"--strategy={config.strategy} (use a multiple of {replicas})"
         )
+    if chief:  # one training per run; a second one stops here naming the first
+        on_exit.enter_context(workdir_lib.lock(workdir))
+    # A rerun may change only flags that keep the model, data, bank and optimizer state.
+    changed = workdir_lib.flag_changes(workdir, config)
+    previous_flags = workdir_lib.read_flags(workdir)
+    if chief:
+        workdir_lib.prepare(workdir)  # removes partial saves of earlier crashes
+        workdir_lib.repair_checkpoint_state(workdir)
+        if not workdir_lib.checkpoint_paths(workdir):  # a new run (or one without a checkpoint)
+            workdir_lib.write_flags(workdir, config)
     steps_per_epoch = num_examples // config.batch_size
     view = augment.get_view(config.augment)
     if config.augment == "crop_flip":
@@ -329,31 +327,38 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         )
 
     def save(number):
-        path = write_manager.save(checkpoint_number=number)
+        path = workdir_lib.save_checkpoint(write_manager, number)
         if not chief:
             tf.io.gfile.rmtree(write_manager.directory)
         return path
 
     infer = evaluation.inference_function(encoder)
-    if manager.latest_checkpoint:
-        saved = [name for name, _ in tf.train.list_variables(manager.latest_checkpoint)]
+
+    def restore(path):
+        saved = [name for name, _ in tf.train.list_variables(path)]
         if any(name.startswith("step/") for name in saved):
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            checkpoint.restore(path).assert_existing_objects_matched()
         else:  # written before steps were counted apart: every step was applied then
-            restore = tf.train.Checkpoint(**parts).restore(manager.latest_checkpoint)
-            restore.assert_existing_objects_matched()
+            tf.train.Checkpoint(**parts).restore(path).assert_existing_objects_matched()
             model.steps.assign(optimizer.iterations)
-    elif config.bank_init == "encoder":
+
+    # The newest readable checkpoint (a corrupt one is named and skipped).
+    resumed_from = workdir_lib.restore_newest(workdir, restore)
+    if resumed_from and chief:  # the run's record changes only once its state is back
+        workdir_lib.write_flags(
+            workdir, config, changed, int(epoch_counter.numpy()), previous_flags
+        )
+    if not resumed_from and config.bank_init == "encoder":
         eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
         features, index, _ = evaluation.extract_embeddings(infer, eval_data)
         model.memory_bank.assign(features[np.argsort(index)])
     first_epoch = int(epoch_counter.numpy())
     # Steps of the first epoch already done: > 0 only after a preemption save.
     done_steps = int(model.steps.numpy()) - first_epoch * steps_per_epoch
-    if manager.latest_checkpoint:
+    if resumed_from:
         logging.info(
             "Resumed from %s (epoch %d, step %d).",
-            manager.latest_checkpoint,
+            resumed_from,
             first_epoch,
             int(model.steps.numpy()),
         )
@@ -380,9 +385,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             ),
         )
         preemption_callbacks.append(_SaveIfPreempted(handler))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if chief:
-        _truncate_metrics(metrics_path, first_epoch)
+        workdir_lib.truncate_metrics(workdir, first_epoch)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
     with _naming_unreadable_images(train_source):
         train_labels = data.labels_by_index(train_source) if train_source.num_classes else None
@@ -494,7 +498,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             )
 
         # 4. Metrics row, then checkpoint (a crash between them redoes the epoch
-        # and `_truncate_metrics` drops the stale row).
+        # and `truncate_metrics` drops the stale row).
         row = {
             "epoch": epoch,
             "loss": logs.get("loss"),
@@ -510,8 +514,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             "learning_rate": float(optimizer.learning_rate.numpy()),
         }
         if chief:
-            with tf.io.gfile.GFile(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            workdir_lib.append_metrics(workdir, row)
             with writer.as_default(step=epoch + 1):
                 for name, value in row.items():
                     if name != "epoch" and value is not None:

@@ -37,6 +37,8 @@ from invp_tf import workdir as workdir_lib
 
 # The purity monitor measures at most this many anchors (a fixed random sample).
 _PURITY_MAX_ANCHORS = 10_000
+# Smallest --image_size: a crop of 8x8 pixels still has structure after the encoder's stem.
+MIN_IMAGE_SIZE = 8
 
 
 class TrainingError(RuntimeError):
@@ -68,6 +70,11 @@ def validate(config, num_examples):
         (config.num_positives >= 1, f"--num_positives={config.num_positives} must be >= 1"),
         (config.num_knn_positives >= 0, f"--num_knn_positives={config.num_knn_positives} < 0"),
         (config.embedding_dim >= 1, f"--embedding_dim={config.embedding_dim} must be >= 1"),
+        (
+            config.image_size >= MIN_IMAGE_SIZE,
+            f"--image_size={config.image_size} must be >= {MIN_IMAGE_SIZE} (smaller crops "
+            "leave the encoder nothing to see)",
+        ),
         (config.temperature > 0, f"--temperature={config.temperature} must be > 0"),
         (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
         (config.eval_every >= 1, f"--eval_every={config.eval_every} must be >= 1"),

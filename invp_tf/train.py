@@ -322,6 +322,23 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
         epoch=epoch_counter,
     )
     checkpoint = tf.train.Checkpoint(step=model.steps, **parts)
+
+    def restore(path):
+        saved = [name for name, _ in tf.train.list_variables(path)]
+        if any(name.startswith("step/") for name in saved):
+            checkpoint.restore(path).assert_existing_objects_matched()
+        else:  # written before steps were counted apart: every step was applied then
+            tf.train.Checkpoint(**parts).restore(path).assert_existing_objects_matched()
+            model.steps.assign(optimizer.iterations)
+
+    # The newest readable checkpoint (a corrupt one is named and set aside), before the
+    # managers below read the checkpoint list.
+    resumed_from = workdir_lib.restore_newest(workdir, restore, set_aside=chief)
+    if resumed_from and chief:  # the run's record changes only once its state is back
+        workdir_lib.write_flags(
+            workdir, config, changed, int(epoch_counter.numpy()), previous_flags
+        )
+
     # CheckpointManager writes the data files first and then replaces the small
     # `checkpoint` index file, so a crash mid-save leaves the previous one valid.
     # Every worker reads the chief's checkpoints; the others write scratch copies.
@@ -340,21 +357,6 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
         return path
 
     infer = evaluation.inference_function(encoder)
-
-    def restore(path):
-        saved = [name for name, _ in tf.train.list_variables(path)]
-        if any(name.startswith("step/") for name in saved):
-            checkpoint.restore(path).assert_existing_objects_matched()
-        else:  # written before steps were counted apart: every step was applied then
-            tf.train.Checkpoint(**parts).restore(path).assert_existing_objects_matched()
-            model.steps.assign(optimizer.iterations)
-
-    # The newest readable checkpoint (a corrupt one is named and skipped).
-    resumed_from = workdir_lib.restore_newest(workdir, restore)
-    if resumed_from and chief:  # the run's record changes only once its state is back
-        workdir_lib.write_flags(
-            workdir, config, changed, int(epoch_counter.numpy()), previous_flags
-        )
     if not resumed_from and config.bank_init == "encoder":
         eval_data = data.eval_pipeline(train_source, batch_size=256, image_size=config.image_size)
         features, index, _ = evaluation.extract_embeddings(infer, eval_data)

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from invp_tf import config as config_lib
 from invp_tf import encoder as encoder_lib
@@ -308,17 +309,16 @@ def write_flags(workdir, config, changed=(), epoch=0, previous=None):
 # Checkpoints.
 
 
-def _checkpoint_state_ok(checkpoint_dir):
+def _checkpoint_state_ok(checkpoint_dir, newest):
     try:
         state = tf.train.get_checkpoint_state(checkpoint_dir)
     except Exception:  # noqa: BLE001 (any parse error means the same: unreadable)
         return False
     if state is None or not state.model_checkpoint_path:
         return False
-    path = state.model_checkpoint_path
-    if not os.path.isabs(path) and _is_local(path):
-        path = os.path.join(checkpoint_dir, path)
-    return tf.io.gfile.exists(path + ".index")
+    # The newest checkpoint on disk, or CheckpointManager (and the preemption handler, which
+    # restores its latest checkpoint) would read another one than the run resumes from.
+    return os.path.basename(state.model_checkpoint_path) == os.path.basename(newest)
 
 
 def _progress(path):
@@ -354,17 +354,20 @@ def checkpoint_paths(workdir):
 
 
 def repair_checkpoint_state(workdir):
-    """Rewrites a missing or garbled `checkpoints/checkpoint` from the checkpoint files.
+    """Rewrites a missing, garbled or stale `checkpoints/checkpoint` from the checkpoint files.
 
     CheckpointManager reads that file to find the latest checkpoint and the ones to rotate;
-    without this, a lost file would silently restart the run from scratch.
+    without this, a lost file would silently restart the run from scratch. Stale: it names
+    another checkpoint than the newest on disk (a crash between a save and its state update).
     """
     checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
     paths = checkpoint_paths(workdir)
-    if not paths or _checkpoint_state_ok(checkpoint_dir):
+    if not paths or _checkpoint_state_ok(checkpoint_dir, paths[0]):
         return
     state_file = os.path.join(checkpoint_dir, "checkpoint")
-    problem = "garbled" if tf.io.gfile.exists(state_file) else "missing"
+    problem = "missing"
+    if tf.io.gfile.exists(state_file):
+        problem = "garbled or stale"
     logging.warning(
         "%s is %s; rebuilt it from the checkpoint files (newest: %s).",
         state_file,
@@ -379,7 +382,7 @@ def repair_checkpoint_state(workdir):
         )
 
 
-def restore_newest(workdir, restore, checkpoint=None):
+def restore_newest(workdir, restore, checkpoint=None, set_aside=False):
     """Restores the newest readable checkpoint of `workdir` with `restore(path)`.
 
     A checkpoint that fails (truncated, checksum, unreadable index) is named in a warning and
@@ -390,6 +393,8 @@ def restore_newest(workdir, restore, checkpoint=None):
       workdir: the run folder.
       restore: callable(path) that restores every variable or raises.
       checkpoint: a checkpoint to use instead ("ckpt-3" or a path); no fallback then.
+      set_aside: move the checkpoints that failed to `checkpoints/corrupt/` (training's
+        chief: the run continues from the one restored and must not meet them again).
 
     Returns:
       The path restored; None when the run has no checkpoint yet.
@@ -422,6 +427,8 @@ def restore_newest(workdir, restore, checkpoint=None):
             logging.warning(
                 "Restored %s; unreadable newer checkpoint(s): %s.", path, "; ".join(failures)
             )
+        if failures and set_aside:
+            _set_aside(workdir, candidates[: candidates.index(path)])
         return path
     if failures:
         raise WorkdirError(
@@ -429,6 +436,19 @@ def restore_newest(workdir, restore, checkpoint=None):
             "files from a backup or start a new --workdir"
         )
     return None
+
+
+def _set_aside(workdir, paths):
+    corrupt = os.path.join(workdir, CHECKPOINT_DIR, "corrupt")
+    with writing(corrupt, "the unreadable checkpoints to"):
+        tf.io.gfile.makedirs(corrupt)
+        for path in paths:
+            for name in tf.io.gfile.glob(path + ".*"):
+                tf.io.gfile.rename(
+                    name, os.path.join(corrupt, os.path.basename(name)), overwrite=True
+                )
+            logging.warning("Moved the unreadable %s to %s.", os.path.basename(path), corrupt)
+    repair_checkpoint_state(workdir)
 
 
 def save_checkpoint(manager, number):
@@ -540,6 +560,22 @@ class Run:
     checkpoint: str = ""  # the checkpoint restored
 
 
+def _encoder_variable_count(reader):
+    """Variables saved under the checkpoint's `encoder` (however each one's key is named)."""
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    roots = [c.node_id for c in graph.nodes[0].children if c.local_name == "encoder"]
+    seen, todo = set(roots), list(roots)
+    while todo:
+        for child in graph.nodes[todo.pop()].children:
+            if child.node_id not in seen:
+                seen.add(child.node_id)
+                todo.append(child.node_id)
+    return sum(
+        any(a.name == "VARIABLE_VALUE" for a in graph.nodes[node].attributes) for node in seen
+    )
+
+
 def load_run(workdir, checkpoint=None):
     """Restores encoder, bank and graph of the newest readable checkpoint in `workdir`.
 
@@ -574,6 +610,13 @@ def load_run(workdir, checkpoint=None):
             raise WorkdirError(
                 f"{path} does not match {flagfile}: its bank has width {shapes[bank_key][-1]}, "
                 f"not --embedding_dim={config.embedding_dim}"
+            )
+        saved = _encoder_variable_count(reader)
+        if saved != len(encoder.weights):  # e.g. an mlp head's checkpoint read as linear
+            raise WorkdirError(
+                f"{path} does not match {flagfile} (--encoder={config.encoder} "
+                f"--head={config.head} --width_multiplier={config.width_multiplier}): its "
+                f"encoder has {saved} variables, these flags build {len(encoder.weights)}"
             )
         try:
             status = tf.train.Checkpoint(encoder=encoder, epoch=epoch).restore(path)

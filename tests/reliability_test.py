@@ -377,7 +377,7 @@ def test_cli_on_a_file_size_limit_reports_the_checkpoint_and_reruns(tmp_path):
         "sys.argv = sys.argv[1:]; runpy.run_module('invp_tf.train', run_name='__main__')"
     )
     result = subprocess.run(
-        [sys.executable, "-c", limit, *command[1:]],
+        [sys.executable, "-c", limit, *command[2:]],
         cwd=REPO,
         capture_output=True,
         text=True,

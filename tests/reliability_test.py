@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import zlib
 
 import keras
@@ -405,39 +407,39 @@ def test_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_ov
 ):
     straight, halfway = runs
     run = _copy(halfway, tmp_path)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from invp_tf import workdir\n"
-            f"with workdir.lock({run.workdir!r}):\n"
-            "    print('locked', flush=True); time.sleep(120)",
-        ],
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("\n".join(run.flagfile_lines()) + "\n")
+    lock = os.path.join(run.workdir, "train.lock")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "invp_tf.train", f"--flagfile={flagfile}"],
         cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        deadline = time.time() + 120
+        while not os.path.exists(lock) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # the first training, frozen while it holds the run
         before = _file_hashes(run.workdir)
         second = dataclasses.replace(run, learning_rate=0.5)
         with pytest.raises(workdir_lib.WorkdirError) as error:
             train.train_and_evaluate(second, second.workdir)
-        lock = os.path.join(run.workdir, "train.lock")
         assert str(error.value) == (
-            f"{run.workdir} is in use by another training: pid {holder.pid} on host "
+            f"{run.workdir} is in use by another training: pid {first.pid} on host "
             f"{socket.gethostname()} ({lock}); wait for it to end or stop it, or train into "
             "another --workdir"
         )
         assert _file_hashes(run.workdir) == before
     finally:
-        holder.kill()  # as kill -9: the lock file stays behind
-        holder.wait()
+        first.kill()  # kill -9: its lock file stays behind
+        first.wait()
     assert os.path.exists(lock)
     with caplog.at_level(logging.WARNING):
         train.train_and_evaluate(run, run.workdir)
-    assert f"Taking over {lock}: its process (pid {holder.pid} on" in caplog.text
+    assert f"Taking over {lock}: its process (pid {first.pid} on" in caplog.text
     assert not os.path.exists(lock)  # released on exit
+    assert _epochs(run.workdir) == [0, 1]
     _assert_bitwise_equal(straight.workdir, run.workdir)
 
 
@@ -518,15 +520,10 @@ def _png_header_only(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-def test_serving_empty_batches_and_the_pixel_limit(runs, tmp_path):
+def test_serving_empty_batches_give_empty_outputs(runs, tmp_path):
     straight, _ = runs
-    path = export.export_run(
-        straight.workdir, str(tmp_path / "models"), "invp", max_image_pixels=1000
-    )
-    with open(os.path.join(path, "assets", export.METADATA_FILE)) as f:
-        metadata = json.load(f)
-    assert metadata["max_image_pixels"] == 1000 and metadata["checkpoint"] == "ckpt-2"
-    # Empty batches, through the TF1 loader of saved_model_cli and TF Serving.
+    path = export.export_run(straight.workdir, str(tmp_path / "models"), "invp")
+    # Through the TF1 loader of saved_model_cli and TF Serving.
     empty = export.run_signatures_tf1(
         path,
         {
@@ -536,6 +533,37 @@ def test_serving_empty_batches_and_the_pixel_limit(runs, tmp_path):
     )
     for outputs in empty.values():
         assert outputs["embedding"].shape == (0, 16) and outputs["features"].shape == (0, 32)
+    # saved_model_cli run itself, the documented way to check an export.
+    np.save(tmp_path / "empty.npy", np.zeros([0, 12, 12, 3], np.float32))
+    result = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "saved_model_cli"),
+            "run",
+            "--dir",
+            path,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"images={tmp_path / 'empty.npy'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Result for output key embedding:\n[]" in result.stdout
+
+
+def test_serving_bytes_refuses_images_above_the_pixel_limit(runs, tmp_path):
+    straight, _ = runs
+    path = export.export_run(
+        straight.workdir, str(tmp_path / "models"), "invp", max_image_pixels=1000
+    )
+    with open(os.path.join(path, "assets", export.METADATA_FILE)) as f:
+        metadata = json.load(f)
+    assert metadata["max_image_pixels"] == 1000 and metadata["checkpoint"] == "ckpt-2"
     # Within the limit: decoded; above it: refused from the header, before decoding.
     small = tf.io.encode_png(np.zeros([20, 50, 3], np.uint8)).numpy()
     ok = export.run_signatures_tf1(
@@ -543,13 +571,11 @@ def test_serving_empty_batches_and_the_pixel_limit(runs, tmp_path):
     )
     assert ok["serving_bytes"]["embedding"].shape == (1, 16)
     jpeg = tf.io.encode_jpeg(np.zeros([30, 40, 3], np.uint8)).numpy()
-    for i, huge in enumerate([_png_header_only(100_000, 100_000), jpeg]):
+    for huge, pixels in [(_png_header_only(100_000, 100_000), 10**10), (jpeg, 1200)]:
         with pytest.raises(tf.errors.InvalidArgumentError) as error:
             export.run_signatures_tf1(
-                path,
-                {"serving_bytes": {"image_bytes": np.array([small, huge], dtype=object)}},
+                path, {"serving_bytes": {"image_bytes": np.array([small, huge], dtype=object)}}
             )
-        pixels = 10**10 if i == 0 else 1200
         assert (
             f"image_bytes[1] has {pixels} pixels (width x height), above the limit of 1000 of "
             "this export (--max_image_pixels of invp_tf.export)"

@@ -8,6 +8,7 @@ bitwise equal to the one of an uninterrupted run.
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -580,3 +581,24 @@ def test_serving_bytes_refuses_images_above_the_pixel_limit(runs, tmp_path):
             f"image_bytes[1] has {pixels} pixels (width x height), above the limit of 1000 of "
             "this export (--max_image_pixels of invp_tf.export)"
         ) in str(error.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP"])
+def test_header_pixels_of_each_format(fmt):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros([23, 37, 3], np.uint8)).save(buffer, format=fmt)
+    assert int(export._header_pixels(tf.constant(buffer.getvalue()))) == 23 * 37
+
+
+def test_analyze_reads_a_run_with_a_torn_metrics_line(runs, tmp_path, caplog):
+    from invp_tf import analyze
+
+    _, halfway = runs
+    run = _copy(halfway, tmp_path)
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"epoch": 1, "lo')
+    with caplog.at_level(logging.WARNING):
+        assert [row["epoch"] for row in analyze.read_metrics(run.workdir)] == [0]
+    assert "line 2 is incomplete (a crash while it was written); dropped" in caplog.text

@@ -122,10 +122,11 @@ def prepare(workdir):
     for stale in tf.io.gfile.glob(os.path.join(workdir, CHECKPOINT_DIR, "*_temp*")):
         # A save that died midway (crash, full disk): CheckpointManager never reuses it.
         logging.warning("Removing %s, left by a checkpoint save that did not finish.", stale)
-        if tf.io.gfile.isdir(stale):
-            tf.io.gfile.rmtree(stale)
-        else:
-            tf.io.gfile.remove(stale)
+        with writing(stale, "(removing) the partial checkpoint"):
+            if tf.io.gfile.isdir(stale):
+                tf.io.gfile.rmtree(stale)
+            else:
+                tf.io.gfile.remove(stale)
 
 
 # ---------------------------------------------------------------------------
@@ -269,8 +270,9 @@ def flag_changes(workdir, config):
         given = " ".join(_flag(config, name) for name in refused)
         theirs = " ".join(_flag(saved, name) for name in refused)
         safe = ", ".join(f"--{name}" for name in SAFE_TO_CHANGE if name != "workdir")
+        verb = "differs" if len(refused) == 1 else "differ"
         raise WorkdirError(
-            f"{given} differ from the run in {workdir} ({theirs} in {FLAGS_FILE}): a checkpoint "
+            f"{given} {verb} from the run in {workdir} ({theirs} in {FLAGS_FILE}): a checkpoint "
             f"cannot continue with another model, data, bank or optimizer; rerun with the run's "
             f"values or use a new --workdir (a rerun may change only {safe})"
         )

@@ -141,9 +141,9 @@ def test_changed_model_flags_stop_before_anything_is_written(runs, tmp_path):
 @pytest.mark.parametrize(
     "overrides,listed",
     [
-        (dict(batch_size=32), "--batch_size=32"),  # was: rewrote flags.txt, printed {}
-        (dict(temperature=0.1, learning_rate=0.5), "--temperature=0.1 --learning_rate=0.5"),
-        (dict(image_size=10, augment="moco_v2"), "--image_size=10 --augment=moco_v2"),
+        (dict(batch_size=32), "--batch_size=32 differs"),  # was: rewrote flags.txt, printed {}
+        (dict(temperature=0.1, learning_rate=0.5), "--temperature=0.1 --learning_rate=0.5 differ"),
+        (dict(image_size=10, augment="moco_v2"), "--image_size=10 --augment=moco_v2 differ"),
     ],
 )
 def test_changed_training_flags_stop_too(runs, tmp_path, overrides, listed):
@@ -151,7 +151,7 @@ def test_changed_training_flags_stop_too(runs, tmp_path, overrides, listed):
     run = _copy(straight, tmp_path)
     before = _file_hashes(run.workdir)
     changed = dataclasses.replace(run, epochs=3, **overrides)
-    with pytest.raises(workdir_lib.WorkdirError, match="^" + listed + " differ from the run in"):
+    with pytest.raises(workdir_lib.WorkdirError, match="^" + listed + " from the run in"):
         train.train_and_evaluate(changed, changed.workdir)
     assert _file_hashes(run.workdir) == before
 
@@ -444,7 +444,7 @@ def test_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_ov
     _assert_bitwise_equal(straight.workdir, run.workdir)
 
 
-def test_workdir_that_is_a_file_is_one_line(tmp_path):
+def test_workdir_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch):
     path = tmp_path / "file"
     path.write_text("not a folder")
     result = subprocess.run(
@@ -462,6 +462,16 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
     with pytest.raises(workdir_lib.WorkdirError) as error:
         workdir_lib.check_workdir(str(path / "run"))
     assert str(error.value) == f"--workdir={path}/run cannot be created: {path} is a file"
+    # Permissions (tests run as root here, so os.access stands in for a read-only folder).
+    monkeypatch.setattr(os, "access", lambda *args: False)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        workdir_lib.check_workdir(str(tmp_path / "new" / "run"))
+    assert str(error.value) == (
+        f"--workdir={tmp_path}/new/run cannot be created in {tmp_path} (permission denied)"
+    )
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        workdir_lib.check_workdir(str(tmp_path))
+    assert str(error.value) == f"--workdir={tmp_path} is not writable (permission denied)"
 
 
 def test_refused_flags_leave_no_workdir(tiny_idx_dir, tmp_path):

@@ -17,7 +17,6 @@ Figures are drawn on matplotlib's Agg canvas, so no display is needed.
 
 import functools
 import html
-import json
 import os
 import sys
 
@@ -122,12 +121,8 @@ def read_metrics(workdir):
     path = os.path.join(workdir, "metrics.jsonl")
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{workdir} has no metrics.jsonl")
-    rows = {}
-    with tf.io.gfile.GFile(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows[row["epoch"]] = row
+    # A torn last line is dropped with a warning; other bad lines are named with their number.
+    rows = {row["epoch"]: row for row in workdir_lib.read_metrics(workdir)}
     return [rows[epoch] for epoch in sorted(rows)]
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from invp_tf import augment
 
@@ -322,10 +323,29 @@ def _tfds_source(dataset, split, data_dir, train_examples):
 
 
 def list_images(folder):
-    """Sorted relative paths ("class/x.png") of the images under `folder`, recursively."""
+    """Sorted relative paths ("class/x.png") of the images under `folder`, recursively.
+
+    Symlinked folders are followed, each real folder at most once: a link back to a folder
+    above it (a loop) or to a folder already listed is skipped and named in a warning, so
+    every real image is listed once.
+    """
     found = []
+    seen = {os.path.realpath(folder)}
     for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(parent, d))
+            if real in seen:
+                here = os.path.realpath(parent)
+                loop = here == real or here.startswith(real + os.sep)  # an ancestor of itself
+                what = "a folder above it (a symlink loop)" if loop else "a folder listed already"
+                logging.warning(
+                    "Skipping %s: it links to %s, %s.", os.path.join(parent, d), real, what
+                )
+                continue
+            seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
         rel = os.path.relpath(parent, folder)
         for f in files:
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):

@@ -64,6 +64,12 @@ _TFDS_LABEL_SUBSETS = ("tfds:imagenet2012_subset",)
 # flags share names, is safe; make_settings uses the same defaults.
 FLAG_SPECS = {
     "workdir": ("string", None, "Training run to evaluate (flags.txt + checkpoints/)."),
+    "checkpoint": (
+        "string",
+        None,
+        "Checkpoint to evaluate (ckpt-N in the run's checkpoints/, or a path); default: the "
+        "newest readable one (a corrupt newest one is skipped with a warning).",
+    ),
     "protocol": ("enum", "knn", "Evaluation protocol: " + ", ".join(PROTOCOLS) + "."),
     "dataset": (
         "string",
@@ -544,7 +550,7 @@ def evaluate(s):
     """Runs one protocol with settings `s` (see settings_from_flags); returns the report."""
     check_settings(s)
     start = time.time()
-    run = workdir_lib.load_run(s["workdir"])
+    run = workdir_lib.load_run(s["workdir"], checkpoint=s["checkpoint"])
     dataset = s["dataset"] or run.config.dataset
     data_dir = s["data_dir"]
     if data_dir is None and dataset == run.config.dataset:
@@ -579,6 +585,7 @@ def evaluate(s):
         "protocol": s["protocol"],
         "workdir": s["workdir"],
         "checkpoint_epoch": run.epoch,
+        "checkpoint": run.checkpoint,
         "dataset": dataset,
         **splits.describe(),
         "settings": {k: v for k, v in s.items() if k not in ("workdir", "protocol", "output")},

@@ -6,12 +6,15 @@ writes `exported/invp/<version>/` (the next free version unless --version is giv
   - signature `serving_default`: images float32 [None, S, S, 3] in [0, 1]
     -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone};
   - signature `serving_bytes`: image_bytes string [None] (encoded JPEG/PNG/GIF/BMP)
-    -> the same outputs, after the training-time `augment.eval_view` resize/crop;
+    -> the same outputs, after the training-time `augment.eval_view` resize/crop; an image
+    above --max_image_pixels (width x height, read from its header) fails before decoding;
+  - both signatures take an empty batch and return empty outputs ([0, D], [0, F]);
   - the TF-Hub reusable SavedModel API: `__call__(images, training)` (traced for training True
     and False, so BatchNorm trains under `hub.KerasLayer(trainable=True)`), `variables`,
     `trainable_variables`, `regularization_losses`; and `serve` (images -> outputs), the
     default endpoint of `keras.layers.TFSMLayer`;
-  - assets/invp_export.json (image_size, dims, source run) and assets/flags.txt (the recipe).
+  - assets/invp_export.json (image_size, dims, source run and checkpoint, max_image_pixels)
+    and assets/flags.txt (the recipe).
 
 The traps this module avoids (FACTS.md "Export"): Keras 3 `model.export()` has no callable
 object, so hub cannot fine-tune it; lists of Keras `Variable`s load in Python but break the
@@ -45,6 +48,10 @@ METADATA_FILE = "invp_export.json"
 PIXEL_RANGE = (-0.1, 1.1)
 # File signatures tf.io.decode_image reads (JPEG, PNG, GIF, BMP).
 _IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+# Default largest image `serving_bytes` decodes (width x height, read from the file header
+# before decoding): 50 megapixels, 150 MB as RGB. A small file can hold a huge image (a
+# 291 KB PNG of 10000x10000 took 1.3 GB to decode); --max_image_pixels sets it per export.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 # Largest difference allowed between the reloaded export and the in-memory encoder, relative to
 # the largest output value: kernel-order round-off is ~1e-5; a wrong variable or view is ~1.
 _VERIFY_TOLERANCE = 1e-3
@@ -114,16 +121,54 @@ def check_images(images, image_size):
     return tf.reshape(images, [-1, image_size, image_size, 3])
 
 
-def decode_images(image_bytes, image_size):
+def _header_pixels(data):
+    """width * height (int64) of an encoded image, read from its header without decoding."""
+    head = tf.strings.substr(data, 0, 32) + b"\0" * 32  # short files: zeros, not errors
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(head, 0, 32), tf.uint8), tf.int64)
+
+    def number(offset, size, big_endian):
+        digits = [raw[offset + i] for i in range(size)]
+        if not big_endian:
+            digits.reverse()
+        value = tf.constant(0, tf.int64)
+        for digit in digits:
+            value = value * 256 + digit
+        return value
+
+    def signed32(value):  # BMP stores a negative height for top-down rows
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    png = lambda: number(16, 4, True) * number(20, 4, True)  # noqa: E731 (IHDR)
+    gif = lambda: number(6, 2, False) * number(8, 2, False)  # noqa: E731 (logical screen)
+    bmp = lambda: signed32(number(18, 4, False)) * signed32(number(22, 4, False))  # noqa: E731
+    prefix = lambda magic: tf.strings.substr(data, 0, len(magic)) == magic  # noqa: E731
+    return tf.case(
+        [
+            (prefix(_IMAGE_MAGICS[0]), jpeg),
+            (prefix(_IMAGE_MAGICS[1]), png),
+            (tf.logical_or(prefix(_IMAGE_MAGICS[2]), prefix(_IMAGE_MAGICS[3])), gif),
+            (prefix(_IMAGE_MAGICS[4]), bmp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )
+
+
+def decode_images(image_bytes, image_size, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """Encoded images -> the evaluation view of training, [B, S, S, 3] float32 in [0, 1].
 
     Each element is decoded with `tf.io.decode_image` (first frame of a GIF, grey and RGBA
     converted to RGB), then resized/cropped by `augment.eval_view`, exactly as the eval pipeline
-    does for image folders.
+    does for image folders. An image above `max_pixels` (width x height from its header) fails
+    before it is decoded.
 
     Args:
       image_bytes: string [B], encoded JPEG, PNG, GIF or BMP images.
       image_size: S.
+      max_pixels: the largest width x height decoded.
 
     Returns:
       float32 [B, S, S, 3].
@@ -140,6 +185,14 @@ def decode_images(image_bytes, image_size):
         )
         checked = tf.debugging.Assert(is_image, [message])
         with tf.control_dependencies([checked]):
+            pixels = _header_pixels(data)
+        too_large = tf.strings.format(
+            "image_bytes[{}] has {} pixels (width x height), above the limit of "
+            f"{int(max_pixels)} of this export (--max_image_pixels of invp_tf.export)",
+            (i, pixels),
+        )
+        small = tf.debugging.Assert(pixels <= max_pixels, [too_large])
+        with tf.control_dependencies([small]):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
         return augment.eval_view(tf.ensure_shape(image, [None, None, 3]), image_size)
 
@@ -175,6 +228,7 @@ class EncoderModule(tf.Module):
         (`regularization_losses`; none when 0).
       metadata_path: optional JSON file saved as the asset `invp_export.json`.
       flags_path: optional flags.txt of the run, saved as the asset `flags.txt`.
+      max_image_pixels: largest width x height `serving_bytes` decodes.
     """
 
     # tf.Module defines these as read-only properties that collect every variable reachable
@@ -183,11 +237,18 @@ class EncoderModule(tf.Module):
     trainable_variables = None
 
     def __init__(
-        self, encoder, image_size, l2_regularization=0.0, metadata_path=None, flags_path=None
+        self,
+        encoder,
+        image_size,
+        l2_regularization=0.0,
+        metadata_path=None,
+        flags_path=None,
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__(name="invp_encoder")
         self._held = _Untracked(encoder)
         self._image_size = int(image_size)
+        self._max_image_pixels = int(max_image_pixels)
         # The backing tf.Variables, not the Keras Variables (FACTS.md "Export").
         self.variables = [v.value for v in encoder.variables]
         self.trainable_variables = [v.value for v in encoder.trainable_variables]
@@ -214,15 +275,37 @@ class EncoderModule(tf.Module):
         """
         return self._outputs(images, training)
 
+    def _serving_outputs(self, images):
+        # An empty batch gives empty outputs: the encoder itself fails on zero images.
+        images = check_images(images, self._image_size)
+        encoder = self._held.encoder
+        empty = {
+            "embedding": tf.zeros([0, encoder.embedding_dim]),
+            "features": tf.zeros([0, encoder.feature_dim]),
+        }
+
+        def encode():
+            outputs = encoder(images, training=False)
+            return {"embedding": outputs["embedding"], "features": outputs["features"]}
+
+        return tf.cond(tf.shape(images)[0] > 0, encode, lambda: empty)
+
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
     def serve(self, images):
-        """images float32 [B, S, S, 3] in [0, 1] -> {"embedding", "features"}, inference."""
-        return self._outputs(images, training=False)
+        """images float32 [B, S, S, 3] in [0, 1] -> {"embedding", "features"}, inference.
+
+        B may be 0: the outputs are then [0, D] and [0, F].
+        """
+        return self._serving_outputs(images)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):
-        """image_bytes string [B] of encoded images -> {"embedding", "features"}, inference."""
-        return self._outputs(decode_images(image_bytes, self._image_size), training=False)
+        """image_bytes string [B] of encoded images -> {"embedding", "features"}, inference.
+
+        Images above the export's --max_image_pixels fail before decoding; B may be 0.
+        """
+        images = decode_images(image_bytes, self._image_size, self._max_image_pixels)
+        return self._serving_outputs(images)
 
 
 def save(module, path):
@@ -298,7 +381,7 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
-def _write_metadata(path, run, workdir, l2_regularization):
+def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
     # What a consumer needs without reading the graph (invp_tf.embed reads image_size and dims).
     config = run.config
     metadata = {
@@ -311,13 +394,23 @@ def _write_metadata(path, run, workdir, l2_regularization):
         "epoch": run.epoch,
         "workdir": os.path.abspath(workdir),
         "l2_regularization": l2_regularization,
+        "max_image_pixels": max_image_pixels,
+        "checkpoint": os.path.basename(run.checkpoint),
         "signatures": list(SIGNATURES),
     }
     with open(path, "w") as f:
         json.dump(metadata, f, indent=2)
 
 
-def export_run(workdir, export_dir, model_name, version=0, l2_regularization=None):
+def export_run(
+    workdir,
+    export_dir,
+    model_name,
+    version=0,
+    l2_regularization=None,
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    checkpoint=None,
+):
     """Exports the latest checkpoint of a training run to `export_dir/model_name/version/`.
 
     Args:
@@ -327,6 +420,9 @@ def export_run(workdir, export_dir, model_name, version=0, l2_regularization=Non
       version: positive integer version; 0 picks the next free one.
       l2_regularization: coefficient of the exported L2 kernel penalty; None: half the run's
         --weight_decay (the pull SGD's decoupled weight decay had in training).
+      max_image_pixels: largest width x height `serving_bytes` decodes (in the metadata).
+      checkpoint: the checkpoint to export ("ckpt-2" or a path); None: the newest readable one
+        (a corrupt newest one is skipped with a warning). It must match the run's flags.txt.
 
     Returns:
       The path of the version folder written.
@@ -342,7 +438,9 @@ def export_run(workdir, export_dir, model_name, version=0, l2_regularization=Non
         )
     if version < 0:
         raise ValueError(f"--version={version} must be a positive integer (0 = next free)")
-    run = workdir_lib.load_run(workdir)
+    if max_image_pixels < 1:
+        raise ValueError(f"--max_image_pixels={max_image_pixels} must be >= 1")
+    run = workdir_lib.load_run(workdir, checkpoint=checkpoint)
     model_dir = os.path.join(export_dir, model_name)
     version = version or next_version(model_dir)
     target = os.path.join(model_dir, str(version))
@@ -358,13 +456,14 @@ def export_run(workdir, export_dir, model_name, version=0, l2_regularization=Non
     staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir)
     try:
         metadata_path = os.path.join(staging, METADATA_FILE)
-        _write_metadata(metadata_path, run, workdir, l2_regularization)
+        _write_metadata(metadata_path, run, workdir, l2_regularization, max_image_pixels)
         module = EncoderModule(
             run.encoder,
             config.image_size,
             l2_regularization=l2_regularization,
             metadata_path=metadata_path,
             flags_path=os.path.join(workdir, "flags.txt"),
+            max_image_pixels=max_image_pixels,
         )
         saved = os.path.join(staging, "saved_model")
         save(module, saved)
@@ -395,6 +494,18 @@ def _define_flags():
             "model_name", "invp", "Model name: folder under export_dir."
         ),
         "version": flags.DEFINE_integer("version", 0, "Version number; 0 = the next free one."),
+        "max_image_pixels": flags.DEFINE_integer(
+            "max_image_pixels",
+            DEFAULT_MAX_IMAGE_PIXELS,
+            "Largest width x height serving_bytes decodes; larger images fail before decoding "
+            "(read from the file header). Stored in assets/invp_export.json.",
+        ),
+        "checkpoint": flags.DEFINE_string(
+            "checkpoint",
+            None,
+            "Checkpoint to export (ckpt-N in the run's checkpoints/, or a path); default: the "
+            "newest readable one.",
+        ),
         "l2_regularization": flags.DEFINE_float(
             "l2_regularization",
             None,
@@ -418,6 +529,8 @@ def main(argv):
             values["model_name"],
             values["version"],
             values["l2_regularization"],
+            values["max_image_pixels"],
+            values["checkpoint"],
         )
     except (ValueError, FileNotFoundError, ExportError) as e:
         logging.debug("stopped", exc_info=True)

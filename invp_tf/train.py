@@ -37,6 +37,8 @@ from invp_tf import workdir as workdir_lib
 
 # The purity monitor measures at most this many anchors (a fixed random sample).
 _PURITY_MAX_ANCHORS = 10_000
+# Smallest --image_size: a crop of 8x8 pixels still has structure after the encoder's stem.
+MIN_IMAGE_SIZE = 8
 
 
 class TrainingError(RuntimeError):
@@ -68,6 +70,11 @@ def validate(config, num_examples):
         (config.num_positives >= 1, f"--num_positives={config.num_positives} must be >= 1"),
         (config.num_knn_positives >= 0, f"--num_knn_positives={config.num_knn_positives} < 0"),
         (config.embedding_dim >= 1, f"--embedding_dim={config.embedding_dim} must be >= 1"),
+        (
+            config.image_size >= MIN_IMAGE_SIZE,
+            f"--image_size={config.image_size} must be >= {MIN_IMAGE_SIZE} (smaller crops "
+            "leave the encoder nothing to see)",
+        ),
         (config.temperature > 0, f"--temperature={config.temperature} must be > 0"),
         (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
         (config.eval_every >= 1, f"--eval_every={config.eval_every} must be >= 1"),
@@ -205,17 +212,6 @@ def _naming_unreadable_images(source):
         raise
 
 
-def _truncate_metrics(path, first_epoch):
-    """Drops rows of epochs >= first_epoch (written before a crash, then redone)."""
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["epoch"] < first_epoch]
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        f.write("".join(rows))
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-
-
 # Exit status of a preempted run (TF's restart code on managed clusters).
 PREEMPTED_EXIT_CODE = 42
 
@@ -260,13 +256,14 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
     """
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        return _train_and_evaluate(config, workdir, callbacks, strategy)
+        with contextlib.ExitStack() as on_exit:  # releases the run's lock
+            return _train_and_evaluate(config, workdir, callbacks, strategy, on_exit)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
 
 
-def _train_and_evaluate(config, workdir, callbacks, strategy):
+def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
     """Trains (or resumes) a run in `workdir`; returns the last metrics row.
 
     Args:
@@ -276,6 +273,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         one to interrupt a run).
       strategy: a tf.distribute strategy to train under; None builds the one of
         --strategy (tests share one MirroredStrategy per process).
+      on_exit: an ExitStack that holds the run's lock until training ends.
 
     Raises:
       Preempted: SIGTERM reached a worker; the checkpoint to resume from is saved.
@@ -286,11 +284,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         )
     chief = distribute.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
-    tf.io.gfile.makedirs(workdir)
-    if chief:
-        # First, so that even a run stopped by bad input can be replayed after a fix.
-        with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as f:
-            f.write("\n".join(dataclasses.replace(config, workdir=workdir).flagfile_lines()) + "\n")
+    # Nothing is written to the workdir before the flags are checked.
+    workdir_lib.check_workdir(workdir)
     keras.utils.set_random_seed(config.seed)
     data_dir = config.data_dir or None
     train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
@@ -308,6 +303,16 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             f"--batch_size={config.batch_size} does not split over the {replicas} replicas of "
             f"--strategy={config.strategy} (use a multiple of {replicas})"
         )
+    if chief:  # one training per run; a second one stops here naming the first
+        on_exit.enter_context(workdir_lib.lock(workdir))
+    # A rerun may change only flags that keep the model, data, bank and optimizer state.
+    changed = workdir_lib.flag_changes(workdir, config)
+    previous_flags = workdir_lib.read_flags(workdir)
+    if chief:
+        workdir_lib.prepare(workdir)  # removes partial saves of earlier crashes
+        workdir_lib.repair_checkpoint_state(workdir)
+        if not workdir_lib.checkpoint_paths(workdir):  # a new run (or one without a checkpoint)
+            workdir_lib.write_flags(workdir, config)
     steps_per_epoch = num_examples // config.batch_size
     view = augment.get_view(config.augment)
     if config.augment == "crop_flip":
@@ -360,6 +365,23 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         epoch=epoch_counter,
     )
     checkpoint = tf.train.Checkpoint(step=model.steps, **parts)
+
+    def restore(path):
+        saved = [name for name, _ in tf.train.list_variables(path)]
+        if any(name.startswith("step/") for name in saved):
+            checkpoint.restore(path).assert_existing_objects_matched()
+        else:  # written before steps were counted apart: every step was applied then
+            tf.train.Checkpoint(**parts).restore(path).assert_existing_objects_matched()
+            model.steps.assign(optimizer.iterations)
+
+    # The newest readable checkpoint (a corrupt one is named and set aside), before the
+    # managers below read the checkpoint list.
+    resumed_from = workdir_lib.restore_newest(workdir, restore, set_aside=chief)
+    if resumed_from and chief:  # the run's record changes only once its state is back
+        workdir_lib.write_flags(
+            workdir, config, changed, int(epoch_counter.numpy()), previous_flags
+        )
+
     # CheckpointManager writes the data files first and then replaces the small
     # `checkpoint` index file, so a crash mid-save leaves the previous one valid.
     # Every worker reads the chief's checkpoints; the others write scratch copies.
@@ -372,30 +394,22 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         )
 
     def save(number):
-        path = write_manager.save(checkpoint_number=number)
+        path = workdir_lib.save_checkpoint(write_manager, number)
         if not chief:
             tf.io.gfile.rmtree(write_manager.directory)
         return path
 
     infer = evaluation.inference_function(encoder)
     fresh = FreshEmbeddings(infer, train_source, config, model.steps)
-    if manager.latest_checkpoint:
-        saved = [name for name, _ in tf.train.list_variables(manager.latest_checkpoint)]
-        if any(name.startswith("step/") for name in saved):
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        else:  # written before steps were counted apart: every step was applied then
-            restore = tf.train.Checkpoint(**parts).restore(manager.latest_checkpoint)
-            restore.assert_existing_objects_matched()
-            model.steps.assign(optimizer.iterations)
-    elif config.bank_init == "encoder":
+    if not resumed_from and config.bank_init == "encoder":
         model.memory_bank.assign(fresh())
     first_epoch = int(epoch_counter.numpy())
     # Steps of the first epoch already done: > 0 only after a preemption save.
     done_steps = int(model.steps.numpy()) - first_epoch * steps_per_epoch
-    if manager.latest_checkpoint:
+    if resumed_from:
         logging.info(
             "Resumed from %s (epoch %d, step %d).",
-            manager.latest_checkpoint,
+            resumed_from,
             first_epoch,
             int(model.steps.numpy()),
         )
@@ -422,9 +436,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             ),
         )
         preemption_callbacks.append(_SaveIfPreempted(handler))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if chief:
-        _truncate_metrics(metrics_path, first_epoch)
+        workdir_lib.truncate_metrics(workdir, first_epoch)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
     with _naming_unreadable_images(train_source):
         train_labels = data.labels_by_index(train_source) if train_source.num_classes else None
@@ -541,7 +554,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             )
 
         # 4. Metrics row, then checkpoint (a crash between them redoes the epoch
-        # and `_truncate_metrics` drops the stale row).
+        # and `truncate_metrics` drops the stale row).
         row = {
             "epoch": epoch,
             "loss": logs.get("loss"),
@@ -558,8 +571,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
             "learning_rate": float(optimizer.learning_rate.numpy()),
         }
         if chief:
-            with tf.io.gfile.GFile(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            workdir_lib.append_metrics(workdir, row)
             with writer.as_default(step=epoch + 1):
                 for name, value in row.items():
                     if name != "epoch" and value is not None:

@@ -7,8 +7,10 @@ writes `exported/invp/<version>/` (the next free version unless --version is giv
     -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone};
   - signature `serving_bytes`: image_bytes string [None] (encoded JPEG/PNG/GIF/BMP)
     -> the same outputs, after the training-time `augment.eval_view` resize/crop;
-  - the TF-Hub reusable SavedModel API: `__call__(images, training)` (traced for training True
-    and False, so BatchNorm trains under `hub.KerasLayer(trainable=True)`), `variables`,
+  - the TF-Hub reusable SavedModel API: `__call__(images, training)` -> features [None, F], one
+    tensor (TF-Hub's image feature-vector convention; `return_dict=True` gives both outputs),
+    traced for training True and False, so BatchNorm trains under
+    `hub.KerasLayer(trainable=True)`; `variables`,
     `trainable_variables`, `regularization_losses`; and `serve` (images -> outputs), the
     default endpoint of `keras.layers.TFSMLayer`;
   - assets/invp_export.json (image_size, dims, source run) and assets/flags.txt (the recipe).
@@ -206,13 +208,22 @@ class EncoderModule(tf.Module):
         return {"embedding": outputs["embedding"], "features": outputs["features"]}
 
     @tf.function
-    def __call__(self, images, training=False):
-        """TF-Hub API: images [B, S, S, 3] in [0, 1] -> {"embedding", "features"}.
+    def __call__(self, images, training=False, return_dict=False):
+        """TF-Hub API: images [B, S, S, 3] in [0, 1] -> features [B, F] (pooled backbone).
+
+        One tensor by default, TF-Hub's image feature-vector convention, so that
+        `hub.KerasLayer(path, trainable=True)` is one layer of a Sequential model. The pooled
+        backbone, not the embedding: the projection head is trained to discard what the
+        augmentations change, the backbone output keeps more of what transfer tasks need (the
+        usual choice for contrastive encoders, and what a classifier head is put on).
+        `return_dict=True` gives {"embedding", "features"} (hub: `arguments=dict(return_dict=True),
+        output_key="embedding"`).
 
         Traced for training=True (BatchNorm uses batch statistics and updates its moving
-        averages) and training=False.
+        averages) and training=False, each with return_dict False and True.
         """
-        return self._outputs(images, training)
+        outputs = self._outputs(images, training)
+        return outputs if return_dict else outputs["features"]
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
     def serve(self, images):
@@ -226,10 +237,11 @@ class EncoderModule(tf.Module):
 
 
 def save(module, path):
-    """Writes `module` as a SavedModel at `path` with both signatures and both __call__ traces."""
+    """Writes `module` as a SavedModel at `path` with both signatures and every __call__ trace."""
     spec = tf.TensorSpec(None, tf.float32, name="images")
-    module.__call__.get_concrete_function(spec, training=True)
-    module.__call__.get_concrete_function(spec, training=False)
+    for training in (True, False):
+        for return_dict in (False, True):
+            module.__call__.get_concrete_function(spec, training=training, return_dict=return_dict)
     signatures = {"serving_default": module.serve, "serving_bytes": module.serve_bytes}
     tf.saved_model.save(module, path, signatures=signatures)
 

@@ -385,6 +385,12 @@ def main(argv):
     print(json.dumps(summary))
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-embed` console command (setup.py entry point)."""
+    global _FLAGS
     _FLAGS = _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

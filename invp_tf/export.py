@@ -438,6 +438,12 @@ def main(argv):
     print(path)
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-export` console command (setup.py entry point)."""
+    global _FLAGS
     _FLAGS = _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

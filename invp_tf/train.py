@@ -568,5 +568,10 @@ def main(argv):
     print(json.dumps(row))
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-train` console command (setup.py entry point)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

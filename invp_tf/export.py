@@ -26,9 +26,8 @@ base folder for numeric version folders, never sees half an export.
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -304,9 +303,11 @@ def verify(path, encoder, image_size, seed=0):
 
 def next_version(model_dir):
     """1 + the largest numeric version folder in `model_dir` (1 when there is none)."""
-    if not os.path.isdir(model_dir):
+    if not tf.io.gfile.isdir(model_dir):
         return 1
-    versions = [int(name) for name in os.listdir(model_dir) if re.fullmatch(r"\d+", name)]
+    # Object stores list folders with a trailing slash ("1/").
+    names = [name.rstrip("/") for name in tf.io.gfile.listdir(model_dir)]
+    versions = [int(name) for name in names if re.fullmatch(r"\d+", name)]
     return max(versions, default=0) + 1
 
 
@@ -321,12 +322,33 @@ def _write_metadata(path, run, workdir, l2_regularization):
         "head": config.head,
         "width_multiplier": config.width_multiplier,
         "epoch": run.epoch,
-        "workdir": os.path.abspath(workdir),
+        "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
         "l2_regularization": l2_regularization,
         "signatures": list(SIGNATURES),
     }
-    with open(path, "w") as f:
+    with tf.io.gfile.GFile(path, "w") as f:
         json.dump(metadata, f, indent=2)
+
+
+def _publish(source, target):
+    """Moves the folder `source` to `target`, which must not exist.
+
+    One rename on a local file system: atomic, all or nothing. Other file systems (gs://, s3://,
+    ram://) have no folder rename: the files move one by one, saved_model.pb last, so a server
+    polling the base folder finds either no loadable version or a whole one.
+    """
+    if "://" not in target:
+        tf.io.gfile.rename(source, target)
+        return
+    tf.io.gfile.makedirs(target)
+    files = []
+    for folder, _, names in tf.io.gfile.walk(source):
+        relative = os.path.relpath(folder, source) if folder != source else ""
+        tf.io.gfile.makedirs(os.path.join(target, relative))
+        files += [os.path.join(relative, name) for name in names]
+    files.sort(key=lambda name: name in ("saved_model.pb", "saved_model.pbtxt"))
+    for name in files:
+        tf.io.gfile.rename(os.path.join(source, name), os.path.join(target, name))
 
 
 def export_run(workdir, export_dir, model_name, version=0, l2_regularization=None):
@@ -358,16 +380,18 @@ def export_run(workdir, export_dir, model_name, version=0, l2_regularization=Non
     model_dir = os.path.join(export_dir, model_name)
     version = version or next_version(model_dir)
     target = os.path.join(model_dir, str(version))
-    if os.path.exists(target):
+    if tf.io.gfile.exists(target):
         raise ValueError(f"{target} already exists; pick another --version or omit it")
     config = run.config
     if l2_regularization is None:
         l2_regularization = config.weight_decay / 2
     if l2_regularization < 0:
         raise ValueError(f"--l2_regularization={l2_regularization} must be >= 0")
-    os.makedirs(model_dir, exist_ok=True)
+    # Every path goes through tf.io.gfile: export_dir may be gs://, s3://, hdfs://, ram://.
+    tf.io.gfile.makedirs(model_dir)
     # A dot-folder beside the target: not a numeric version, so TF Serving ignores it.
-    staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir)
+    staging = os.path.join(model_dir, f".{version}.tmp-{uuid.uuid4().hex[:12]}")
+    tf.io.gfile.makedirs(staging)
     try:
         metadata_path = os.path.join(staging, METADATA_FILE)
         _write_metadata(metadata_path, run, workdir, l2_regularization)
@@ -382,11 +406,12 @@ def export_run(workdir, export_dir, model_name, version=0, l2_regularization=Non
         save(module, saved)
         verify(saved, run.encoder, config.image_size)
         try:
-            os.rename(saved, target)  # atomic on one file system: all or nothing
-        except OSError as e:  # another export took this version meanwhile
-            raise ExportError(f"could not publish {target}: {e.strerror}") from e
+            _publish(saved, target)
+        except tf.errors.OpError as e:  # another export took this version meanwhile
+            raise ExportError(f"could not publish {target}: {e.message}") from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
     return target
 
 

@@ -178,7 +178,9 @@ def finished_message(workdir, epochs):
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     if not latest:
         return None
-    done = int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    epoch = tf.Variable(0, dtype=tf.int64)
+    tf.train.Checkpoint(epoch=epoch).restore(latest).expect_partial()
+    done = int(epoch.numpy())
     if done < epochs:
         return None
     return (

@@ -353,6 +353,23 @@ def test_call_returns_the_feature_vector_and_the_dict_on_request(exported, loade
     _assert_close(loaded(tf.constant(images), training=False, return_dict=True), want)
 
 
+def test_export_dir_on_another_file_system(exported, tmp_path):
+    """export_dir goes through tf.io.gfile (gs://, s3://...); TF's in-memory ram:// file system
+    stands in for them here."""
+    base = f"ram://export_test/{tmp_path.name}"
+    path = export.export_run(exported.run.config.workdir, base, "invp")
+    assert path == f"{base}/invp/1"
+    assert tf.io.gfile.listdir(f"{base}/invp") == ["1"]  # the staging folder is gone
+    assert export.next_version(f"{base}/invp") == 2
+    images = _images(2, seed=5)
+    loaded = tf.saved_model.load(path)
+    _assert_close(loaded.signatures["serving_default"](images=tf.constant(images)),
+                  _expected(exported.run.encoder, images))  # fmt: skip
+    with tf.io.gfile.GFile(f"{path}/assets/{export.METADATA_FILE}") as f:
+        assert json.load(f)["image_size"] == SIZE
+    assert not os.path.exists("ram:")
+
+
 def test_verify_catches_keras_variables_in_the_hub_lists(exported, tmp_path):
     """FACTS.md's trap: lists of Keras Variables load in TF2 but not in the TF1 loader."""
     encoder = exported.run.encoder

@@ -70,6 +70,23 @@ def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
 
 
+def test_workdir_on_another_file_system(tiny_idx_dir, tmp_path):
+    """Every workdir path goes through tf.io.gfile (gs://, s3://...); TF's in-memory ram://
+    file system stands in for them here."""
+    workdir = f"ram://train_test/{tmp_path.name}/run"
+    config = tiny_config(tiny_idx_dir, workdir, epochs=1)
+    row = train.train_and_evaluate(config, workdir)
+    assert sorted(tf.io.gfile.listdir(workdir)) == [
+        "checkpoints", "flags.txt", "metrics.jsonl", "tensorboard"
+    ]  # fmt: skip
+    with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line) for line in f] == [row]
+    assert config_lib.Config.from_flagfile(os.path.join(workdir, "flags.txt")) == config
+    assert tf.io.gfile.glob(os.path.join(workdir, "tensorboard", "events.out.*"))
+    assert train.finished_message(workdir, 1).startswith(f"{workdir} is finished: 1/1 epochs")
+    assert not os.path.exists("ram:")  # nothing went to a local folder named after the scheme
+
+
 class _Interrupt(Exception):
     pass
 

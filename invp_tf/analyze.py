@@ -170,7 +170,8 @@ def _test_labels(dataset, data_dir):
             "same-class and other-class neighbours, so it needs a labelled test split"
         )
     labels = np.full(source.num_examples, -1, np.int32)
-    for index, label in source.dataset().map(lambda ex: (ex["index"], ex["label"])).batch(4096):
+    examples = source.dataset(decoded=False)  # labels only: no image is decoded
+    for index, label in examples.map(lambda ex: (ex["index"], ex["label"])).batch(4096):
         labels[index.numpy()] = label.numpy()
     if not np.any(labels >= 0):
         raise ValueError(f"the test split of {dataset} has no labelled images")
@@ -184,7 +185,8 @@ def _only(source, indices):
     keep = tf.constant(keep)
 
     def make_dataset(shuffle_files, seed):
-        ds = source.dataset(shuffle_files, seed)
+        # Filtered before decoding; `decode` (kept by dataclasses.replace) decodes the rest.
+        ds = source.dataset(shuffle_files, seed, decoded=False)
         return ds.filter(lambda ex: tf.gather(keep, ex["index"]))
 
     return dataclasses.replace(source, make_dataset=make_dataset)

@@ -15,7 +15,7 @@ writes `exported/invp/<version>/` (the next free version unless --version is giv
     default endpoint of `keras.layers.TFSMLayer`;
   - assets/invp_export.json (image_size, dims, source run) and assets/flags.txt (the recipe).
 
-The traps this module avoids (FACTS.md "Export"): Keras 3 `model.export()` has no callable
+The traps this module avoids (measured on TF 2.20): Keras 3 `model.export()` has no callable
 object, so hub cannot fine-tune it; lists of Keras `Variable`s load in Python but break the
 TF1 session loader of `saved_model_cli` and TF Serving, so the lists hold the backing
 `tf.Variable`s. The export is checked through that TF1 loader before it is published, and it is
@@ -189,7 +189,7 @@ class EncoderModule(tf.Module):
         super().__init__(name="invp_encoder")
         self._held = _Untracked(encoder)
         self._image_size = int(image_size)
-        # The backing tf.Variables, not the Keras Variables (FACTS.md "Export").
+        # The backing tf.Variables, not the Keras Variables (see the module docstring).
         self.variables = [v.value for v in encoder.variables]
         self.trainable_variables = [v.value for v in encoder.trainable_variables]
         kernels = [v.value for v in encoder.trainable_variables if v.name == "kernel"]

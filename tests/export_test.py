@@ -371,7 +371,7 @@ def test_export_dir_on_another_file_system(exported, tmp_path):
 
 
 def test_verify_catches_keras_variables_in_the_hub_lists(exported, tmp_path):
-    """FACTS.md's trap: lists of Keras Variables load in TF2 but not in the TF1 loader."""
+    """The trap: lists of Keras Variables load in TF2 but not in the TF1 loader."""
     encoder = exported.run.encoder
     module = export.EncoderModule(encoder, SIZE)
     module.variables = list(encoder.variables)

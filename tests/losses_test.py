@@ -44,7 +44,7 @@ def oracle(
     hard_negatives=True,
     num_knn_positives=None,
 ):
-    """Literal per-anchor transcription of DESIGN.md section 1, float64."""
+    """Literal per-anchor transcription of the method (README), float64."""
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
     s = (v @ bank.T) / temperature  # [B, N]
     n = bank.shape[0]

@@ -215,14 +215,14 @@ class _Progress:
         finish = time.strftime("%H:%M", time.localtime(time.time() + left))
         knn = row.get("knn_top1")
         logging.info(
-            "epoch %d/%d done: loss %s, kNN top-1 %s; %.0f s per epoch, ETA %s (%.0f min left)",
+            "epoch %d/%d done: loss %s, kNN top-1 %s; %.0f s per epoch, ETA %s (%s left)",
             epoch + 1,
             self.epochs,
             "-" if row.get("loss") is None else f"{row['loss']:.4f}",
             "-" if knn is None else f"{knn:.4f}",
             seconds_per_epoch,
             finish,
-            left / 60,
+            f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min",
         )
 
 
@@ -608,7 +608,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy):
         start = time.perf_counter()
         save(epoch + 1)
         progress.end(epoch, "checkpoint", start)
-        logging.info("epoch %d: %s", epoch, json.dumps(row))
+        logging.info("epoch %d/%d metrics: %s", epoch + 1, config.epochs, json.dumps(row))
         progress.epoch_done(epoch, row)
     return row
 

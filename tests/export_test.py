@@ -256,8 +256,13 @@ _HUB_SCRIPT = textwrap.dedent(
 
     def build(trainable, keyed):
         # The TF-Hub image feature-vector usage: no output_key, one tensor out. `keyed` asks
-        # for the dict and picks the embedding from it.
-        options = dict(arguments=dict(return_dict=True), output_key="embedding") if keyed else {}
+        # for the dict and picks the embedding from it; "signature" does so through
+        # serving_default (inference only: hub refuses trainable=True on signatures).
+        options = {
+            False: {},
+            True: dict(arguments=dict(return_dict=True), output_key="embedding"),
+            "signature": dict(signature="serving_default", output_key="embedding"),
+        }[keyed]
         layer = hub.KerasLayer(path, trainable=trainable, **options)
         model = tf_keras.Sequential(
             [tf_keras.Input(images.shape[1:]), layer, tf_keras.layers.Dense(3)]
@@ -269,7 +274,8 @@ _HUB_SCRIPT = textwrap.dedent(
         return layer, model
 
     for name, trainable, keyed in [
-        ("trainable", True, False), ("frozen", False, False), ("keyed", True, True)
+        ("trainable", True, False), ("frozen", False, False), ("keyed", True, True),
+        ("signature", False, "signature"),
     ]:
         layer, model = build(trainable, keyed)
         output = layer(images, training=False).numpy()
@@ -323,7 +329,8 @@ def test_hub_keras_layer_fine_tunes_under_tf_keras(exported, tmp_path):
     tuned, frozen, keyed = out["trainable"], out["frozen"], out["keyed"]
     for run in (tuned, frozen):
         np.testing.assert_allclose(np.array(run["output"]), want["features"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.array(keyed["output"]), want["embedding"], atol=1e-5)
+    for run in (keyed, out["signature"]):
+        np.testing.assert_allclose(np.array(run["output"]), want["embedding"], atol=1e-5)
     for run in (tuned, frozen, keyed):
         assert run["num_moving"] == num_moving > 0
     # The features do not pass through the head: of its weights only the kernels move (the

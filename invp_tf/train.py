@@ -179,7 +179,10 @@ def finished_message(workdir, epochs):
     if not latest:
         return None
     epoch = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(epoch=epoch).restore(latest).expect_partial()
+    try:
+        tf.train.Checkpoint(epoch=epoch).restore(latest).expect_partial()
+    except (tf.errors.OpError, ValueError):  # unreadable: training's restore reports it
+        return None
     done = int(epoch.numpy())
     if done < epochs:
         return None

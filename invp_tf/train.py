@@ -178,12 +178,21 @@ def finished_message(workdir, epochs):
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     if not latest:
         return None
-    epoch = tf.Variable(0, dtype=tf.int64)
     try:
-        tf.train.Checkpoint(epoch=epoch).restore(latest).expect_partial()
-    except (tf.errors.OpError, ValueError):  # unreadable: training's restore reports it
+        # The checkpoint reader runs no TF op: a multi-worker strategy, created after this
+        # check, can still configure its collectives (they must precede the first op).
+        done = int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    except ValueError:
+        # The reader takes "ckpt-N" for a folder on file systems where any path prefix is one
+        # (TF's ram://); a Checkpoint restore reads it.
+        epoch = tf.Variable(0, dtype=tf.int64)
+        try:
+            tf.train.Checkpoint(epoch=epoch).restore(latest).expect_partial()
+        except (tf.errors.OpError, ValueError):
+            return None
+        done = int(epoch.numpy())
+    except tf.errors.OpError:  # unreadable: training's restore reports it
         return None
-    done = int(epoch.numpy())
     if done < epochs:
         return None
     return (

@@ -127,7 +127,7 @@ def load_model(model_dir):
     loaded = tf.saved_model.load(model_dir)
     if not hasattr(loaded, "metadata") or "serving_default" not in loaded.signatures:
         raise ValueError(f"{model_dir} is not an invp_tf export (no {export.METADATA_FILE})")
-    with open(loaded.metadata.asset_path.numpy().decode()) as f:
+    with tf.io.gfile.GFile(loaded.metadata.asset_path.numpy().decode()) as f:  # gs:// too
         metadata = json.load(f)
     return loaded.signatures["serving_default"], metadata
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from invp_tf import augment
+from invp_tf import embed
 from invp_tf import export
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
@@ -374,6 +375,7 @@ def test_export_dir_on_another_file_system(exported, tmp_path):
                   _expected(exported.run.encoder, images))  # fmt: skip
     with tf.io.gfile.GFile(f"{path}/assets/{export.METADATA_FILE}") as f:
         assert json.load(f)["image_size"] == SIZE
+    assert embed.load_model(path)[1]["image_size"] == SIZE  # invp_tf.embed --model=gs://...
     assert not os.path.exists("ram:")
 
 

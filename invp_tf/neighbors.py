@@ -18,8 +18,9 @@ METHODS = ("scann", "brute_force")
 # --knn_method=scann falls back to the exact search, with one warning.
 SCANN_MISSING = (
     "--knn_method=scann: the scann package is not installed (it has wheels for Linux x86_64 "
-    "and aarch64 only); building the kNN graph by exact brute-force search instead (the same "
-    "graph, slower above about 100k rows; pass --knn_method=brute_force to silence this)"
+    "and aarch64 only); building the kNN graph by exact brute-force search instead (the exact "
+    "graph; its time grows with the square of the bank size; pass --knn_method=brute_force "
+    "to silence this)"
 )
 _warned_scann_missing = False
 # Settings measured on the 2-core host of BENCHMARKS.md (benchmarks/graph_build.py;

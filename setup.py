@@ -13,14 +13,20 @@ setuptools.setup(
     name="invp-tf",
     version="0.1.0",
     description="Invariance Propagation self-supervised learning in TensorFlow/Keras",
+    license="Apache-2.0",
     packages=["invp_tf"],
-    python_requires=">=3.10,<3.13",
+    # Lower bound: the code uses Python 3.10 syntax (zip(strict=True)). Upper bound: TF 2.20
+    # and scann 1.4.2 publish wheels for CPython 3.9 to 3.13 only (none for 3.14).
+    python_requires=">=3.10,<3.14",
     install_requires=[
         # scann 1.4.2's ops are built against TF 2.20's abseil: with TF 2.21,
         # `import scann` dies with an undefined symbol.
         "tensorflow~=2.20.0",
-        # The kNN graph builder; 1.4.2 is the release built for TF 2.20.
-        "scann==1.4.2",
+        # The fast kNN graph builder; 1.4.2 is the release built for TF 2.20. Its wheels are
+        # Linux x86_64 / aarch64 only: elsewhere --knn_method=scann falls back to the exact
+        # brute-force search with a warning (invp_tf/neighbors.py).
+        "scann==1.4.2; platform_system == 'Linux' and "
+        "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         # Keras 3 ships with TF 2.20; the code uses the Keras 3 API.
         "keras>=3.10",
         "tensorflow-datasets>=4.9",
@@ -39,6 +45,17 @@ setuptools.setup(
         # hub.KerasLayer is a Keras 2 layer: it needs tf-keras matching TF.
         "hub": ["tensorflow-hub>=0.16", "tf-keras~=2.20.0"],
         # pillow: tests decode the written figures independently of TF.
-        "test": ["pytest>=8", "ruff>=0.6", "pillow>=10.0"],
+        # ruff pinned: scripts/test.sh runs it before any test, and a new release can add rules
+        # or change formatting, which would fail the command on unchanged code.
+        "test": ["pytest>=8", "ruff==0.17.6", "pillow>=10.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "invp-train=invp_tf.train:run",
+            "invp-evaluate=invp_tf.evaluate:run",
+            "invp-export=invp_tf.export:run",
+            "invp-embed=invp_tf.embed:run",
+            "invp-analyze=invp_tf.analyze:run",
+        ],
     },
 )

@@ -573,5 +573,10 @@ def main(argv):
     print("\n".join(paths))
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-analyze` console command (setup.py entry point)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -66,6 +66,9 @@ class Source:
         before decoding), so no shuffle buffer of decoded images is needed. tfds sources only
         shuffle the order of their shard files.
       make_dataset: fn(shuffle_files, seed) -> tf.data.Dataset; use `dataset()`.
+      decode: None when `make_dataset` yields decoded images; else fn(example) -> example that
+        decodes the example `make_dataset` yields (tfds, folders: "image" is encoded bytes or
+        a path), so that the train pipeline can drop other workers' examples first.
     """
 
     name: str
@@ -78,18 +81,28 @@ class Source:
     make_dataset: Callable[[bool, int], tf.data.Dataset] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    decode: Callable[[dict], dict] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
-    def dataset(self, shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
+    def dataset(
+        self, shuffle_files: bool = False, seed: int = 0, decoded: bool = True
+    ) -> tf.data.Dataset:
         """The unbatched examples {"image", "index", "label"}.
 
         Args:
           shuffle_files: shuffle at file level (see `exact_shuffle`); no other shuffling.
           seed: seed of that file-level shuffle.
+          decoded: False: leave "image" as the source stores it (see `decode`); for
+            filtering before decoding and for reading labels only.
 
         Returns:
           tf.data.Dataset of dicts: image uint8 [H, W, 3], index int32 [], label int32 [].
         """
-        return self.make_dataset(shuffle_files, seed)
+        ds = self.make_dataset(shuffle_files, seed)
+        if decoded and self.decode is not None:
+            ds = ds.map(self.decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+        return ds
 
 
 def load_source(
@@ -291,23 +304,27 @@ def _tfds_source(dataset, split, data_dir, train_examples):
         read_config = tfds.ReadConfig(
             add_tfds_id=True, shuffle_seed=seed, shuffle_reshuffle_each_iteration=False
         )
+        # Images stay encoded here (Source.decode decodes them): a worker of a sharded run
+        # decodes only its own examples.
         ds = builder.as_dataset(
-            split=read_split, shuffle_files=shuffle_files, read_config=read_config
+            split=read_split,
+            shuffle_files=shuffle_files,
+            read_config=read_config,
+            decoders={"image": tfds.decode.SkipDecoding()},
         )
 
         def convert(ex):
-            image = ex["image"]
-            if image.shape[-1] == 1:
-                image = tf.tile(image, [1, 1, 3])
             label = tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
             index = tfds_id_to_index(ex["tfds_id"], shard_lengths)
-            return {
-                "image": tf.ensure_shape(image, [None, None, 3]),
-                "index": index,
-                "label": label,
-            }
+            return {"image": ex["image"], "index": index, "label": label}
 
         return ds.map(convert, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    def decode(ex):
+        image = features["image"].decode_example(ex["image"])
+        if image.shape[-1] == 1:
+            image = tf.tile(image, [1, 1, 3])
+        return dict(ex, image=tf.ensure_shape(image, [None, None, 3]))
 
     return Source(
         name=dataset,
@@ -316,6 +333,7 @@ def _tfds_source(dataset, split, data_dir, train_examples):
         num_classes=num_classes,
         image_shape=image_shape,
         make_dataset=make_dataset,
+        decode=decode,
     )
 
 
@@ -419,16 +437,21 @@ def _folder_source(dataset, split, train_examples):
             # One file per example: shuffling the path list (cheap strings) before decoding is
             # an exact shuffle without a buffer of decoded images.
             ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=False)
+        # "image" is the path until Source.decode reads it: a worker of a sharded run reads
+        # and decodes only its own files.
+        return ds.map(
+            lambda ex: {
+                "image": ex["path"],
+                "index": ex["index"],
+                "label": tf.cast(ex["label"], tf.int32),
+            }
+        )
 
-        def decode(ex):
-            # An unreadable file raises tf.errors.InvalidArgumentError when iterated.
-            image = tf.io.decode_image(
-                tf.io.read_file(ex["path"]), channels=3, expand_animations=False
-            )
-            image = tf.ensure_shape(image, [None, None, 3])
-            return {"image": image, "index": ex["index"], "label": tf.cast(ex["label"], tf.int32)}
-
-        return ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    def decode(ex):
+        # An unreadable file raises tf.errors.InvalidArgumentError when iterated.
+        data = tf.io.read_file(ex["image"])
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return dict(ex, image=tf.ensure_shape(image, [None, None, 3]))
 
     return Source(
         name=dataset,
@@ -439,6 +462,7 @@ def _folder_source(dataset, split, train_examples):
         paths=paths,
         exact_shuffle=True,
         make_dataset=make_dataset,
+        decode=decode,
     )
 
 
@@ -480,7 +504,8 @@ def check_images(source: Source) -> None:
 def labels_by_index(source: Source) -> np.ndarray:
     """[N] int32 labels in index order (-1 where unknown); reads labels only, in batches."""
     labels = np.full(source.num_examples, -1, np.int32)
-    for index, label in source.dataset().map(lambda ex: (ex["index"], ex["label"])).batch(4096):
+    examples = source.dataset(decoded=False)  # no image is decoded for its label
+    for index, label in examples.map(lambda ex: (ex["index"], ex["label"])).batch(4096):
         labels[index.numpy()] = label.numpy()
     return labels
 
@@ -505,7 +530,8 @@ def subset_source(source: Source, indices) -> Source:
 
     def make_dataset(shuffle_files, seed):
         del shuffle_files, seed
-        return source.dataset().filter(lambda ex: tf.gather(member, ex["index"]))
+        # Filtered before decoding; `decode` (kept by dataclasses.replace) decodes the rest.
+        return source.dataset(decoded=False).filter(lambda ex: tf.gather(member, ex["index"]))
 
     return dataclasses.replace(
         source,
@@ -575,13 +601,16 @@ def train_pipeline(
         raise ValueError(f"batch_size {batch_size} > {source.num_examples} examples")
     epoch_seed = _view_seed_base(seed, epoch) % (2**31 - 1)
     n = source.num_examples
+    # Undecoded until this worker's examples are picked (the buffer holds encoded images).
     if shuffle_buffer is None and source.exact_shuffle:
-        ds = source.dataset(shuffle_files=True, seed=epoch_seed)
+        ds = source.dataset(shuffle_files=True, seed=epoch_seed, decoded=False)
     else:
         if shuffle_buffer is None:
             shuffle_buffer = n if n <= _FULL_SHUFFLE_MAX_EXAMPLES else _SHUFFLE_BUFFER
         # Large sharded data: a bounded buffer only mixes locally, so shuffle files too.
-        ds = source.dataset(shuffle_files=n > _FULL_SHUFFLE_MAX_EXAMPLES, seed=epoch_seed)
+        ds = source.dataset(
+            shuffle_files=n > _FULL_SHUFFLE_MAX_EXAMPLES, seed=epoch_seed, decoded=False
+        )
         ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     global_batch = global_batch_size or batch_size
     if global_batch % num_shards or (global_batch // num_shards) % batch_size:
@@ -601,8 +630,10 @@ def train_pipeline(
         ds = ds.enumerate().filter(lambda p, ex: (p % global_batch) // part == shard_index)
         ds = ds.map(lambda p, ex: ex)
     base = tf.constant(_view_seed_base(seed, epoch), tf.int64)
+    decode = source.decode or (lambda ex: ex)
 
     def to_view(ex):
+        ex = decode(ex)  # after the shard filter: each worker decodes its own examples only
         view_seed = tf.stack([base, tf.cast(ex["index"], tf.int64)])  # [2]
         return view(ex["image"], view_seed, image_size), ex["index"], ex["label"]
 

@@ -127,7 +127,7 @@ def load_model(model_dir):
     loaded = tf.saved_model.load(model_dir)
     if not hasattr(loaded, "metadata") or "serving_default" not in loaded.signatures:
         raise ValueError(f"{model_dir} is not an invp_tf export (no {export.METADATA_FILE})")
-    with open(loaded.metadata.asset_path.numpy().decode()) as f:
+    with tf.io.gfile.GFile(loaded.metadata.asset_path.numpy().decode()) as f:  # gs:// too
         metadata = json.load(f)
     return loaded.signatures["serving_default"], metadata
 
@@ -385,6 +385,12 @@ def main(argv):
     print(json.dumps(summary))
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-embed` console command (setup.py entry point)."""
+    global _FLAGS
     _FLAGS = _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

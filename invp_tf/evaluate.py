@@ -618,6 +618,11 @@ def main(argv):
     print(f"wrote {report['output']}")
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-evaluate` console command (setup.py entry point)."""
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -9,14 +9,16 @@ writes `exported/invp/<version>/` (the next free version unless --version is giv
     -> the same outputs, after the training-time `augment.eval_view` resize/crop; an image
     above --max_image_pixels (width x height, read from its header) fails before decoding;
   - both signatures take an empty batch and return empty outputs ([0, D], [0, F]);
-  - the TF-Hub reusable SavedModel API: `__call__(images, training)` (traced for training True
-    and False, so BatchNorm trains under `hub.KerasLayer(trainable=True)`), `variables`,
+  - the TF-Hub reusable SavedModel API: `__call__(images, training)` -> features [None, F], one
+    tensor (TF-Hub's image feature-vector convention; `return_dict=True` gives both outputs),
+    traced for training True and False, so BatchNorm trains under
+    `hub.KerasLayer(trainable=True)`; `variables`,
     `trainable_variables`, `regularization_losses`; and `serve` (images -> outputs), the
     default endpoint of `keras.layers.TFSMLayer`;
   - assets/invp_export.json (image_size, dims, source run and checkpoint, max_image_pixels)
     and assets/flags.txt (the recipe).
 
-The traps this module avoids (FACTS.md "Export"): Keras 3 `model.export()` has no callable
+The traps this module avoids (measured on TF 2.20): Keras 3 `model.export()` has no callable
 object, so hub cannot fine-tune it; lists of Keras `Variable`s load in Python but break the
 TF1 session loader of `saved_model_cli` and TF Serving, so the lists hold the backing
 `tf.Variable`s. The export is checked through that TF1 loader before it is published, and it is
@@ -27,9 +29,8 @@ base folder for numeric version folders, never sees half an export.
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -249,7 +250,7 @@ class EncoderModule(tf.Module):
         self._held = _Untracked(encoder)
         self._image_size = int(image_size)
         self._max_image_pixels = int(max_image_pixels)
-        # The backing tf.Variables, not the Keras Variables (FACTS.md "Export").
+        # The backing tf.Variables, not the Keras Variables (see the module docstring).
         self.variables = [v.value for v in encoder.variables]
         self.trainable_variables = [v.value for v in encoder.trainable_variables]
         kernels = [v.value for v in encoder.trainable_variables if v.name == "kernel"]
@@ -267,13 +268,22 @@ class EncoderModule(tf.Module):
         return {"embedding": outputs["embedding"], "features": outputs["features"]}
 
     @tf.function
-    def __call__(self, images, training=False):
-        """TF-Hub API: images [B, S, S, 3] in [0, 1] -> {"embedding", "features"}.
+    def __call__(self, images, training=False, return_dict=False):
+        """TF-Hub API: images [B, S, S, 3] in [0, 1] -> features [B, F] (pooled backbone).
+
+        One tensor by default, TF-Hub's image feature-vector convention, so that
+        `hub.KerasLayer(path, trainable=True)` is one layer of a Sequential model. The pooled
+        backbone, not the embedding: the projection head is trained to discard what the
+        augmentations change, the backbone output keeps more of what transfer tasks need (the
+        usual choice for contrastive encoders, and what a classifier head is put on).
+        `return_dict=True` gives {"embedding", "features"} (hub: `arguments=dict(return_dict=True),
+        output_key="embedding"`).
 
         Traced for training=True (BatchNorm uses batch statistics and updates its moving
-        averages) and training=False.
+        averages) and training=False, each with return_dict False and True.
         """
-        return self._outputs(images, training)
+        outputs = self._outputs(images, training)
+        return outputs if return_dict else outputs["features"]
 
     def _serving_outputs(self, images):
         # An empty batch gives empty outputs: the encoder itself fails on zero images.
@@ -309,10 +319,11 @@ class EncoderModule(tf.Module):
 
 
 def save(module, path):
-    """Writes `module` as a SavedModel at `path` with both signatures and both __call__ traces."""
+    """Writes `module` as a SavedModel at `path` with both signatures and every __call__ trace."""
     spec = tf.TensorSpec(None, tf.float32, name="images")
-    module.__call__.get_concrete_function(spec, training=True)
-    module.__call__.get_concrete_function(spec, training=False)
+    for training in (True, False):
+        for return_dict in (False, True):
+            module.__call__.get_concrete_function(spec, training=training, return_dict=return_dict)
     signatures = {"serving_default": module.serve, "serving_bytes": module.serve_bytes}
     tf.saved_model.save(module, path, signatures=signatures)
 
@@ -375,9 +386,11 @@ def verify(path, encoder, image_size, seed=0):
 
 def next_version(model_dir):
     """1 + the largest numeric version folder in `model_dir` (1 when there is none)."""
-    if not os.path.isdir(model_dir):
+    if not tf.io.gfile.isdir(model_dir):
         return 1
-    versions = [int(name) for name in os.listdir(model_dir) if re.fullmatch(r"\d+", name)]
+    # Object stores list folders with a trailing slash ("1/").
+    names = [name.rstrip("/") for name in tf.io.gfile.listdir(model_dir)]
+    versions = [int(name) for name in names if re.fullmatch(r"\d+", name)]
     return max(versions, default=0) + 1
 
 
@@ -392,14 +405,35 @@ def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
         "head": config.head,
         "width_multiplier": config.width_multiplier,
         "epoch": run.epoch,
-        "workdir": os.path.abspath(workdir),
+        "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
         "l2_regularization": l2_regularization,
         "max_image_pixels": max_image_pixels,
         "checkpoint": os.path.basename(run.checkpoint),
         "signatures": list(SIGNATURES),
     }
-    with open(path, "w") as f:
+    with tf.io.gfile.GFile(path, "w") as f:
         json.dump(metadata, f, indent=2)
+
+
+def _publish(source, target):
+    """Moves the folder `source` to `target`, which must not exist.
+
+    One rename on a local file system: atomic, all or nothing. Other file systems (gs://, s3://,
+    ram://) have no folder rename: the files move one by one, saved_model.pb last, so a server
+    polling the base folder finds either no loadable version or a whole one.
+    """
+    if "://" not in target:
+        tf.io.gfile.rename(source, target)
+        return
+    tf.io.gfile.makedirs(target)
+    files = []
+    for folder, _, names in tf.io.gfile.walk(source):
+        relative = os.path.relpath(folder, source) if folder != source else ""
+        tf.io.gfile.makedirs(os.path.join(target, relative))
+        files += [os.path.join(relative, name) for name in names]
+    files.sort(key=lambda name: name in ("saved_model.pb", "saved_model.pbtxt"))
+    for name in files:
+        tf.io.gfile.rename(os.path.join(source, name), os.path.join(target, name))
 
 
 def export_run(
@@ -444,16 +478,18 @@ def export_run(
     model_dir = os.path.join(export_dir, model_name)
     version = version or next_version(model_dir)
     target = os.path.join(model_dir, str(version))
-    if os.path.exists(target):
+    if tf.io.gfile.exists(target):
         raise ValueError(f"{target} already exists; pick another --version or omit it")
     config = run.config
     if l2_regularization is None:
         l2_regularization = config.weight_decay / 2
     if l2_regularization < 0:
         raise ValueError(f"--l2_regularization={l2_regularization} must be >= 0")
-    os.makedirs(model_dir, exist_ok=True)
+    # Every path goes through tf.io.gfile: export_dir may be gs://, s3://, hdfs://, ram://.
+    tf.io.gfile.makedirs(model_dir)
     # A dot-folder beside the target: not a numeric version, so TF Serving ignores it.
-    staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir)
+    staging = os.path.join(model_dir, f".{version}.tmp-{uuid.uuid4().hex[:12]}")
+    tf.io.gfile.makedirs(staging)
     try:
         metadata_path = os.path.join(staging, METADATA_FILE)
         _write_metadata(metadata_path, run, workdir, l2_regularization, max_image_pixels)
@@ -469,11 +505,12 @@ def export_run(
         save(module, saved)
         verify(saved, run.encoder, config.image_size)
         try:
-            os.rename(saved, target)  # atomic on one file system: all or nothing
-        except OSError as e:  # another export took this version meanwhile
-            raise ExportError(f"could not publish {target}: {e.strerror}") from e
+            _publish(saved, target)
+        except tf.errors.OpError as e:  # another export took this version meanwhile
+            raise ExportError(f"could not publish {target}: {e.message}") from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
     return target
 
 
@@ -539,6 +576,12 @@ def main(argv):
     print(path)
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-export` console command (setup.py entry point)."""
+    global _FLAGS
     _FLAGS = _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,4 @@
-"""The losses of Invariance Propagation (DESIGN.md section 1), as pure functions.
+"""The losses of Invariance Propagation (README, "The method, as implemented"), as pure functions.
 
 Everything is in log-sum-exp form over float32 logits s_ij = <v_i, bank[j]> / tau:
 exp(1 / 0.07) overflows float16, so embeddings are cast to float32 first even

@@ -1,4 +1,4 @@
-"""The memory bank: one EMA embedding per training image (DESIGN.md rule 6)."""
+"""The memory bank: one EMA embedding per training image (the paper's Eq. 2 update)."""
 
 import numpy as np
 import tensorflow as tf

@@ -117,6 +117,7 @@ class InvPModel(keras.Model):
         in_use = tf.cast(self.invariance_weight > 0.0, tf.float32)
         self.invariance_tracker.update_state(in_use * tf.reduce_mean(invariance))
         results = {m.name: m.result() for m in self.metrics}
+        results["step_loss"] = loss  # this step's, for TensorBoard (train._StepSummaries)
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras averages step outputs over workers with reduce(MEAN, axis=0),
             # which fails on scalars: give them that axis (the result is a scalar).

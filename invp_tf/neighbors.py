@@ -11,8 +11,18 @@ above a million-ish rows. Queries go in chunks, so memory stays bounded.
 import os
 
 import numpy as np
+from absl import logging
 
 METHODS = ("scann", "brute_force")
+# scann has wheels for Linux x86_64 and aarch64 only (setup.py installs it there): elsewhere
+# --knn_method=scann falls back to the exact search, with one warning.
+SCANN_MISSING = (
+    "--knn_method=scann: the scann package is not installed (it has wheels for Linux x86_64 "
+    "and aarch64 only); building the kNN graph by exact brute-force search instead (the exact "
+    "graph; its time grows with the square of the bank size; pass --knn_method=brute_force "
+    "to silence this)"
+)
+_warned_scann_missing = False
 # Settings measured on the 2-core host of BENCHMARKS.md (benchmarks/graph_build.py;
 # k=4, D=128, banks of 1,000 clusters; the host was shared, load 3-5):
 # - Exact scoring of all rows is quadratic: 60k rows took 17.5 s; a spherical tree
@@ -89,10 +99,10 @@ def _scann_searcher(embeddings, num_neighbors, k=None):
     """
     try:
         import scann  # pylint: disable=g-import-not-at-top
-    except ImportError as e:  # scann is Linux/x86 only
+    except ImportError as e:  # scann has Linux x86_64 / aarch64 wheels only
         raise ImportError(
-            "ScaNN search needs the scann package (pip install scann==1.4.2); "
-            "graphs can use --knn_method=brute_force without it"
+            "a ScaNN index needs the scann package (pip install scann==1.4.2, Linux x86_64 or "
+            "aarch64 only)"
         ) from e
     n, dim = embeddings.shape
     settings = scann_settings(n, dim, k or num_neighbors)
@@ -139,13 +149,23 @@ def _scann(embeddings, k, query_chunk_rows=QUERY_CHUNK_ROWS):
     return out
 
 
+def scann_available():
+    """Whether `import scann` works (it is optional: Linux x86_64 / aarch64 wheels only)."""
+    try:
+        import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+        return False
+    return True
+
+
 def build_knn_graph(embeddings, k, method="scann"):
     """kNN graph of a set of embeddings by dot product.
 
     Args:
       embeddings: [N, D] float32 rows (the memory bank).
       k: neighbours per row; must be < N.
-      method: "scann" or "brute_force" (exact).
+      method: "scann" or "brute_force" (exact). "scann" without the scann package warns
+        once and builds the exact graph.
 
     Returns:
       [N, k] int32 numpy array; row j lists the k most similar rows to j, most
@@ -157,6 +177,12 @@ def build_knn_graph(embeddings, k, method="scann"):
     n = embeddings.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"num_neighbors must be in [1, N) = [1, {n}), got {k}")
+    if method == "scann" and not scann_available():
+        global _warned_scann_missing
+        if not _warned_scann_missing:
+            logging.warning(SCANN_MISSING)
+            _warned_scann_missing = True
+        method = "brute_force"
     if method == "brute_force":
         candidates = _brute_force(embeddings, k)
     elif method == "scann":

@@ -212,6 +212,91 @@ def _naming_unreadable_images(source):
         raise
 
 
+def finished_message(workdir, epochs):
+    """The one line for a rerun of a run that has trained all its epochs; None otherwise."""
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if not latest:
+        return None
+    try:
+        # The checkpoint reader runs no TF op: a multi-worker strategy, created after this
+        # check, can still configure its collectives (they must precede the first op).
+        done = int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    except ValueError:
+        # The reader takes "ckpt-N" for a folder on file systems where any path prefix is one
+        # (TF's ram://); a Checkpoint restore reads it.
+        epoch = tf.Variable(0, dtype=tf.int64)
+        try:
+            tf.train.Checkpoint(epoch=epoch).restore(latest).expect_partial()
+        except (tf.errors.OpError, ValueError):
+            return None
+        done = int(epoch.numpy())
+    except tf.errors.OpError:  # unreadable: training's restore reports it
+        return None
+    if done < epochs:
+        return None
+    return (
+        f"{workdir} is finished: {done}/{epochs} epochs trained, checkpoint {latest}; next: "
+        f"python -m invp_tf.evaluate --workdir={workdir} --protocol=knn (or linear, semi), "
+        f"python -m invp_tf.export --workdir={workdir} --export_dir=exported"
+    )
+
+
+class _Progress:
+    """Logs "epoch e/E" lines: each epoch-boundary step with its seconds, each epoch with an ETA.
+
+    Epochs are counted from 1 here (metrics.jsonl and checkpoints count finished epochs).
+    """
+
+    def __init__(self, first_epoch, epochs):
+        self.first_epoch, self.epochs = first_epoch, epochs
+        self.start = time.perf_counter()
+
+    def begin(self, epoch, what):
+        logging.info("epoch %d/%d: %s ...", epoch + 1, self.epochs, what)
+        return time.perf_counter()
+
+    def end(self, epoch, what, start):
+        seconds = time.perf_counter() - start
+        logging.info("epoch %d/%d: %s took %.1f s", epoch + 1, self.epochs, what, seconds)
+        return seconds
+
+    def epoch_done(self, epoch, row):
+        seconds_per_epoch = (time.perf_counter() - self.start) / (epoch + 1 - self.first_epoch)
+        left = (self.epochs - epoch - 1) * seconds_per_epoch
+        finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+        knn = row.get("knn_top1")
+        logging.info(
+            "epoch %d/%d done: loss %s, kNN top-1 %s; %.0f s per epoch, ETA %s (%s left)",
+            epoch + 1,
+            self.epochs,
+            "-" if row.get("loss") is None else f"{row['loss']:.4f}",
+            "-" if knn is None else f"{knn:.4f}",
+            seconds_per_epoch,
+            finish,
+            f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min",
+        )
+
+
+class _StepSummaries(keras.callbacks.Callback):
+    """TensorBoard scalars of the step every `every` steps: `step/loss` (that step's loss, not
+    the epoch's running mean) and `step/learning_rate`, at the global step."""
+
+    def __init__(self, writer, steps, every):
+        super().__init__()
+        self.writer, self.steps, self.every = writer, steps, every
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.steps.numpy())  # counted on the host from here: no device read
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every or not logs or "step_loss" not in logs:
+            return
+        with self.writer.as_default(step=self.step):
+            tf.summary.scalar("step/loss", tf.reduce_mean(logs["step_loss"]))
+            tf.summary.scalar("step/learning_rate", self.model.optimizer.learning_rate)
+
+
 # Exit status of a preempted run (TF's restart code on managed clusters).
 PREEMPTED_EXIT_CODE = 42
 
@@ -450,6 +535,13 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
     if chief:
         verbose = "auto" if sys.stdout.isatty() else 2
     row = {}
+    if chief and first_epoch >= config.epochs:  # a rerun of a finished run: its last row
+        row = (workdir_lib.read_metrics(workdir) or [{}])[-1]
+    progress = _Progress(first_epoch, config.epochs)
+    step_summaries = []
+    if chief:  # about 10 points per epoch, at least every 50 steps
+        every = max(1, min(50, steps_per_epoch // 10))
+        step_summaries.append(_StepSummaries(writer, model.steps, every))
 
     for epoch in range(first_epoch, config.epochs):
         skip_steps = done_steps if epoch == first_epoch else 0
@@ -463,7 +555,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
         graph_seconds = None
         graph_metrics = {}
         if (uses_graph or train_labels is not None) and not skip_steps:
-            start = time.perf_counter()
+            rows_name = "fresh embeddings" if config.graph_features == "fresh" else "bank rows"
+            start = progress.begin(epoch, f"kNN graph of the {num_examples} {rows_name}")
             if chief:
                 bank = model.memory_bank.bank.numpy()  # [N, D], one host copy for all uses
                 rows = fresh() if config.graph_features == "fresh" else bank
@@ -472,7 +565,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
                 graph = np.zeros(model.knn_graph.shape, np.int32)
             graph = distribute.broadcast_from_chief(strategy, graph)
             model.knn_graph.assign(graph)
-            graph_seconds = time.perf_counter() - start
+            graph_seconds = progress.end(epoch, "kNN graph", start)
+            start = time.perf_counter()
             if chief:
                 graph_metrics = graph_monitor(
                     config, graph, rows, bank, train_labels, purity_anchors, epoch
@@ -488,6 +582,8 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
                 graph_metrics.update(
                     {f"{k}_bank_graph": v for k, v in bank_metrics.items() if k != "graph_recall"}
                 )
+            if chief:
+                progress.end(epoch, "graph recall and positive purity", start)
         model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
 
         # 2. One epoch of training; the data order and views depend only on (seed, epoch).
@@ -511,7 +607,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
         logs, train_seconds = {}, None
         if remaining:
             dataset = _distributed_dataset(strategy, pipeline, config.batch_size)
-            start = time.perf_counter()
+            start = progress.begin(epoch, f"training {remaining} steps")
             with _naming_unreadable_images(train_source):
                 history = model.fit(
                     dataset,
@@ -521,10 +617,11 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
                     callbacks=[
                         keras.callbacks.TerminateOnNaN(),
                         *preemption_callbacks,
+                        *step_summaries,
                         *callbacks,
                     ],
                 )
-            train_seconds = time.perf_counter() - start
+            train_seconds = progress.end(epoch, "training", start)
             logs = {name: values[-1] for name, values in history.history.items()}
             if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
                 raise TrainingError(
@@ -544,6 +641,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
         # 3. kNN monitor on the test split (chief only).
         knn_top1 = None
         if chief and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            start = progress.begin(epoch, "kNN monitor")
             train_features = fresh() if config.knn_features == "fresh" else None
             knn_top1 = knn_monitor(
                 config,
@@ -552,6 +650,7 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
                 test_source,
                 train_labels,
             )
+            progress.end(epoch, "kNN monitor", start)
 
         # 4. Metrics row, then checkpoint (a crash between them redoes the epoch
         # and `truncate_metrics` drops the stale row).
@@ -577,8 +676,11 @@ def _train_and_evaluate(config, workdir, callbacks, strategy, on_exit):
                     if name != "epoch" and value is not None:
                         tf.summary.scalar(name, value)
         epoch_counter.assign(epoch + 1)
+        start = time.perf_counter()
         save(epoch + 1)
-        logging.info("epoch %d: %s", epoch, json.dumps(row))
+        progress.end(epoch, "checkpoint", start)
+        logging.info("epoch %d/%d metrics: %s", epoch + 1, config.epochs, json.dumps(row))
+        progress.epoch_done(epoch, row)
     return row
 
 
@@ -596,6 +698,19 @@ for _field in dataclasses.fields(config_lib.Config):
     _FLAGS[_field.name] = _define(_field.name, _field.default, _field.metadata["help"])
 
 
+NO_FLAGFILE = (
+    "no --flagfile: the built-in defaults are the paper's ImageNet recipe (ResNet-50, 224 px, "
+    "800 epochs); start from a recipe: --flagfile=configs/fashion_mnist.flags (the CPU demo), "
+    "configs/cifar10_r18.flags (CIFAR-10), configs/r50.flags (ImageNet), or RUN/flags.txt "
+    "(replays a run); any flag after it overrides the recipe"
+)
+
+
+def _flagfile_given(argv):
+    """Whether the command line names a --flagfile (absl expands it before main sees argv)."""
+    return any(arg.lstrip("-").split("=")[0] == "flagfile" for arg in argv[1:] if arg[:1] == "-")
+
+
 def config_from_flags():
     return config_lib.Config(**{name: holder.value for name, holder in _FLAGS.items()})
 
@@ -606,6 +721,13 @@ def main(argv):
     config = config_from_flags()
     if not config.workdir:
         raise app.UsageError("--workdir is required")
+    if not _flagfile_given(sys.argv):
+        print(f"invp_tf.train: error: {NO_FLAGFILE}", file=sys.stderr)
+        sys.exit(1)
+    message = finished_message(config.workdir, config.epochs)
+    if message:
+        print(message)
+        return
     try:
         row = train_and_evaluate(config, config.workdir)
     except (ValueError, FileNotFoundError, TrainingError) as e:
@@ -628,5 +750,10 @@ def main(argv):
     print(json.dumps(row))
 
 
-if __name__ == "__main__":
+def run():
+    """The `invp-train` console command (setup.py entry point)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

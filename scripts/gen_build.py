@@ -36,6 +36,8 @@ LARGE_TESTS = (
 TEST_DATA = {
     "configs_test": '["pytest.ini"] + glob(["configs/*.flags"])',
     "export_test": '["pytest.ini"] + glob(["export/*.json"])',
+    "losses_test": '["pytest.ini", "tests/data/golden/authors_reference_case.npz"]',
+    "memory_bank_test": '["pytest.ini", "tests/data/golden/authors_reference_case.npz"]',
 }
 # Imported only inside a subprocess (TF_USE_LEGACY_KERAS=1), so not seen by `imports`.
 EXTRA_PIP = {"export_test": {"tensorflow_hub", "tf_keras"}}

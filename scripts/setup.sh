@@ -5,9 +5,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+sudo_cmd=""
+if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+# TF 2.20 and scann 1.4.2 have wheels for Python 3.9-3.13; the code needs 3.10 (setup.py).
+if ! python3 -c "import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))"; then
+  echo "error: python3 is $(python3 -V 2>&1); invp-tf needs Python 3.10-3.13 (TensorFlow 2.20" \
+    "has no wheels for newer ones): put such a python3 first on PATH, then rerun" >&2
+  exit 1
+fi
+# Debian and Ubuntu ship Python without venv (ensurepip): install python3-venv when
+# `python3 -m venv` cannot work.
+if [ ! -d .venv ] && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null; then
+    $sudo_cmd apt-get install -y python3-venv >/dev/null 2>&1 || {
+      $sudo_cmd apt-get update >/dev/null 2>&1 &&
+        $sudo_cmd apt-get install -y python3-venv >/dev/null 2>&1; } || true
+  fi
+  if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+    echo "error: python3 -m venv does not work; install python3-venv (Debian/Ubuntu) or a" \
+      "Python 3.10-3.13 with venv, then rerun" >&2
+    exit 1
+  fi
+fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  sudo_cmd=""
-  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
   # Tests do not need it (they skip the real-data check); the demo stops with a
   # message naming the missing file.
   $sudo_cmd apt-get install -y dataset-fashion-mnist >/dev/null 2>&1 || {

@@ -133,6 +133,8 @@ def test_tfds_mock_cifar10_stable_indices(tmp_path):
             assert sorted(int(ex["index"]) for ex in examples) == list(range(7))
             assert examples[0]["image"].shape == (32, 32, 3)
             assert examples[0]["label"].dtype == np.int32
+        # Read encoded, decoded after the train pipeline's shard filter.
+        assert next(iter(source.dataset(decoded=False)))["image"].dtype == tf.string
         assert data.load_source("tfds:cifar10", "test", data_dir=str(tmp_path)).num_examples == 3
         with pytest.raises(ValueError, match="exceeds"):
             data.load_source("tfds:cifar10", data_dir=str(tmp_path), train_examples=8)
@@ -264,3 +266,29 @@ def test_tfds_test_falls_back_to_validation(tmp_path):
         assert data.load_source("tfds:cifar10", data_dir=str(tmp_path)).num_examples == 7
         with pytest.raises(ValueError, match="has splits"):
             data.load_source("tfds:cifar10", "extra", data_dir=str(tmp_path))
+
+
+def test_sharded_workers_read_and_decode_only_their_own_files(tmp_path):
+    """Shards are cut before decoding: a file of another worker's part is never read."""
+    for i in range(8):
+        _write_png(tmp_path / f"{i:02d}.png", 10 * i)
+    source = data.load_source(f"folder:{tmp_path}", "train")
+
+    def indices(shard_index):
+        pipeline = data.train_pipeline(
+            source, batch_size=2, image_size=4, view="none", seed=0, epoch=0,
+            global_batch_size=4, shard_index=shard_index, num_shards=2,
+        )  # fmt: skip
+        return sorted(int(i) for _, batch, _ in pipeline for i in batch.numpy())
+
+    theirs = indices(1)
+    # Break one of worker 1's files (it keeps the PNG signature the loader checks).
+    path = source.paths[theirs[0]]
+    with open(path, "rb") as f:
+        head = f.read(40)
+    with open(path, "wb") as f:
+        f.write(head)
+    mine = indices(0)  # does not touch the broken file
+    assert sorted(mine + theirs) == list(range(8))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        indices(1)

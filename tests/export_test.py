@@ -19,6 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from invp_tf import augment
+from invp_tf import embed
 from invp_tf import export
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
@@ -254,8 +255,16 @@ _HUB_SCRIPT = textwrap.dedent(
     images, labels = data["images"], data["labels"]
     result = {}
 
-    def build(trainable):
-        layer = hub.KerasLayer(path, trainable=trainable, output_key="embedding")
+    def build(trainable, keyed):
+        # The TF-Hub image feature-vector usage: no output_key, one tensor out. `keyed` asks
+        # for the dict and picks the embedding from it; "signature" does so through
+        # serving_default (inference only: hub refuses trainable=True on signatures).
+        options = {
+            False: {},
+            True: dict(arguments=dict(return_dict=True), output_key="embedding"),
+            "signature": dict(signature="serving_default", output_key="embedding"),
+        }[keyed]
+        layer = hub.KerasLayer(path, trainable=trainable, **options)
         model = tf_keras.Sequential(
             [tf_keras.Input(images.shape[1:]), layer, tf_keras.layers.Dense(3)]
         )
@@ -265,16 +274,18 @@ _HUB_SCRIPT = textwrap.dedent(
         )
         return layer, model
 
-    for trainable in (True, False):
-        name = "trainable" if trainable else "frozen"
-        layer, model = build(trainable)
-        embedding = layer(images, training=False).numpy()
+    for name, trainable, keyed in [
+        ("trainable", True, False), ("frozen", False, False), ("keyed", True, True),
+        ("signature", False, "signature"),
+    ]:
+        layer, model = build(trainable, keyed)
+        output = layer(images, training=False).numpy()
         before = [w.numpy() for w in layer.weights]
         losses = [float(loss) for loss in model.losses]
         model.fit(images, labels, batch_size=len(images), epochs=1, verbose=0)
         changed = [not np.allclose(b, w.numpy()) for b, w in zip(before, layer.weights)]
         result[name] = {
-            "embedding": embedding.tolist(),
+            "output": output.tolist(),
             "losses": losses,
             "num_trainable": len(layer.trainable_weights),
             "trainable_changed": sum(c for c, w in zip(changed, layer.weights) if w.trainable),
@@ -293,8 +304,10 @@ _HUB_SCRIPT = textwrap.dedent(
     reason="needs the hub extra: pip install -e '.[hub]'",
 )
 def test_hub_keras_layer_fine_tunes_under_tf_keras(exported, tmp_path):
-    """hub.KerasLayer(trainable=True) in a tf-keras model: a fit step moves the weights and the
-    BatchNorm moving statistics, and the exported L2 penalty is part of the model's losses."""
+    """hub.KerasLayer(trainable=True) with no output_key in a tf-keras Sequential (TF-Hub's image
+    feature-vector convention: one tensor, the pooled features): a fit step moves the weights
+    and the BatchNorm moving statistics, and the exported L2 penalty is part of the model's
+    losses. With arguments=dict(return_dict=True) the output_key picks from the dict."""
     images = _images(8, seed=3)
     np.savez(tmp_path / "inputs.npz", images=images, labels=np.arange(8) % 3)
     script = tmp_path / "hub_check.py"
@@ -310,25 +323,64 @@ def test_hub_keras_layer_fine_tunes_under_tf_keras(exported, tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
 
     encoder = exported.run.encoder
-    want = _expected(encoder, images)["embedding"]
+    want = _expected(encoder, images)
     kernels = [v.numpy() for v in encoder.trainable_variables if v.name == "kernel"]
     penalty = exported.run.config.weight_decay / 2 * sum(float(np.sum(k**2)) for k in kernels)
     num_moving = sum("moving_" in v.name for v in encoder.variables)
-    tuned, frozen = out["trainable"], out["frozen"]
+    tuned, frozen, keyed = out["trainable"], out["frozen"], out["keyed"]
     for run in (tuned, frozen):
-        np.testing.assert_allclose(np.array(run["embedding"]), want, atol=1e-5)
+        np.testing.assert_allclose(np.array(run["output"]), want["features"], rtol=1e-5, atol=1e-5)
+    for run in (keyed, out["signature"]):
+        np.testing.assert_allclose(np.array(run["output"]), want["embedding"], atol=1e-5)
+    for run in (tuned, frozen, keyed):
         assert run["num_moving"] == num_moving > 0
-    assert tuned["losses"] == [pytest.approx(penalty, rel=1e-4)]
-    assert tuned["num_trainable"] == len(encoder.trainable_variables)
-    assert tuned["trainable_changed"] == len(encoder.trainable_variables)
-    assert tuned["moving_changed"] == num_moving  # BatchNorm ran in training mode
+    # The features do not pass through the head: of its weights only the kernels move (the
+    # exported L2 penalty); its BatchNorm still runs in training mode (the encoder computes both).
+    num_backbone = sum("/backbone/" in v.path for v in encoder.trainable_variables)
+    num_head_kernels = sum("/head/" in v.path and v.name == "kernel" for v in encoder.variables)
+    assert 0 < num_backbone < len(encoder.trainable_variables) and num_head_kernels > 0
+    for run, num_changed in [
+        (tuned, num_backbone + num_head_kernels),
+        (keyed, len(encoder.trainable_variables)),
+    ]:
+        assert run["losses"] == [pytest.approx(penalty, rel=1e-4)]
+        assert run["num_trainable"] == len(encoder.trainable_variables)
+        assert run["trainable_changed"] == num_changed
+        assert run["moving_changed"] == num_moving  # BatchNorm ran in training mode
     assert frozen["num_trainable"] == 0
     assert frozen["trainable_changed"] == 0 and frozen["moving_changed"] == 0
     assert all(loss == 0 for loss in frozen["losses"])
 
 
+def test_call_returns_the_feature_vector_and_the_dict_on_request(exported, loaded):
+    images = _images(3, seed=4)
+    want = _expected(exported.run.encoder, images)
+    features = loaded(tf.constant(images))
+    assert isinstance(features, tf.Tensor)
+    np.testing.assert_allclose(features.numpy(), want["features"], rtol=1e-5, atol=1e-5)
+    _assert_close(loaded(tf.constant(images), training=False, return_dict=True), want)
+
+
+def test_export_dir_on_another_file_system(exported, tmp_path):
+    """export_dir goes through tf.io.gfile (gs://, s3://...); TF's in-memory ram:// file system
+    stands in for them here."""
+    base = f"ram://export_test/{tmp_path.name}"
+    path = export.export_run(exported.run.config.workdir, base, "invp")
+    assert path == f"{base}/invp/1"
+    assert tf.io.gfile.listdir(f"{base}/invp") == ["1"]  # the staging folder is gone
+    assert export.next_version(f"{base}/invp") == 2
+    images = _images(2, seed=5)
+    loaded = tf.saved_model.load(path)
+    _assert_close(loaded.signatures["serving_default"](images=tf.constant(images)),
+                  _expected(exported.run.encoder, images))  # fmt: skip
+    with tf.io.gfile.GFile(f"{path}/assets/{export.METADATA_FILE}") as f:
+        assert json.load(f)["image_size"] == SIZE
+    assert embed.load_model(path)[1]["image_size"] == SIZE  # invp_tf.embed --model=gs://...
+    assert not os.path.exists("ram:")
+
+
 def test_verify_catches_keras_variables_in_the_hub_lists(exported, tmp_path):
-    """FACTS.md's trap: lists of Keras Variables load in TF2 but not in the TF1 loader."""
+    """The trap: lists of Keras Variables load in TF2 but not in the TF1 loader."""
     encoder = exported.run.encoder
     module = export.EncoderModule(encoder, SIZE)
     module.variables = list(encoder.variables)

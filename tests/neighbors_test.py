@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,18 @@ def test_graph_recall_streaming_matches_naive_oracle(kind):
     }[kind]
     got = neighbors.graph_recall(x, graph, sample_size=200, seed=1, chunk_rows=37)
     assert got == pytest.approx(_naive_recall(x, graph, 200, 1))
+
+
+def test_scann_without_the_package_warns_once_and_builds_the_exact_graph(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "scann", None)  # `import scann` raises ImportError
+    monkeypatch.setattr(neighbors, "_warned_scann_missing", False)
+    x = _clustered(n=300)
+    with caplog.at_level("WARNING"):
+        graph = neighbors.build_knn_graph(x, 4, method="scann")
+        again = neighbors.build_knn_graph(x, 4, method="scann")
+    np.testing.assert_array_equal(graph, neighbors.build_knn_graph(x, 4, method="brute_force"))
+    np.testing.assert_array_equal(again, graph)
+    warnings = [r.getMessage() for r in caplog.records if "scann package" in r.getMessage()]
+    assert warnings == [neighbors.SCANN_MISSING]
+    with pytest.raises(ImportError, match="needs the scann package"):
+        neighbors.build_search_index(x, "unused")

@@ -114,6 +114,23 @@ def test_graph_from_fresh_features(tiny_idx_dir, tmp_path):
     assert not np.array_equal(run.knn_graph, neighbors.build_knn_graph(run.bank, 2, "brute_force"))
 
 
+def test_workdir_on_another_file_system(tiny_idx_dir, tmp_path):
+    """Every workdir path goes through tf.io.gfile (gs://, s3://...); TF's in-memory ram://
+    file system stands in for them here."""
+    workdir = f"ram://train_test/{tmp_path.name}/run"
+    config = tiny_config(tiny_idx_dir, workdir, epochs=1)
+    row = train.train_and_evaluate(config, workdir)
+    assert sorted(tf.io.gfile.listdir(workdir)) == [
+        "checkpoints", "flags.txt", "metrics.jsonl", "tensorboard"
+    ]  # fmt: skip
+    with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line) for line in f] == [row]
+    assert config_lib.Config.from_flagfile(os.path.join(workdir, "flags.txt")) == config
+    assert tf.io.gfile.glob(os.path.join(workdir, "tensorboard", "events.out.*"))
+    assert train.finished_message(workdir, 1).startswith(f"{workdir} is finished: 1/1 epochs")
+    assert not os.path.exists("ram:")  # nothing went to a local folder named after the scheme
+
+
 class _Interrupt(Exception):
     pass
 
@@ -239,7 +256,14 @@ def test_flagfile_round_trip(tmp_path):
 
 def test_cli_error_is_one_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "invp_tf.train", f"--workdir={tmp_path}/run", "--dataset=nonsense"],
+        [
+            sys.executable,
+            "-m",
+            "invp_tf.train",
+            "--flagfile=configs/fashion_mnist.flags",
+            f"--workdir={tmp_path}/run",
+            "--dataset=nonsense",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -251,6 +275,68 @@ def test_cli_error_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     # Nothing is written before the flags are checked: no half-made run is left.
     assert not (tmp_path / "run").exists()
+
+
+def _main(argv, monkeypatch):
+    """Runs train.main in this process as `python -m invp_tf.train ARGV` would."""
+    monkeypatch.setattr(sys, "argv", ["invp_tf/train.py", *argv])
+    try:
+        flags.FLAGS(sys.argv)
+        train.main(["invp_tf/train.py"])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_no_flagfile_stops_with_one_line_naming_the_recipes(tmp_path, monkeypatch, capsys):
+    # The defaults are the ImageNet recipe: without a recipe nothing may start training.
+    with pytest.raises(SystemExit) as stopped:
+        _main([f"--workdir={tmp_path}/run", "--epochs=2"], monkeypatch)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"invp_tf.train: error: {train.NO_FLAGFILE}"
+    assert "--flagfile=configs/fashion_mnist.flags" in err and "configs/r50.flags" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_of_a_finished_run_says_so_in_one_line(
+    tiny_idx_dir, tmp_path, monkeypatch, capsys, caplog
+):
+    """Also: progress lines "epoch e/E" with the boundary steps' seconds and an ETA, and
+    per-step loss and learning rate in TensorBoard."""
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=2)
+    with caplog.at_level("INFO", logger="absl"):
+        train.train_and_evaluate(config, config.workdir)
+    logs = [record.getMessage() for record in caplog.records]
+    for line in [
+        "epoch 1/2: training 4 steps ...",
+        "epoch 2/2: kNN graph took",
+        "epoch 2/2: kNN monitor took",
+        "epoch 2/2: checkpoint took",
+        "epoch 2/2 done: loss",
+    ]:
+        assert any(message.startswith(line) for message in logs), line
+    assert any("ETA" in message for message in logs if message.startswith("epoch 1/2 done"))
+    scalars = {}
+    for path in tf.io.gfile.glob(os.path.join(config.workdir, "tensorboard", "events.out.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(event.step)
+    assert scalars["step/loss"] == scalars["step/learning_rate"] == list(range(1, 9))  # 4 steps
+    assert scalars["loss"] == [1, 2]  # the per-epoch scalars stay
+
+    rows = _rows(config.workdir)
+    assert train.train_and_evaluate(config, config.workdir) == rows[-1]  # not {}
+    capsys.readouterr()
+    _main([f"--flagfile={config.workdir}/flags.txt"], monkeypatch)
+    out = capsys.readouterr().out.strip().splitlines()
+    checkpoint = os.path.join(config.workdir, "checkpoints", "ckpt-2")
+    assert out == [
+        f"{config.workdir} is finished: 2/2 epochs trained, checkpoint {checkpoint}; next: "
+        f"python -m invp_tf.evaluate --workdir={config.workdir} --protocol=knn (or linear, semi), "
+        f"python -m invp_tf.export --workdir={config.workdir} --export_dir=exported"
+    ]
+    assert _rows(config.workdir) == rows
+    assert train.finished_message(config.workdir, 3) is None  # more epochs asked: not finished
 
 
 @pytest.mark.slow

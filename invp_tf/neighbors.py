@@ -30,8 +30,11 @@ SCANN_HASHING_MIN_ROWS = 300_000
 SCANN_LEAVES_TO_SEARCH = 10
 # Query rows per search call: bounds the search's working memory.
 QUERY_CHUNK_ROWS = 65_536
-# `matmul` scores MATMUL_CHUNK_BYTES of [rows, N] float32 similarities at a time.
-MATMUL_CHUNK_BYTES = 2**29
+# `matmul` scores query rows in chunks of MATMUL_CHUNK_BYTES of [rows, N] float32
+# similarities (peak about twice that: the copy with each row's own column masked),
+# larger on an accelerator, whose matmuls want more rows at once.
+MATMUL_CHUNK_BYTES = 2**28
+MATMUL_ACCELERATOR_CHUNK_BYTES = 2**31
 
 
 def scann_settings(num_rows, dim, k):
@@ -196,12 +199,15 @@ def _matmul(embeddings, k, chunk_bytes=None):
 
     A bank given as a tensor or variable is read where it lives; a NumPy bank goes
     to the accelerator if there is one. Row chunks keep the [c, N] similarities
-    within `chunk_bytes` (default MATMUL_CHUNK_BYTES); only the graph comes back.
+    within `chunk_bytes` (default MATMUL_CHUNK_BYTES, or on an accelerator
+    MATMUL_ACCELERATOR_CHUNK_BYTES); only the graph comes back.
     """
-    chunk_bytes = chunk_bytes or MATMUL_CHUNK_BYTES
     device = getattr(embeddings, "device", "") or ""
     if not any(kind in device for kind in ("GPU", "TPU")):
         device = _accelerator() or device
+    on_accelerator = any(kind in device for kind in ("GPU", "TPU"))
+    if chunk_bytes is None:
+        chunk_bytes = MATMUL_ACCELERATOR_CHUNK_BYTES if on_accelerator else MATMUL_CHUNK_BYTES
     with tf.device(device or None):
         bank = tf.convert_to_tensor(embeddings, tf.float32)  # [N, D]
         n = bank.shape[0]

@@ -98,6 +98,8 @@ OPTIONS = [
     dict(positive_mode="knn", num_knn_positives=5, background="exact"),
     dict(num_layers=1),
     dict(num_layers=2, num_positives=100),
+    dict(num_background=1),  # the exact search's edge cases: M = 1 and M close to N
+    dict(num_background=59, background="exact"),
 ]
 
 

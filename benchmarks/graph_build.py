@@ -2,9 +2,11 @@
 
     python -m benchmarks.graph_build --num_rows=60000,1281167
     python -m benchmarks.graph_build --bank=run:runs/demo
+    python -m benchmarks.graph_build --num_rows=60000 --method=matmul
 
 What the training loop does between epochs, at a given bank size:
-`neighbors.build_knn_graph` (ScaNN, settings from `neighbors.scann_settings`),
+`neighbors.build_knn_graph` (ScaNN, settings from `neighbors.scann_settings`, or
+--method=matmul, the exact chunked matmul + top_k in TensorFlow),
 then `propagation.propagate_all` (the [N, S] table of N(i) for every row); then,
 timed apart, `neighbors.graph_recall` (recall@k against exact search on
 --recall_sample rows). Each setting runs in a fresh process, so its peak RSS
@@ -35,10 +37,15 @@ _SPREAD = flags.DEFINE_float(
 )
 _NUM_NEIGHBORS = flags.DEFINE_integer("num_neighbors", 4, "k of the graph.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 3, "Propagation hops l.")
-_METHOD = flags.DEFINE_string("method", "scann", "neighbors.build_knn_graph method.")
+_METHOD = flags.DEFINE_string(
+    "method", "scann", "neighbors.build_knn_graph method: scann, brute_force, matmul or auto."
+)
 _RECALL_SAMPLE = flags.DEFINE_integer("recall_sample", 2000, "Rows checked by exact search.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic bank and the recall sample.")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append rows to.")
+_NOTE = flags.DEFINE_string(
+    "machine_note", "", "Added to the machine column, e.g. what else ran on the machine."
+)
 
 
 def clustered_bank(num_rows, dim, num_clusters, spread, seed, chunk_rows=100_000):
@@ -88,10 +95,13 @@ def _measure(setting, queue):
         )
     n, dim = bank.shape
     k = setting["num_neighbors"]
+    method = setting["method"]
+    if method == "auto":
+        method = neighbors.auto_method()
     rss_before = peak_rss_gb()
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    graph = neighbors.build_knn_graph(bank, k, setting["method"])
+    graph = neighbors.build_knn_graph(bank, k, method)
     build = time.perf_counter() - start
     start = time.perf_counter()
     table = propagation.propagate_all(graph, setting["num_layers"])
@@ -103,7 +113,8 @@ def _measure(setting, queue):
         dict(
             num_rows=n,
             dim=dim,
-            scann=neighbors.scann_settings(n, dim, k) if setting["method"] == "scann" else {},
+            method=method,
+            scann=neighbors.scann_settings(n, dim, k) if method == "scann" else {},
             build=build,
             propagate=propagate,
             recall=recall,
@@ -172,9 +183,10 @@ def main(argv):
         rows.append(
             f"graph build + propagation | "
             f"`{command}{setting['num_rows'] or ''}` | "
-            f"{report.machine()}, load avg {r['load'][0]:.1f} before / {r['load'][1]:.1f} after | "
+            f"{report.machine()}{', ' + _NOTE.value if _NOTE.value else ''}, load avg "
+            f"{r['load'][0]:.1f} before / {r['load'][1]:.1f} after | "
             f"{bank_text}; N={r['num_rows']}, D={r['dim']}, k={_NUM_NEIGHBORS.value}, "
-            f"l={_NUM_LAYERS.value}, {_METHOD.value} ({scann or 'exact'}): "
+            f"l={_NUM_LAYERS.value}, {r['method']} ({scann or 'exact'}): "
             f"build {r['build']:.1f} s + propagation {r['propagate']:.1f} s = {total:.1f} s; "
             f"recall@{_NUM_NEIGHBORS.value} {r['recall']:.4f} on {sample_rows} rows "
             f"(exact check {r['recall_seconds']:.1f} s); peak RSS {r['rss']:.2f} GB "

@@ -1,7 +1,7 @@
 """Train-step throughput: the InvP step against the bare encoder step.
 
     python -m benchmarks.train_step --bank_sizes=60000,1281167 --num_background=4096 \
-        --background_search=exact,sampled --jit=off,on
+        --background_search=exact,sampled,top_k --jit=off,on
 
 The bare step is forward + backward + SGD of the same encoder on the same batch
 with a trivial loss; the InvP step is `InvPModel.train_step` (loss against the
@@ -12,8 +12,9 @@ similarity, the TopM search and the rest of the loss math), and the similarity
 matmul alone (forward + gradient), so the overhead can be split.
 
 Synthetic inputs and a random bank and graph; medians of --steps rounds after
-two warm-up calls, every round timing the bare step, the InvP step and the two
-loss parts once each, so load changes hit them alike. --mixed_precision runs
+two warm-up calls, every round timing the bare step, then the InvP step and the
+loss alone of every --background_search, then the similarity matmul, once each,
+so load changes hit them alike. --mixed_precision runs
 the encoder under Keras' mixed_bfloat16 policy (CPU; mixed_float16 on a GPU);
 the loss is float32 either way. Appends one row per setting to BENCHMARKS.md,
 with the load average.
@@ -56,6 +57,9 @@ _CLOSENESS = flags.DEFINE_string(
     "closeness_run", "", "Instead of timing: sampled vs exact TopM on this run's bank."
 )
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append rows to.")
+_NOTE = flags.DEFINE_string(
+    "machine_note", "", "Added to the machine column, e.g. what else ran on the machine."
+)
 
 
 def _median_seconds(*steps):
@@ -121,32 +125,44 @@ def _rate(images_per_second):
     return f"{images_per_second:,.0f}" if images_per_second >= 100 else f"{images_per_second:.2f}"
 
 
-def _time_setting(encoder, bare_step, images, num_examples, num_background, search, jit, rng):
-    """Seconds of (bare step, InvP step, loss alone, similarity alone) at one setting."""
+def _time_setting(encoder, bare_step, images, num_examples, num_background, searches, jit, rng):
+    """Seconds at one (N, M): bare step, then per search (InvP step, loss alone), matmul.
+
+    Every search gets its own model over the same bank size, and all of them are
+    timed in the same alternation, so that the searches meet the same load.
+
+    Returns:
+      (bare seconds, {search: (InvP step seconds, loss seconds)}, matmul seconds).
+    """
     batch = images.shape[0]
     indices = tf.constant(rng.choice(num_examples, batch, replace=False), tf.int32)
-    model = model_lib.InvPModel(
-        encoder,
-        num_examples,
-        embedding_dim=encoder.embedding_dim,
-        loss_options=dict(
-            temperature=0.1,
-            num_background=num_background,
-            num_layers=3,
-            num_positives=20,
-            background_search=search,
-        ),
-    )
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-    model.knn_graph.assign(rng.integers(0, num_examples, (num_examples, 4), dtype=np.int32))
-    model.invariance_weight.assign(0.6)
-    step = tf.function(model.train_step, jit_compile=jit)
+    graph = rng.integers(0, num_examples, (num_examples, 4), dtype=np.int32)
     embeddings = tf.math.l2_normalize(tf.random.normal([batch, 128]), axis=1)
-    return _median_seconds(
-        (bare_step, (images,)),
-        (step, ((images, indices, tf.zeros([batch], tf.int32)),)),
-        *_loss_steps(model, embeddings, indices, jit),
-    )
+    steps, similarity = [], None
+    for search in searches:
+        model = model_lib.InvPModel(
+            encoder,
+            num_examples,
+            embedding_dim=encoder.embedding_dim,
+            loss_options=dict(
+                temperature=0.1,
+                num_background=num_background,
+                num_layers=3,
+                num_positives=20,
+                background_search=search,
+            ),
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+        model.knn_graph.assign(graph)
+        model.invariance_weight.assign(0.6)
+        step = tf.function(model.train_step, jit_compile=jit)
+        loss_step, similarity = _loss_steps(model, embeddings, indices, jit)
+        steps += [(step, ((images, indices, tf.zeros([batch], tf.int32)),)), loss_step]
+    seconds = _median_seconds((bare_step, (images,)), *steps, similarity)
+    per_search = {
+        search: (seconds[1 + 2 * i], seconds[2 + 2 * i]) for i, search in enumerate(searches)
+    }
+    return seconds[0], per_search, seconds[-1]
 
 
 def _closeness(path, num_background):
@@ -171,7 +187,7 @@ def _closeness(path, num_background):
         num_positives=run.config.num_positives,
     )
     results = {}
-    for search in losses.BACKGROUND_SEARCHES:
+    for search in ("exact", "sampled"):
         views_t = tf.constant(views)
         with tf.GradientTape() as tape:
             tape.watch(views_t)
@@ -221,12 +237,19 @@ def main(argv):
         bare_step = _bare_step(encoder, jit)
         for num_examples in map(int, _BANKS.value):
             for num_background in map(int, _BACKGROUND.value):
-                for search in _SEARCH.value:
-                    load = os.getloadavg()[0]
-                    bare_s, invp_s, loss_s, matmul_s = _time_setting(
-                        encoder, bare_step, images, num_examples, num_background, search, jit, rng
-                    )
-                    load = f"{load:.1f}/{os.getloadavg()[0]:.1f}"
+                load = os.getloadavg()[0]
+                bare_s, per_search, matmul_s = _time_setting(
+                    encoder,
+                    bare_step,
+                    images,
+                    num_examples,
+                    num_background,
+                    _SEARCH.value,
+                    jit,
+                    rng,
+                )
+                load = f"{load:.1f}/{os.getloadavg()[0]:.1f}"
+                for search, (invp_s, loss_s) in per_search.items():
                     bare, invp, overhead = batch / bare_s, batch / invp_s, invp_s / bare_s - 1
                     print(
                         f"{'on' if jit else 'off':>3} {num_examples:>8} {num_background:>5} "
@@ -239,15 +262,18 @@ def main(argv):
                         f"train step | `python -m benchmarks.train_step --encoder={_ENCODER.value} "
                         f"--width_multiplier={_WIDTH.value} --head={_HEAD.value} "
                         f"--image_size={size} --batch_size={batch} --bank_sizes={num_examples} "
-                        f"--num_background={num_background} --background_search={search} "
+                        f"--num_background={num_background} "
+                        f"--background_search={','.join(_SEARCH.value)} "
                         f"--jit={'on' if jit else 'off'}"
                         f"{' --mixed_precision' if _MIXED.value else ''}` | "
-                        f"{report.machine()}, load avg {load} (before/after) | {setting}, jit "
+                        f"{report.machine()}{', ' + _NOTE.value if _NOTE.value else ''}, load avg "
+                        f"{load} (before/after) | {setting}, jit "
                         f"{'on' if jit else 'off'}; N={num_examples}, M={num_background}, TopM "
-                        f"search {search}: bare {_rate(bare)} img/s, InvP {_rate(invp)} img/s "
-                        f"({overhead:+.0%} step time); loss alone (forward + gradient) "
-                        f"{loss_s * 1e3:.1f} ms = {loss_s / bare_s:.0%} of the bare step, of "
-                        f"which similarity matmul {matmul_s * 1e3:.1f} ms"
+                        f"search {search} (searches timed in alternation): bare {_rate(bare)} "
+                        f"img/s, InvP {_rate(invp)} img/s ({overhead:+.0%} step time); loss "
+                        f"alone (forward + gradient) {loss_s * 1e3:.1f} ms = "
+                        f"{loss_s / bare_s:.0%} of the bare step, of which similarity matmul "
+                        f"{matmul_s * 1e3:.1f} ms"
                     )
     report.append_rows(_OUTPUT.value, rows)
 

@@ -73,14 +73,20 @@ class Config:
     background: str = _field("approx", "Background of L_inv: approx (authors) or exact (Eq. 4-5).")
     background_search: str = _field(
         "exact",
-        "How TopM is found: exact (top_k over the bank) or sampled (rows above a threshold "
-        "read off a bank sample; several times faster on a CPU, losses within about 1e-3).",
+        "How TopM is found: exact (top_k's set, from a bracketed threshold and a top_k over "
+        "a few rows), top_k (tf.math.top_k over the bank: the same losses, slower) or sampled "
+        "(rows above a threshold read off a bank sample; faster still on a CPU, losses within "
+        "about 1e-3).",
     )
     positive_mode: str = _field("propagation", "Positives by propagation, or plain kNN (ablation).")
     num_knn_positives: int = _field(0, "K of positive_mode=knn (0 = k + k^2 + ... + k^l).")
     hard_positives: bool = _field(True, "Keep the P hardest positives (False: all of N(i)).")
     hard_negatives: bool = _field(True, "TopM background (False: the whole bank).")
-    knn_method: str = _field("scann", "kNN graph builder.")
+    knn_method: str = _field(
+        "scann",
+        "kNN graph builder: scann, brute_force (exact, NumPy), matmul (exact, TF ops on the "
+        "accelerator if any) or auto (matmul on a GPU/TPU, scann on a CPU).",
+    )
     graph_features: str = _field(
         "bank",
         "Rows the kNN graph is built over between epochs: the memory bank, or fresh embeddings "

@@ -97,6 +97,8 @@ OPTIONS = [
     dict(positive_mode="knn", num_knn_positives=5, background="exact"),
     dict(num_layers=1),
     dict(num_layers=2, num_positives=100),
+    dict(num_background=1),  # the exact search's edge cases: M = 1 and M close to N
+    dict(num_background=59, background="exact"),
 ]
 
 
@@ -399,3 +401,88 @@ def test_bank_of_unknown_size_keeps_hard_negatives():
     want_instance, want_invariance = oracle(v, indices, bank, graph, **kwargs)
     np.testing.assert_allclose(instance.numpy(), want_instance, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)
+
+
+# --- background_search="exact": the top_k set without a top_k over the bank ----
+
+
+def _logits_case(kind, b=16, n=3000, seed=0):
+    """[b, n] float32 similarities / tau of one kind of bank."""
+    rng = np.random.default_rng(seed)
+    if kind == "quantised":  # a dozen distinct values: hundreds tie at the M-th
+        return (np.round(rng.standard_normal((b, n)) * 2) / 2).astype(np.float32)
+    if kind == "clustered":
+        v, _, bank, _ = _clustered_case(n=n, b=b, seed=seed)
+    else:
+        bank = rng.standard_normal((n // 4 if kind == "duplicated" else n, 32))
+        if kind == "duplicated":  # every row four times: ties in fours at the M-th value
+            bank = np.repeat(bank, 4, axis=0)
+        bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+        v = bank[rng.choice(n, b, replace=False)] + 0.2 * rng.standard_normal((b, 32))
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return (v.astype(np.float32) @ bank.astype(np.float32).T / 0.1).astype(np.float32)
+
+
+def _top_k_mask(logits, m, excluded):
+    """The oracle: tf.math.top_k's M columns per row, minus the excluded one."""
+    _, top = tf.math.top_k(logits, k=m)
+    mask = np.zeros(logits.shape, bool)
+    np.put_along_axis(mask, top.numpy(), True, axis=1)
+    mask[np.arange(len(mask)), excluded] = False
+    return mask
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("kind", ["random", "duplicated", "quantised", "clustered"])
+def test_exact_search_is_the_top_k_set(kind, mode):
+    # M = 510 of N = 3000: every 3rd column sampled, a bracket, then a top_k of C.
+    # (510, not 512: the duplicated bank's ties in fours then straddle the M-th.)
+    logits = _logits_case(kind)
+    m = 510
+    excluded = np.random.default_rng(1).integers(0, logits.shape[1], len(logits)).astype(np.int32)
+    search = lambda x: losses._exact_top_mask(x, m, excluded)  # noqa: E731
+    if mode != "eager":
+        search = tf.function(search, jit_compile=mode == "xla")
+    got = search(tf.constant(logits)).numpy()
+    np.testing.assert_array_equal(got, _top_k_mask(logits, m, excluded))
+    # The case is what it says: ties straddle the M-th value in some rows of the
+    # tied banks, and the bracket resolves all but the quantised bank (hundreds
+    # of values tie at its M-th, more than C: the top_k fallback).
+    descending = -np.sort(-logits, axis=1)
+    straddling = np.sum(descending[:, m - 1] == descending[:, m])
+    assert (straddling > 0) == (kind in ("duplicated", "quantised"))
+    _, _, hit = losses._exact_bracket(tf.constant(logits), m, losses._EXACT_CANDIDATES)
+    assert bool(hit) == (kind != "quantised")
+
+
+def test_exact_search_counts_the_excluded_column_once():
+    # The excluded column is above hi, among the candidates, or below TopM.
+    logits = _logits_case("random", b=3)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    excluded = np.array([order[0, 0], order[1, 511], order[2, 2000]], np.int32)
+    got = losses._exact_top_mask(tf.constant(logits), 512, excluded).numpy()
+    np.testing.assert_array_equal(got, _top_k_mask(logits, 512, excluded))
+    assert list(got.sum(axis=1)) == [511, 511, 512]
+
+
+@pytest.mark.parametrize("background", losses.BACKGROUNDS)
+@pytest.mark.parametrize("positive_mode", losses.POSITIVE_MODES)
+def test_exact_search_gives_the_losses_of_top_k(background, positive_mode):
+    v, indices, bank, graph = _clustered_case(n=3000, b=16)
+    kwargs = dict(
+        temperature=0.1,
+        num_background=512,
+        num_layers=3,
+        num_positives=20,
+        background=background,
+        positive_mode=positive_mode,
+    )
+    exact = _losses_and_gradient(v, indices, bank, graph, background_search="exact", **kwargs)
+    top_k = _losses_and_gradient(v, indices, bank, graph, background_search="top_k", **kwargs)
+    for got, want in zip(exact, top_k, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    fn = tf.function(
+        lambda v: losses.invp_losses(v, indices, bank, graph, **kwargs), jit_compile=True
+    )
+    for got, want in zip(fn(v), top_k[:2], strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)

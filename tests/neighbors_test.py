@@ -2,6 +2,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from invp_tf import neighbors
 
@@ -142,3 +143,61 @@ def test_scann_without_the_package_warns_once_and_builds_the_exact_graph(monkeyp
     assert warnings == [neighbors.SCANN_MISSING]
     with pytest.raises(ImportError, match="needs the scann package"):
         neighbors.build_search_index(x, "unused")
+
+
+# --- method="matmul" (TF ops) and "auto" --------------------------------------
+
+
+def _gaussian(n=400, d=16, seed=3):
+    """Unit rows in general position: no two similarities tie, so exact methods agree."""
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bank_type", ["numpy", "tensor", "variable"])
+def test_matmul_equals_brute_force_over_several_chunks(monkeypatch, bank_type):
+    x = _gaussian()
+    want = neighbors.build_knn_graph(x, 5, method="brute_force")
+    # 37 query rows per chunk: 11 chunks, the last one shorter.
+    monkeypatch.setattr(neighbors, "MATMUL_CHUNK_BYTES", 4 * 400 * 37)
+    bank = {"numpy": x, "tensor": tf.constant(x), "variable": tf.Variable(x)}[bank_type]
+    got = neighbors.build_knn_graph(bank, 5, method="matmul")
+    assert got.dtype == np.int32 and got.shape == (400, 5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_matmul_with_duplicate_rows_never_lists_self():
+    # Rows 0..4 equal, rows 5..9 equal: every row ties with four others at the top.
+    x = np.repeat(np.eye(4, dtype=np.float32)[:2], 5, axis=0)
+    graph = neighbors.build_knn_graph(x, 4, method="matmul")
+    assert not np.any(graph == np.arange(10)[:, None])
+    # The four others of the same group, lower indices first (top_k's tie rule).
+    group = lambda i: range(5 * (i // 5), 5 * (i // 5) + 5)  # noqa: E731
+    want = np.array([[j for j in group(i) if j != i] for i in range(10)])
+    np.testing.assert_array_equal(graph, want)
+
+
+def test_matmul_reads_a_mirrored_bank(monkeypatch, mirrored_strategy):
+    x = _gaussian(n=120, seed=4)
+    with mirrored_strategy.scope():
+        bank = tf.Variable(x)
+    # The search gets the variable itself (no NumPy copy on the way).
+    seen, search = [], neighbors._matmul
+    monkeypatch.setattr(neighbors, "_matmul", lambda rows, k: seen.append(rows) or search(rows, k))
+    got = neighbors.build_knn_graph(bank, 4, method="matmul")
+    assert len(seen) == 1 and seen[0] is bank
+    np.testing.assert_array_equal(got, neighbors.build_knn_graph(x, 4, method="brute_force"))
+
+
+def test_auto_picks_matmul_on_an_accelerator_and_scann_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(neighbors, "_accelerator", lambda: "/device:GPU:0")
+    assert neighbors.auto_method() == "matmul"
+    monkeypatch.setattr(neighbors, "_accelerator", lambda: None)
+    assert neighbors.auto_method() == "scann"
+    monkeypatch.setattr(neighbors, "scann_available", lambda: False)
+    assert neighbors.auto_method() == "matmul"
+    x = _clustered(n=200)
+    np.testing.assert_array_equal(
+        neighbors.build_knn_graph(x, 3, method="auto"),
+        neighbors.build_knn_graph(x, 3, method="matmul"),
+    )

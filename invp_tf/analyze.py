@@ -173,7 +173,7 @@ def _train_images(config, indices):
     source = data.load_source(
         config.dataset, "train", config.data_dir or None, config.train_examples
     )
-    wanted = set(int(i) for i in indices)
+    wanted = set(int(i) for i in indices if i >= 0)  # positive sets are -1 padded
     found = {}
     for ex in data.subset_source(source, sorted(wanted)).dataset().as_numpy_iterator():
         found[int(ex["index"])] = (ex["image"], int(ex["label"]))

@@ -329,9 +329,9 @@ def test_hub_keras_layer_fine_tunes_under_tf_keras(exported, tmp_path):
     num_moving = sum("moving_" in v.name for v in encoder.variables)
     tuned, frozen, keyed = out["trainable"], out["frozen"], out["keyed"]
     for run in (tuned, frozen):
-        np.testing.assert_allclose(np.array(run["output"]), want["features"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(run["output"]), want["features"], rtol=1e-4, atol=1e-4)
     for run in (keyed, out["signature"]):
-        np.testing.assert_allclose(np.array(run["output"]), want["embedding"], atol=1e-5)
+        np.testing.assert_allclose(np.array(run["output"]), want["embedding"], atol=1e-4)
     for run in (tuned, frozen, keyed):
         assert run["num_moving"] == num_moving > 0
     # The features do not pass through the head: of its weights only the kernels move (the
@@ -357,7 +357,7 @@ def test_call_returns_the_feature_vector_and_the_dict_on_request(exported, loade
     want = _expected(exported.run.encoder, images)
     features = loaded(tf.constant(images))
     assert isinstance(features, tf.Tensor)
-    np.testing.assert_allclose(features.numpy(), want["features"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features.numpy(), want["features"], rtol=1e-4, atol=1e-4)
     _assert_close(loaded(tf.constant(images), training=False, return_dict=True), want)
 
 

@@ -448,7 +448,13 @@ def test_workdir_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch)
     path = tmp_path / "file"
     path.write_text("not a folder")
     result = subprocess.run(
-        [sys.executable, "-m", "invp_tf.train", f"--workdir={path}", "--dataset=fashion_mnist"],
+        [
+            sys.executable,
+            "-m",
+            "invp_tf.train",
+            f"--workdir={path}",
+            "--flagfile=configs/fashion_mnist.flags",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -121,7 +121,7 @@ def test_workdir_on_another_file_system(tiny_idx_dir, tmp_path):
     config = tiny_config(tiny_idx_dir, workdir, epochs=1)
     row = train.train_and_evaluate(config, workdir)
     assert sorted(tf.io.gfile.listdir(workdir)) == [
-        "checkpoints", "flags.txt", "metrics.jsonl", "tensorboard"
+        "checkpoints", "flags.txt", "flags_history.txt", "metrics.jsonl", "tensorboard"
     ]  # fmt: skip
     with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
         assert [json.loads(line) for line in f] == [row]

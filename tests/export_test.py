@@ -74,9 +74,9 @@ def _expected(encoder, images):
 
 def _assert_close(got, want):
     """Outputs of an exported signature equal the in-memory encoder's (features are ~100 in
-    size: float32 round-off of another kernel order is ~1e-5 relative)."""
-    np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got["features"], want["features"], rtol=1e-5, atol=1e-5)
+    size: float32 round-off of another kernel order, up to 4e-5 relative seen)."""
+    np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["features"], want["features"], rtol=1e-4, atol=1e-4)
 
 
 def test_layout_metadata_and_versions(exported):

@@ -40,7 +40,7 @@ ARMS = {
     "invp": ([], "InvP as the demo recipe (L_inv from epoch 2, k 4, l 3, P 50)"),
     "invp_late": (
         ["--rampup_epochs=5", "--num_layers=2", "--num_positives=10"],
-        "InvP from 50% of training, l 2 (|N(i)| <= 20), P 10 (mining acts)",
+        "InvP from 50% of training, l 2 (at most 20 positives), P 10 (mining acts)",
     ),
     "invp_late_fresh": (
         ["--rampup_epochs=5", "--num_layers=2", "--num_positives=10", "--graph_features=fresh"],

@@ -13,7 +13,6 @@ evaluations are kept (RUNS/<variant>/seed<S>/eval/ablation.json). After each run
 rewritten between the ablation markers of BENCHMARKS.md (--output= to only print).
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from absl import flags
 
 from benchmarks import report
 from invp_tf import evaluate
+from invp_tf import workdir as workdir_lib
 
 # Table 5's rows, in the paper's order, and what each changes (the flagfile says how).
 VARIANTS = {
@@ -43,39 +43,17 @@ _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to run.")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file of the table.")
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _metrics(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def run_one(variant, seed, runs):
     """Trains (or resumes) and evaluates one (variant, seed); returns its result dict."""
     workdir = os.path.join(runs, variant, f"seed{seed}")
     done = os.path.join(workdir, "eval", "ablation.json")
-    result = _read_json(done)
+    result = report.read_json(done)
     if result is not None:
         return result
     os.makedirs(workdir, exist_ok=True)
     flagfile = f"configs/ablation_{variant}.flags"
     times_path = os.path.join(workdir, "train_seconds.json")
-    times = _read_json(times_path) or []
+    times = report.read_json(times_path) or []
     command = [
         sys.executable,
         "-m",
@@ -88,7 +66,7 @@ def run_one(variant, seed, runs):
     start = time.time()
     proc = subprocess.run(command, check=False)
     times.append(round(time.time() - start, 1))
-    _write_json(times_path, times)
+    report.write_json(times_path, times)
     if proc.returncode != 0:
         raise RuntimeError(f"training {workdir} failed (exit {proc.returncode})")
     print(f"[ablation] evaluate {variant} seed {seed}", flush=True)
@@ -96,7 +74,7 @@ def run_one(variant, seed, runs):
     linear = evaluate.evaluate(
         evaluate.make_settings(workdir, "linear", block="stage4", baselines=False)
     )
-    rows = _metrics(workdir)
+    rows = workdir_lib.read_metrics(workdir)
     purity = [r.get("purity_hard") for r in rows if r.get("purity_hard") is not None]
     result = {
         "variant": variant,
@@ -110,7 +88,7 @@ def run_one(variant, seed, runs):
         "train_seconds": sum(times),
         "train_attempts": len(times),
     }
-    _write_json(done, result)
+    report.write_json(done, result)
     return result
 
 

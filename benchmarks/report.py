@@ -68,3 +68,20 @@ def train(flagfile, workdir, *extra_flags, quiet=False):
     seconds = time.perf_counter() - start
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f], seconds
+
+
+def read_json(path, default=None):
+    """The JSON value in `path`, or `default` when the file does not exist."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, value):
+    """Writes `value` to `path` atomically (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

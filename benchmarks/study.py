@@ -20,7 +20,6 @@ per arm the mean over seeds, and for each arm the paired difference arm - refere
 the seeds both finished, its mean and 95% t-interval ("not separable" when it covers 0).
 """
 
-import json
 import math
 import os
 import subprocess
@@ -33,6 +32,7 @@ from absl import flags
 
 from benchmarks import report
 from invp_tf import evaluate
+from invp_tf import workdir as workdir_lib
 
 # Arm -> (flags added to the dataset's study flagfile, what it tests).
 ARMS = {
@@ -60,26 +60,6 @@ _ARMS = flags.DEFINE_list("arms", ["instance", "invp_late"], "Arms, the referenc
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every arm (the pairing).")
 _RUNS = flags.DEFINE_string("runs", "runs/study", "Folder of the runs.")
 _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file of the table ('' = print).")
-
-
-def _read_json(path, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _train(flagfile, arm_flags, workdir, seed):
@@ -129,9 +109,9 @@ def run_one(dataset, arm, seed, runs, study):
     arm_flags = ARMS[arm][0]
     workdir = os.path.join(runs, dataset, arm, f"seed{seed}")
     seconds_path = os.path.join(workdir, "train_seconds.json")
-    seconds = _read_json(seconds_path, [])
+    seconds = report.read_json(seconds_path, [])
     seconds.append(round(_train(flagfile, arm_flags, workdir, seed), 1))
-    _write_json(seconds_path, seconds)
+    report.write_json(seconds_path, seconds)
     print(f"[study] evaluate {key}", flush=True)
     need_baselines = dataset not in study["baselines"]
     results, baselines, train_split, eval_split = _frozen(workdir, need_baselines)
@@ -144,7 +124,7 @@ def run_one(dataset, arm, seed, runs, study):
                 for name, b in baselines.items()
             },
         }
-    rows = _metrics(workdir)
+    rows = workdir_lib.read_metrics(workdir)
     last = rows[-1]
     result = {
         "flags": [f"--flagfile={flagfile}", *arm_flags, f"--seed={seed}"],
@@ -163,7 +143,7 @@ def run_one(dataset, arm, seed, runs, study):
         "date": time.strftime("%Y-%m-%d"),
     }
     study["runs"][key] = result
-    _write_json(RESULTS, study)
+    report.write_json(RESULTS, study)
     return result
 
 
@@ -268,7 +248,7 @@ def main(argv):
     flagfile = os.path.join(report.REPO, f"configs/study_{_DATASET.value}.flags")
     if not os.path.exists(flagfile):
         sys.exit(f"benchmarks.study: error: no study recipe {flagfile}")
-    study = _read_json(RESULTS, {"runs": {}, "baselines": {}})
+    study = report.read_json(RESULTS, {"runs": {}, "baselines": {}})
     command = (
         f"`python -m benchmarks.study --dataset={_DATASET.value} --arms={','.join(_ARMS.value)} "
         f"--seeds={','.join(_SEEDS.value)}`"

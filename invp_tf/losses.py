@@ -385,14 +385,7 @@ def _sampled_background(
             return _sum_exp(logits, mask), _count(mask)
 
         if background == "exact":
-            # Clear N(i) too; padding points at the anchor's column, already clear.
-            rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(members))
-            columns = tf.where(members >= 0, members, indices[:, None])
-            rest_mask = tf.tensor_scatter_nd_update(
-                top_mask,
-                tf.reshape(tf.stack([rows, columns], axis=-1), [-1, 2]),
-                tf.zeros([tf.size(members)], tf.bool),
-            )
+            rest_mask = _without_members(top_mask, members, indices)
     lse_top, count_top = sum_exp_and_count(top_mask)
     lse_top = _count_corrected(lse_top, count_top, target, threshold)
     if background != "exact":
@@ -408,6 +401,21 @@ def _sampled_background(
     return lse_top, lse_rest
 
 
+def _without_members(mask, members, indices):
+    """[B, N] `mask` with the columns of N(i) cleared in row i.
+
+    members: [B, S] int32, -1 padded; the padding points at the anchor's own column,
+    which every caller has already cleared.
+    """
+    rows = tf.broadcast_to(tf.range(tf.shape(members)[0])[:, None], tf.shape(members))
+    columns = tf.where(members >= 0, members, indices[:, None])
+    return tf.tensor_scatter_nd_update(
+        mask,
+        tf.reshape(tf.stack([rows, columns], axis=-1), [-1, 2]),
+        tf.zeros([tf.size(members)], tf.bool),
+    )
+
+
 def _exact_background(logits, indices, members, *, num_background, background):
     """(lse over TopM(i) minus {i}, lse over TopM(i) minus N(i) minus {i} or None).
 
@@ -418,20 +426,11 @@ def _exact_background(logits, indices, members, *, num_background, background):
       logits: [B, N] s_ij, static N > M. indices: [B] int32.
       members: [B, S] int32 N(i), -1 padded; used by background="exact" only.
     """
-    batch = tf.shape(logits)[0]
     top_mask = _exact_top_mask(logits, num_background, excluded=indices)  # TopM(i) - {i}
     lse_top = _sum_exp(logits, top_mask)
     if background != "exact":
         return lse_top, None
-    # Clear N(i) too; padding points at the anchor's column, already clear.
-    rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(members))
-    columns = tf.where(members >= 0, members, indices[:, None])
-    rest_mask = tf.tensor_scatter_nd_update(
-        top_mask,
-        tf.reshape(tf.stack([rows, columns], axis=-1), [-1, 2]),
-        tf.zeros([tf.size(members)], tf.bool),
-    )
-    return lse_top, _sum_exp(logits, rest_mask)
+    return lse_top, _sum_exp(logits, _without_members(top_mask, members, indices))
 
 
 def invp_losses(

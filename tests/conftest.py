@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import struct
 
+import keras
 import numpy as np
 import pytest
 
@@ -86,3 +87,22 @@ def mirrored_strategy():
     """One MirroredStrategy over the two logical CPUs, shared by the whole test process
     (a second MirroredStrategy in one process can abort the first one's collectives)."""
     return distribute.make_strategy("mirrored")
+
+
+class Interrupt(Exception):
+    """Raised by InterruptAt: a crash in the middle of an epoch."""
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Raises in the middle of the given epoch (epochs count across fit calls)."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.fits, self.epoch, self.batch = 0, epoch, batch
+
+    def on_train_begin(self, logs=None):
+        self.fits += 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.fits - 1 == self.epoch and batch == self.batch:
+            raise Interrupt()

@@ -20,7 +20,6 @@ import sys
 import time
 import zlib
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -30,29 +29,11 @@ from invp_tf import evaluate
 from invp_tf import export
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
+from tests import conftest
 from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptAt(keras.callbacks.Callback):
-    """Raises in the middle of the given epoch (epochs count across fit calls)."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.fits, self.epoch, self.batch = 0, epoch, batch
-
-    def on_train_begin(self, logs=None):
-        self.fits += 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.fits - 1 == self.epoch and batch == self.batch:
-            raise _Interrupt()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +46,8 @@ def runs(tmp_path_factory):
     straight = tiny_config(data_dir, root / "straight", epochs=2)
     train.train_and_evaluate(straight, straight.workdir)
     halfway = tiny_config(data_dir, root / "halfway", epochs=2)
-    with pytest.raises(_Interrupt):
-        train.train_and_evaluate(halfway, halfway.workdir, callbacks=[_InterruptAt(1, 1)])
+    with pytest.raises(conftest.Interrupt):
+        train.train_and_evaluate(halfway, halfway.workdir, callbacks=[conftest.InterruptAt(1, 1)])
     return straight, halfway
 
 

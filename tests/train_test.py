@@ -17,6 +17,7 @@ from absl import flags
 from invp_tf import config as config_lib
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
+from tests import conftest
 from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
 
@@ -131,33 +132,14 @@ def test_workdir_on_another_file_system(tiny_idx_dir, tmp_path):
     assert not os.path.exists("ram:")  # nothing went to a local folder named after the scheme
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptAt(keras.callbacks.Callback):
-    """Raises in the middle of the given epoch (epochs count across fit calls)."""
-
-    def __init__(self, epoch, batch):
-        super().__init__()
-        self.fits, self.epoch, self.batch = 0, epoch, batch
-
-    def on_train_begin(self, logs=None):
-        self.fits += 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.fits - 1 == self.epoch and batch == self.batch:
-            raise _Interrupt()
-
-
 def test_interrupted_run_resumes_exactly(tiny_idx_dir, tmp_path):
     straight = tiny_config(tiny_idx_dir, tmp_path / "straight")
     train.train_and_evaluate(straight, straight.workdir)
 
     resumed = tiny_config(tiny_idx_dir, tmp_path / "resumed")
-    with pytest.raises(_Interrupt):
+    with pytest.raises(conftest.Interrupt):
         # Dies during epoch 1 (after the graph was first built for it).
-        train.train_and_evaluate(resumed, resumed.workdir, callbacks=[_InterruptAt(1, 1)])
+        train.train_and_evaluate(resumed, resumed.workdir, callbacks=[conftest.InterruptAt(1, 1)])
     assert [r["epoch"] for r in _rows(resumed.workdir)] == [0]
     train.train_and_evaluate(resumed, resumed.workdir)
 
@@ -421,9 +403,9 @@ def test_checkpoint_without_step_counter_resumes(tiny_idx_dir, tmp_path, monkeyp
     def without_step(step=None, **parts):  # the checkpoint layout of older versions
         return checkpoint(**parts)
 
-    with monkeypatch.context() as patch, pytest.raises(_Interrupt):
+    with monkeypatch.context() as patch, pytest.raises(conftest.Interrupt):
         patch.setattr(tf.train, "Checkpoint", without_step)
-        train.train_and_evaluate(legacy, legacy.workdir, callbacks=[_InterruptAt(1, 1)])
+        train.train_and_evaluate(legacy, legacy.workdir, callbacks=[conftest.InterruptAt(1, 1)])
     saved = tf.train.list_variables(str(tmp_path / "legacy" / "checkpoints" / "ckpt-1"))
     assert not any(name.startswith("step/") for name, _ in saved)
     train.train_and_evaluate(legacy, legacy.workdir)

@@ -541,9 +541,18 @@ def subset_source(source: Source, indices) -> Source:
     )
 
 
-def _deterministic(ds):
+def pipeline_options(ds):
+    """Deterministic order, and tf.data's autotuner off.
+
+    The autotuner's background thread made the end of `model.fit` wait 17-20 s for it in
+    about one epoch in three on the 2-core CPU (py-spy: the iterator's destructor waiting
+    in `UnboundedThreadPool`), halving the demo's images/s; without it the AUTOTUNE
+    parallelism falls back to the number of cores and the pipeline alone is no slower
+    (BENCHMARKS.md, "Training loop").
+    """
     options = tf.data.Options()
     options.deterministic = True  # also covers tfds' parallel interleave of shard files
+    options.autotune.enabled = False
     return ds.with_options(options)
 
 
@@ -639,7 +648,7 @@ def train_pipeline(
 
     ds = ds.map(to_view, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
-    return _deterministic(ds.prefetch(AUTOTUNE))
+    return pipeline_options(ds.prefetch(AUTOTUNE))
 
 
 def eval_pipeline(source: Source, *, batch_size: int, image_size: int) -> tf.data.Dataset:
@@ -660,4 +669,4 @@ def eval_pipeline(source: Source, *, batch_size: int, image_size: int) -> tf.dat
 
     ds = source.dataset(shuffle_files=False)
     ds = ds.map(to_view, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _deterministic(ds.batch(batch_size).prefetch(AUTOTUNE))
+    return pipeline_options(ds.batch(batch_size).prefetch(AUTOTUNE))

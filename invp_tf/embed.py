@@ -91,7 +91,10 @@ def folder_inputs(folder, image_size, batch_size):
         deterministic=True,
     )
     return Inputs(
-        ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), len(names), names.__getitem__, paths
+        data.pipeline_options(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)),
+        len(names),
+        names.__getitem__,
+        paths,
     )
 
 

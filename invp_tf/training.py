@@ -281,7 +281,7 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
 
 def _train(config, workdir, callbacks, strategy, on_exit):
     """The epoch loop: graph, fit, monitor, metrics row, checkpoint; returns the last row."""
-    t = _build(config, workdir, callbacks, strategy, on_exit)
+    t = _build(config, workdir, strategy, on_exit)
     row = {}
     if t.chief and t.first_epoch >= config.epochs:  # a rerun of a finished run: its last row
         row = (workdir_lib.read_metrics(workdir) or [{}])[-1]
@@ -511,9 +511,8 @@ class _Training:
     progress: _Progress
 
 
-def _build(config, workdir, callbacks, strategy, on_exit):
+def _build(config, workdir, strategy, on_exit):
     """Checks the flags, builds model and optimizer, restores the newest checkpoint."""
-    del callbacks  # passed to each fit by the loop
     if strategy is None:
         strategy = distribute.make_strategy(
             config.strategy, tpu=config.tpu, cpu_devices=config.cpu_devices

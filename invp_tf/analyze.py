@@ -28,6 +28,7 @@ from matplotlib import figure as figure_lib
 from matplotlib import ticker
 from matplotlib.backends import backend_agg
 
+from invp_tf import command
 from invp_tf import data
 from invp_tf import evaluation
 from invp_tf import neighbors
@@ -537,35 +538,61 @@ def analyze(workdir, output_dir, compare=None, num_anchors=6, samples_per_class=
 
 
 # ---------------------------------------------------------------------------
-# Command line. train (imported for load_run) already defines --workdir; this
-# definition replaces it (same meaning, same default) so both entry points keep
-# the flag name of the issue.
+# Command line: this command's own flags (see `command.parsed`); run() defines them in
+# absl's FLAGS, so --help lists them.
 
-# allow_override: train defines a --workdir of the same meaning, and a process
-# that imports both entry modules (the test suite) must not fail on it.
-_WORKDIR = flags.DEFINE_string(
-    "workdir", "", "Run directory: flags.txt, checkpoints, metrics.", allow_override=True
-)
-_OUTPUT = flags.DEFINE_string("output", "", "Directory for the PNGs and index.html.")
-_COMPARE = flags.DEFINE_string("compare", "", "Optional second run to compare with.")
-_NUM_ANCHORS = flags.DEFINE_integer("num_anchors", 6, "Anchors of positives.png.")
-_SAMPLES_PER_CLASS = flags.DEFINE_integer(
-    "samples_per_class", 100, "Test images per class of similarity.png."
-)
+
+def _define_flags(flag_values):
+    return {
+        "workdir": flags.DEFINE_string(
+            "workdir",
+            "",
+            "Training run to analyze (flags.txt, checkpoints/, metrics.jsonl).",
+            flag_values=flag_values,
+        ),
+        "output": flags.DEFINE_string(
+            "output",
+            "",
+            "Folder the PNGs and index.html are written to.",
+            flag_values=flag_values,
+        ),
+        "compare": flags.DEFINE_string(
+            "compare",
+            "",
+            "Optional second run (its --workdir) to compare with.",
+            flag_values=flag_values,
+        ),
+        "num_anchors": flags.DEFINE_integer(
+            "num_anchors", 6, "Anchors of positives.png.", flag_values=flag_values
+        ),
+        "samples_per_class": flags.DEFINE_integer(
+            "samples_per_class",
+            100,
+            "Test images per class of similarity.png.",
+            flag_values=flag_values,
+        ),
+    }
+
+
+_FLAG_VALUES = flags.FlagValues()  # in-process calls; run() uses absl's FLAGS
+_FLAGS = _define_flags(_FLAG_VALUES)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value or not _OUTPUT.value:
+    """Analyzes the run of the command line `argv` (see `command.parsed`)."""
+    with command.parsed(argv, _FLAG_VALUES) as args:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        values = {name: holder.value for name, holder in _FLAGS.items()}
+    if not values["workdir"] or not values["output"]:
         raise app.UsageError("--workdir and --output are required")
     try:
         paths = analyze(
-            _WORKDIR.value,
-            _OUTPUT.value,
-            compare=_COMPARE.value or None,
-            num_anchors=_NUM_ANCHORS.value,
-            samples_per_class=_SAMPLES_PER_CLASS.value,
+            values["workdir"],
+            values["output"],
+            compare=values["compare"] or None,
+            num_anchors=values["num_anchors"],
+            samples_per_class=values["samples_per_class"],
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"invp_tf.analyze: error: {e}", file=sys.stderr)
@@ -575,6 +602,8 @@ def main(argv):
 
 def run():
     """The `invp-analyze` console command (setup.py entry point)."""
+    global _FLAG_VALUES, _FLAGS
+    _FLAG_VALUES, _FLAGS = flags.FLAGS, _define_flags(flags.FLAGS)
     app.run(main)
 
 

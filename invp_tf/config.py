@@ -1,7 +1,8 @@
-"""The run configuration: one dataclass whose fields are the train flags.
+"""The run configuration: one dataclass whose fields are the train flags, and its checks.
 
-`train` defines one absl flag per field (same name, default and help), so the
-flag set, the config and `flags.txt` cannot drift apart.
+`train` (the command) defines one absl flag per field (same name, default and help; an enum
+for the fields of CHOICES), so the flag set, the config and `flags.txt` cannot drift apart.
+`Config.validate(num_examples)` names the flag whose value cannot work.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from invp_tf import distribute
 from invp_tf import encoder
 from invp_tf import losses
 from invp_tf import neighbors
+from invp_tf import propagation
 
 # Valid values of the enumerated flags. Those naming a model part come from the
 # module that implements it, so a new head or recipe is a flag value at once.
@@ -30,6 +32,9 @@ CHOICES = {
     "bank_init": ("random", "encoder"),
     "strategy": distribute.STRATEGIES,
 }
+
+# Smallest --image_size: a crop of 8x8 pixels still has structure after the encoder's stem.
+MIN_IMAGE_SIZE = 8
 
 
 def _field(default, help_text):
@@ -172,6 +177,73 @@ class Config:
                 else:
                     values[name] = kind(value)
         return cls(**values)
+
+    def validate(self, num_examples):
+        """Raises ValueError naming the flag whose value cannot work with N training rows."""
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"--{name}={getattr(self, name)} is not one of {', '.join(choices)}"
+                )
+        checks = [
+            (
+                self.num_background <= num_examples,
+                f"--num_background={self.num_background} exceeds the {num_examples} training "
+                "images",
+            ),
+            (
+                1 <= self.num_neighbors < num_examples,
+                f"--num_neighbors={self.num_neighbors} must be in [1, {num_examples}) "
+                f"(the dataset has {num_examples} training images)",
+            ),
+            (
+                1 <= self.batch_size <= num_examples,
+                f"--batch_size={self.batch_size} must be in [1, {num_examples}] "
+                f"(the dataset has {num_examples} training images)",
+            ),
+            (self.num_background >= 1, f"--num_background={self.num_background} must be >= 1"),
+            (self.num_layers >= 1, f"--num_layers={self.num_layers} must be >= 1"),
+            (self.num_positives >= 1, f"--num_positives={self.num_positives} must be >= 1"),
+            (self.num_knn_positives >= 0, f"--num_knn_positives={self.num_knn_positives} < 0"),
+            (self.embedding_dim >= 1, f"--embedding_dim={self.embedding_dim} must be >= 1"),
+            (
+                self.image_size >= MIN_IMAGE_SIZE,
+                f"--image_size={self.image_size} must be >= {MIN_IMAGE_SIZE} (smaller crops "
+                "leave the encoder nothing to see)",
+            ),
+            (self.temperature > 0, f"--temperature={self.temperature} must be > 0"),
+            (self.epochs >= 1, f"--epochs={self.epochs} must be >= 1"),
+            (self.eval_every >= 1, f"--eval_every={self.eval_every} must be >= 1"),
+            (self.knn_k >= 1, f"--knn_k={self.knn_k} must be >= 1"),
+            (self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0"),
+            (0 < self.crop_scale <= 1, f"--crop_scale={self.crop_scale} must be in (0, 1]"),
+            (
+                0 <= self.memory_momentum < 1,
+                f"--memory_momentum={self.memory_momentum} must be in [0, 1)",
+            ),
+        ]
+        try:
+            self.lr_decay_epoch_list  # noqa: B018 (parsed here to name the flag on error)
+        except ValueError:
+            raise ValueError(
+                f"--lr_decay_epochs={self.lr_decay_epochs} must be comma-separated integers"
+            ) from None
+        if self.positive_mode == "knn":
+            k = self.num_knn_positives or propagation.max_set_size(
+                self.num_neighbors, self.num_layers
+            )
+            # "The K rows of TopM(i) most similar to v_i, minus i": TopM must hold K + 1 rows.
+            top = self.num_background if self.hard_negatives else num_examples
+            checks.append(
+                (
+                    k + 1 <= min(top, num_examples),
+                    f"--num_knn_positives={k} needs K + 1 = {k + 1} <= --num_background "
+                    f"({self.num_background}) and <= the {num_examples} training images",
+                )
+            )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def lr_decay_epoch_list(self):

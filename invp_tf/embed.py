@@ -9,7 +9,8 @@ training (`augment.eval_view`, the same op `serving_bytes` applies) and embedded
 through the model's `serving_default` signature, so the file holds exactly what the served model
 returns. Memory stays bounded by one batch: rows go straight to disk.
 
-Outputs, written atomically (temporary name, then rename):
+Outputs (--output names FILE; --model is an export, not a training --workdir), written
+atomically (temporary name, then rename):
   FILE.npy        float32 [N, D] (D of --output_key), row i = the i-th image;
   FILE.tfrecord   one tf.train.Example per image: id (bytes), index, label (int64), embedding;
   FILE.ids.tsv    beside either: header "id<TAB>label", then one line per row (a path relative
@@ -36,6 +37,7 @@ from absl import flags
 from absl import logging
 
 from invp_tf import augment
+from invp_tf import command
 from invp_tf import data
 from invp_tf import export
 from invp_tf import neighbors
@@ -337,35 +339,65 @@ def _name_unreadable(inputs, done, batch_size, error):
 
 
 # ---------------------------------------------------------------------------
-# Command line. The flags are defined only when this module runs as the program: train defines
-# --dataset, --data_dir and --batch_size too, and both modules are imported by the tests.
+# Command line: this command's own flags (see `command.parsed`); run() defines them in
+# absl's FLAGS, so --help lists them.
 
 
-def _define_flags():
+def _define_flags(flag_values):
     return {
-        "model": flags.DEFINE_string("model", None, "Export version folder BASE/NAME/VERSION."),
-        "images": flags.DEFINE_string("images", None, "Folder: embed every image below it."),
-        "dataset": flags.DEFINE_string("dataset", None, f"Or a dataset: {data.DATASET_FORMS}."),
-        "split": flags.DEFINE_string("split", "train", "Split of --dataset."),
-        "data_dir": flags.DEFINE_string("data_dir", "", "data_dir of --dataset (IDX, tfds)."),
-        "output": flags.DEFINE_string("output", None, "FILE.npy or FILE.tfrecord."),
-        "output_key": flags.DEFINE_enum(
-            "output_key", "embedding", OUTPUT_KEYS, "Which output of the model to save."
+        "model": flags.DEFINE_string(
+            "model", None, "Export version folder BASE/NAME/VERSION.", flag_values=flag_values
         ),
-        "batch_size": flags.DEFINE_integer("batch_size", 256, "Images per model call."),
+        "images": flags.DEFINE_string(
+            "images", None, "Folder: embed every image below it.", flag_values=flag_values
+        ),
+        "dataset": flags.DEFINE_string(
+            "dataset", None, f"Or a dataset: {data.DATASET_FORMS}.", flag_values=flag_values
+        ),
+        "split": flags.DEFINE_string(
+            "split", "train", "Split of --dataset.", flag_values=flag_values
+        ),
+        "data_dir": flags.DEFINE_string(
+            "data_dir", "", "data_dir of --dataset (IDX, tfds).", flag_values=flag_values
+        ),
+        "output": flags.DEFINE_string(
+            "output", None, "FILE.npy or FILE.tfrecord.", flag_values=flag_values
+        ),
+        "output_key": flags.DEFINE_enum(
+            "output_key",
+            "embedding",
+            OUTPUT_KEYS,
+            "Which output of the model to save.",
+            flag_values=flag_values,
+        ),
+        "batch_size": flags.DEFINE_integer(
+            "batch_size", 256, "Images per model call.", flag_values=flag_values
+        ),
         "with_knn_index": flags.DEFINE_bool(
-            "with_knn_index", False, "Also write a ScaNN index FILE.scann/ over the rows."
+            "with_knn_index",
+            False,
+            "Also write a ScaNN index FILE.scann/ over the rows.",
+            flag_values=flag_values,
         ),
         "index_neighbors": flags.DEFINE_integer(
-            "index_neighbors", 10, "Default neighbours per query of the ScaNN index."
+            "index_neighbors",
+            10,
+            "Default neighbours per query of the ScaNN index.",
+            flag_values=flag_values,
         ),
     }
 
 
+_FLAG_VALUES = flags.FlagValues()  # in-process calls; run() uses absl's FLAGS
+_FLAGS = _define_flags(_FLAG_VALUES)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    values = {name: holder.value for name, holder in _FLAGS.items()}
+    """Runs the embed of the command line `argv` (see `command.parsed`)."""
+    with command.parsed(argv, _FLAG_VALUES) as args:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        values = {name: holder.value for name, holder in _FLAGS.items()}
     try:
         if not values["model"] or not values["output"]:
             raise ValueError("--model and --output are required")
@@ -390,8 +422,8 @@ def main(argv):
 
 def run():
     """The `invp-embed` console command (setup.py entry point)."""
-    global _FLAGS
-    _FLAGS = _define_flags()
+    global _FLAG_VALUES, _FLAGS
+    _FLAG_VALUES, _FLAGS = flags.FLAGS, _define_flags(flags.FLAGS)
     app.run(main)
 
 

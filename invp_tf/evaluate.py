@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 
 from invp_tf import augment
+from invp_tf import command
 from invp_tf import data
 from invp_tf import evaluation
 from invp_tf import workdir as workdir_lib
@@ -59,9 +60,9 @@ _DEFAULTS = {
 # tfds' ImageNet label subsets are already the labelled fraction.
 _TFDS_LABEL_SUBSETS = ("tfds:imagenet2012_subset",)
 
-# name -> (absl DEFINE function name, default, help). The flags are defined only when the
-# module runs as the program (define_flags), so that importing it beside invp_tf.train, whose
-# flags share names, is safe; make_settings uses the same defaults.
+# name -> (absl DEFINE function name, default, help): the flags of this command, in its own
+# FlagValues for in-process calls (see `command.parsed`) and in absl's FLAGS when it runs as the
+# program (run()); make_settings uses the same defaults.
 FLAG_SPECS = {
     "workdir": ("string", None, "Training run to evaluate (flags.txt + checkpoints/)."),
     "checkpoint": (
@@ -139,21 +140,26 @@ FLAG_SPECS = {
     "seed": ("integer", 0, "Seed of the label subset, shuffles and crops."),
     "output": ("string", None, "JSON result file; default WORKDIR/eval/PROTOCOL.json."),
 }
-_FLAGS = {}
 
 
-def define_flags():
-    """Defines the command-line flags of FLAG_SPECS (once)."""
+def _define_flags(flag_values):
+    """Defines the flags of FLAG_SPECS (and the aliases --k, --temperature) in `flag_values`."""
+    holders = {}
     for name, (kind, default, help_text) in FLAG_SPECS.items():
-        if name in _FLAGS:
-            continue
         if kind == "enum":
-            _FLAGS[name] = flags.DEFINE_enum(name, default, PROTOCOLS, help_text)
+            holders[name] = flags.DEFINE_enum(
+                name, default, PROTOCOLS, help_text, flag_values=flag_values
+            )
         else:
-            _FLAGS[name] = getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
+            define = getattr(flags, f"DEFINE_{kind}")
+            holders[name] = define(name, default, help_text, flag_values=flag_values)
     for alias, name in _FLAG_ALIASES.items():
-        if alias not in flags.FLAGS:
-            flags.DEFINE_alias(alias, name)
+        flags.DEFINE_alias(alias, name, flag_values=flag_values)
+    return holders
+
+
+_FLAG_VALUES = flags.FlagValues()  # in-process calls; run() uses absl's FLAGS
+_FLAGS = _define_flags(_FLAG_VALUES)
 
 
 class EvaluationError(ValueError):
@@ -181,12 +187,6 @@ def make_settings(workdir, protocol, **overrides):
         if settings[name] is None:
             settings[name] = value
     return settings
-
-
-def settings_from_flags():
-    """The parsed flags as settings (see make_settings)."""
-    values = {name: holder.value for name, holder in _FLAGS.items()}
-    return make_settings(values.pop("workdir"), values.pop("protocol"), **values)
 
 
 def parse_blocks(block):
@@ -547,7 +547,7 @@ def format_table(report):
 
 
 def evaluate(s):
-    """Runs one protocol with settings `s` (see settings_from_flags); returns the report."""
+    """Runs one protocol with settings `s` (see make_settings); returns the report."""
     check_settings(s)
     start = time.time()
     run = workdir_lib.load_run(s["workdir"], checkpoint=s["checkpoint"])
@@ -606,10 +606,13 @@ def evaluate(s):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    """Runs the evaluation of the command line `argv` (see `command.parsed`)."""
+    with command.parsed(argv, _FLAG_VALUES) as args:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        values = {name: holder.value for name, holder in _FLAGS.items()}
     try:
-        report = evaluate(settings_from_flags())
+        report = evaluate(make_settings(values.pop("workdir"), values.pop("protocol"), **values))
     except (ValueError, FileNotFoundError) as e:
         logging.debug("stopped", exc_info=True)
         print(f"invp_tf.evaluate: error: {e}", file=sys.stderr)
@@ -620,7 +623,8 @@ def main(argv):
 
 def run():
     """The `invp-evaluate` console command (setup.py entry point)."""
-    define_flags()
+    global _FLAG_VALUES, _FLAGS
+    _FLAG_VALUES, _FLAGS = flags.FLAGS, _define_flags(flags.FLAGS)
     app.run(main)
 
 

@@ -261,6 +261,9 @@ def train_linear_probes(
 ):
     """Trains one BatchNorm-free linear classifier per feature block, all on the same batches.
 
+    Long (about 85 lines of code): the probes of all blocks share one tf.function step and
+    one epoch loop, so that every block sees the same batches.
+
     The paper's protocol on frozen features: softmax regression with SGD (momentum,
     coupled L2 weight decay), a step schedule (x0.1 at 60% and 80% of the epochs), zero
     initial weights. Each block is standardised with its train mean and standard deviation

@@ -2,7 +2,9 @@
 
     python -m invp_tf.export --workdir=runs/demo --export_dir=exported --model_name=invp
 
-writes `exported/invp/<version>/` (the next free version unless --version is given) holding:
+reads the run --workdir and writes `EXPORT_DIR/MODEL_NAME/<version>/` (here
+`exported/invp/<version>/`; the next free version unless --version is given; there is no
+--output) holding:
   - signature `serving_default`: images float32 [None, S, S, 3] in [0, 1]
     -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone};
   - signature `serving_bytes`: image_bytes string [None] (encoded JPEG/PNG/GIF/BMP)
@@ -39,6 +41,7 @@ from absl import flags
 from absl import logging
 
 from invp_tf import augment
+from invp_tf import command
 from invp_tf import workdir as workdir_lib
 
 SIGNATURES = ("serving_default", "serving_bytes")
@@ -515,33 +518,46 @@ def export_run(
 
 
 # ---------------------------------------------------------------------------
-# Command line. The flags are defined only when this module runs as the program: train defines
-# --workdir too, and both modules are imported by the tests.
+# Command line: this command's own flags (see `command.parsed`); run() defines them in
+# absl's FLAGS, so --help lists them.
 
 
-def _define_flags():
+def _define_flags(flag_values):
     return {
         "workdir": flags.DEFINE_string(
-            "workdir", None, "Training run to export (latest checkpoint)."
+            "workdir",
+            None,
+            "Training run to export (latest checkpoint).",
+            flag_values=flag_values,
         ),
         "export_dir": flags.DEFINE_string(
-            "export_dir", None, "Base folder of the exports; the model goes to <it>/<model_name>/."
+            "export_dir",
+            None,
+            "Base folder of the exports; the model goes to <it>/<model_name>/.",
+            flag_values=flag_values,
         ),
         "model_name": flags.DEFINE_string(
-            "model_name", "invp", "Model name: folder under export_dir."
+            "model_name",
+            "invp",
+            "Model name: folder under export_dir.",
+            flag_values=flag_values,
         ),
-        "version": flags.DEFINE_integer("version", 0, "Version number; 0 = the next free one."),
+        "version": flags.DEFINE_integer(
+            "version", 0, "Version number; 0 = the next free one.", flag_values=flag_values
+        ),
         "max_image_pixels": flags.DEFINE_integer(
             "max_image_pixels",
             DEFAULT_MAX_IMAGE_PIXELS,
             "Largest width x height serving_bytes decodes; larger images fail before decoding "
             "(read from the file header). Stored in assets/invp_export.json.",
+            flag_values=flag_values,
         ),
         "checkpoint": flags.DEFINE_string(
             "checkpoint",
             None,
             "Checkpoint to export (ckpt-N in the run's checkpoints/, or a path); default: the "
             "newest readable one.",
+            flag_values=flag_values,
         ),
         "l2_regularization": flags.DEFINE_float(
             "l2_regularization",
@@ -549,14 +565,21 @@ def _define_flags():
             "Coefficient of the L2 penalty on kernels exported as regularization_losses (added to "
             "the loss by hub.KerasLayer(trainable=True)); default: half the run's --weight_decay "
             "(what SGD's decoupled decay pulled in training); 0: none.",
+            flag_values=flag_values,
         ),
     }
 
 
+_FLAG_VALUES = flags.FlagValues()  # in-process calls; run() uses absl's FLAGS
+_FLAGS = _define_flags(_FLAG_VALUES)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    values = {name: holder.value for name, holder in _FLAGS.items()}
+    """Runs the export of the command line `argv` (see `command.parsed`)."""
+    with command.parsed(argv, _FLAG_VALUES) as args:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        values = {name: holder.value for name, holder in _FLAGS.items()}
     try:
         if not values["workdir"] or not values["export_dir"]:
             raise ValueError("--workdir and --export_dir are required")
@@ -578,8 +601,8 @@ def main(argv):
 
 def run():
     """The `invp-export` console command (setup.py entry point)."""
-    global _FLAGS
-    _FLAGS = _define_flags()
+    global _FLAG_VALUES, _FLAGS
+    _FLAG_VALUES, _FLAGS = flags.FLAGS, _define_flags(flags.FLAGS)
     app.run(main)
 
 

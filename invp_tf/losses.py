@@ -453,6 +453,9 @@ def invp_losses(
 ):
     """Per-example instance and invariance losses, L_ins(i) and L_inv(i).
 
+    Long (about 120 lines of code): the one path the train step and the tests both run, so
+    every background and ablation branch stays in the same function (DESIGN section 2).
+
     Args:
       embeddings: [B, D] batch embeddings v_i (L2-normalised here; idempotent
         for unit rows). Gradients flow through them only.

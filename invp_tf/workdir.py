@@ -36,7 +36,9 @@ HISTORY_FILE = "flags_history.txt"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = "train.lock"
-# Names of the parts of a training checkpoint, for save (train) and restore (here and train).
+# The named parts of a training checkpoint. Training saves exactly these objects
+# (`training_checkpoint`); every reader finds a part by its name in the checkpoint's object
+# graph (`checkpoint_parts`), never by matching the strings of variable keys.
 CHECKPOINT_PARTS = ("encoder", "optimizer", "bank", "graph", "epoch", "step")
 
 # Flags a rerun may change, with why; any other difference stops the rerun before anything is
@@ -323,17 +325,90 @@ def _checkpoint_state_ok(checkpoint_dir, newest):
     return os.path.basename(state.model_checkpoint_path) == os.path.basename(newest)
 
 
+def training_checkpoint(**parts):
+    """A `tf.train.Checkpoint` of a run's named parts (keywords from CHECKPOINT_PARTS).
+
+    Training passes all of them; a reader passes the ones it restores (a checkpoint written
+    before steps were counted apart has no `step`).
+    """
+    unknown = sorted(set(parts) - set(CHECKPOINT_PARTS))
+    if unknown:
+        raise ValueError(f"not parts of a training checkpoint: {unknown} ({CHECKPOINT_PARTS})")
+    return tf.train.Checkpoint(**parts)
+
+
+def checkpoint_parts(reader):
+    """{part: [checkpoint keys of its variables]} of the CHECKPOINT_PARTS a checkpoint holds.
+
+    reader: `tf.train.load_checkpoint(path)`. Read from the checkpoint's object graph: a
+    part's variables are the objects below the root's child of that name, however their
+    keys are spelled.
+    """
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    parts = {}
+    for child in graph.nodes[0].children:
+        if child.local_name not in CHECKPOINT_PARTS:
+            continue
+        seen, todo = {child.node_id}, [child.node_id]
+        while todo:
+            for below in graph.nodes[todo.pop()].children:
+                if below.node_id not in seen:
+                    seen.add(below.node_id)
+                    todo.append(below.node_id)
+        parts[child.local_name] = [
+            attribute.checkpoint_key
+            for node in sorted(seen)
+            for attribute in graph.nodes[node].attributes
+            if attribute.name == "VARIABLE_VALUE"
+        ]
+    return parts
+
+
+def read_part(reader, parts, name):
+    """The value of the one-variable part `name` (bank, graph, epoch, step); None if absent."""
+    keys = parts.get(name)
+    return reader.get_tensor(keys[0]) if keys else None
+
+
+def read_counter(reader, name):
+    """The counter part `name` ("epoch" or "step") as an int; None when the checkpoint has none.
+
+    The counters are variables at the checkpoint's root, so their key follows from the part
+    name alone: read without the object graph, whose tensor a truncated data file may have
+    lost (the checkpoint is still ordered by its progress, and its restore names the error).
+    """
+    key = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+    return int(reader.get_tensor(key)) if reader.has_tensor(key) else None
+
+
 def _progress(path):
     """(step, epoch) stored in the checkpoint at `path`; None when it cannot be read."""
     try:
         reader = tf.train.load_checkpoint(path)
-        values = {}
-        for name in reader.get_variable_to_shape_map():
-            part = name.split("/", 1)[0]
-            if part in ("step", "epoch") and name.endswith("VARIABLE_VALUE"):
-                values[part] = int(reader.get_tensor(name))
-        return values.get("step", -1), values.get("epoch", -1)
+        values = [read_counter(reader, name) for name in ("step", "epoch")]
+        return tuple(-1 if value is None else value for value in values)
     except Exception:  # noqa: BLE001 (unreadable: ordered last, its restore names the error)
+        return None
+
+
+def checkpoint_epoch(path):
+    """Epochs finished in the checkpoint at `path`; None when it cannot be read.
+
+    Reads the file without running a TF op, so a multi-worker strategy created afterwards can
+    still configure its collectives (they must precede the first op); only where the reader
+    cannot open it (TF's ram://, where any path prefix is a folder) a restore reads it.
+    """
+    try:
+        return read_counter(tf.train.load_checkpoint(path), "epoch")
+    except ValueError:
+        epoch = tf.Variable(0, dtype=tf.int64)
+        try:
+            training_checkpoint(epoch=epoch).restore(path).expect_partial()
+        except (tf.errors.OpError, ValueError):
+            return None
+        return int(epoch.numpy())
+    except tf.errors.OpError:  # unreadable: training's restore reports it
         return None
 
 
@@ -562,22 +637,6 @@ class Run:
     checkpoint: str = ""  # the checkpoint restored
 
 
-def _encoder_variable_count(reader):
-    """Variables saved under the checkpoint's `encoder` (however each one's key is named)."""
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    roots = [c.node_id for c in graph.nodes[0].children if c.local_name == "encoder"]
-    seen, todo = set(roots), list(roots)
-    while todo:
-        for child in graph.nodes[todo.pop()].children:
-            if child.node_id not in seen:
-                seen.add(child.node_id)
-                todo.append(child.node_id)
-    return sum(
-        any(a.name == "VARIABLE_VALUE" for a in graph.nodes[node].attributes) for node in seen
-    )
-
-
 def load_run(workdir, checkpoint=None):
     """Restores encoder, bank and graph of the newest readable checkpoint in `workdir`.
 
@@ -601,19 +660,16 @@ def load_run(workdir, checkpoint=None):
 
     def restore(path):
         reader = tf.train.load_checkpoint(path)
-        shapes = reader.get_variable_to_shape_map()
-        bank_key = next((k for k in shapes if k.startswith("bank/") and "OPTIMIZER" not in k), None)
-        graph_key = next(
-            (k for k in shapes if k.startswith("graph/") and "OPTIMIZER" not in k), None
-        )
-        if bank_key is None or graph_key is None:
+        parts = checkpoint_parts(reader)
+        if not parts.get("bank") or not parts.get("graph"):
             raise WorkdirError(f"{path} is not an invp_tf training checkpoint (no bank or graph)")
-        if shapes[bank_key][-1] != config.embedding_dim:
+        width = reader.get_variable_to_shape_map()[parts["bank"][0]][-1]
+        if width != config.embedding_dim:
             raise WorkdirError(
-                f"{path} does not match {flagfile}: its bank has width {shapes[bank_key][-1]}, "
+                f"{path} does not match {flagfile}: its bank has width {width}, "
                 f"not --embedding_dim={config.embedding_dim}"
             )
-        saved = _encoder_variable_count(reader)
+        saved = len(parts.get("encoder", ()))
         if saved != len(encoder.weights):  # e.g. an mlp head's checkpoint read as linear
             raise WorkdirError(
                 f"{path} does not match {flagfile} (--encoder={config.encoder} "
@@ -621,7 +677,7 @@ def load_run(workdir, checkpoint=None):
                 f"encoder has {saved} variables, these flags build {len(encoder.weights)}"
             )
         try:
-            status = tf.train.Checkpoint(encoder=encoder, epoch=epoch).restore(path)
+            status = training_checkpoint(encoder=encoder, epoch=epoch).restore(path)
             status.expect_partial().assert_existing_objects_matched()
         except (AssertionError, ValueError) as e:  # missing variables, other shapes
             raise WorkdirError(
@@ -629,7 +685,9 @@ def load_run(workdir, checkpoint=None):
                 f"--head={config.head} --width_multiplier={config.width_multiplier}): "
                 f"{' '.join(str(e).split())[:200]}"
             ) from e
-        loaded.update(bank=reader.get_tensor(bank_key), graph=reader.get_tensor(graph_key))
+        loaded.update(
+            bank=read_part(reader, parts, "bank"), graph=read_part(reader, parts, "graph")
+        )
 
     path = restore_newest(workdir, restore, checkpoint)
     return Run(config, encoder, loaded["bank"], loaded["graph"], int(epoch), path)

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -192,23 +191,13 @@ def test_unlabelled_test_split_is_refused(run, tmp_path):
         analyze.similarity_figure(unlabelled, str(tmp_path))
 
 
-def test_cli_error_is_one_clear_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "invp_tf.analyze",
-            f"--workdir={tmp_path}",
-            f"--output={tmp_path}/out",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("invp_tf.analyze: error: ")
-    assert "not a training run" in result.stderr and "Traceback" not in result.stderr
+def test_cli_error_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        analyze.main(["invp-analyze", f"--workdir={tmp_path}", f"--output={tmp_path}/out"])
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines()[-1].startswith("invp_tf.analyze: error: ")
+    assert "not a training run" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.slow

@@ -188,18 +188,17 @@ def test_bad_arguments(model, tmp_path):
         embed.embed(path, out, images=str(tmp_path / "empty"))
 
 
-def test_cli_error_is_one_clear_line(model, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "invp_tf.embed", f"--model={model[0]}",
-         f"--images={tmp_path / 'absent'}", f"--output={tmp_path / 'out.npy'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 1
-    last_line = result.stderr.strip().splitlines()[-1]
+def test_cli_error_is_one_clear_line(model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        embed.main(["invp-embed", f"--model={model[0]}", f"--images={tmp_path / 'absent'}",
+                    f"--output={tmp_path / 'out.npy'}"])  # fmt: skip
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    last_line = stderr.strip().splitlines()[-1]
     assert (
         last_line == f"invp_tf.embed: error: --images folder {tmp_path / 'absent'} does not exist"
     )
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
 
 
 def _read_idx_images(path):

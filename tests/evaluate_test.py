@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -190,15 +188,11 @@ def test_workdir_without_checkpoint_is_refused(tiny_run, tmp_path):
         evaluate.evaluate(evaluate.make_settings(str(tmp_path), "knn"))
 
 
-def test_cli_error_is_one_clear_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "invp_tf.evaluate", f"--workdir={tmp_path}", "--block=conv9"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (
+def test_cli_error_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["invp-evaluate", f"--workdir={tmp_path}", "--block=conv9"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "invp_tf.evaluate: error: --block=conv9: no block named 'conv9'; valid blocks: "
         "stem, stage1, stage2, stage3, stage4, embedding or 'all'"
     )

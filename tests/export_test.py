@@ -400,22 +400,20 @@ def test_failed_export_publishes_nothing(exported, monkeypatch):
     assert os.listdir(os.path.join(exported.base, "crashed")) == []  # no version, no staging
 
 
-def test_export_refuses_a_workdir_without_checkpoint(tmp_path):
+def test_export_refuses_a_workdir_without_checkpoint(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
     with pytest.raises(FileNotFoundError, match="no flags.txt"):
         export.export_run(str(workdir), str(tmp_path / "models"), "invp")
     (workdir / "flags.txt").write_text("\n".join(tiny_config(tmp_path, workdir).flagfile_lines()))
-    result = subprocess.run(
-        [sys.executable, "-m", "invp_tf.export", f"--workdir={workdir}",
-         f"--export_dir={tmp_path / 'models'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 1
-    last_line = result.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as stopped:
+        export.main(["invp-export", f"--workdir={workdir}", f"--export_dir={tmp_path / 'models'}"])
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    last_line = stderr.strip().splitlines()[-1]
     assert (
         last_line
         == f"invp_tf.export: error: {workdir} has no checkpoint yet (checkpoints/ is empty)"
     )
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "models").exists()

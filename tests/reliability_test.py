@@ -425,25 +425,16 @@ def test_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_ov
     _assert_bitwise_equal(straight.workdir, run.workdir)
 
 
-def test_workdir_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch):
+def test_workdir_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "file"
     path.write_text("not a folder")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "invp_tf.train",
-            f"--workdir={path}",
-            "--flagfile=configs/fashion_mnist.flags",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    monkeypatch.chdir(REPO)  # the recipe's path is relative to the repo root
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["invp-train", f"--workdir={path}", "--flagfile=configs/fashion_mnist.flags"])
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
         f"invp_tf.train: error: --workdir={path} is a file, not a folder"
     )
     with pytest.raises(workdir_lib.WorkdirError) as error:

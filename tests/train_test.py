@@ -236,25 +236,22 @@ def test_flagfile_round_trip(tmp_path):
         flags.FLAGS.unparse_flags()
 
 
-def test_cli_error_is_one_clear_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "invp_tf.train",
-            "--flagfile=configs/fashion_mnist.flags",
-            f"--workdir={tmp_path}/run",
-            "--dataset=nonsense",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    last_line = result.stderr.strip().splitlines()[-1]
+def test_cli_error_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the recipe's path is relative to the repo root
+    with pytest.raises(SystemExit) as stopped:
+        train.main(
+            [
+                "invp-train",
+                "--flagfile=configs/fashion_mnist.flags",
+                f"--workdir={tmp_path}/run",
+                "--dataset=nonsense",
+            ]
+        )
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("invp_tf.train: error: unknown dataset 'nonsense'; valid forms")
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
     # Nothing is written before the flags are checked: no half-made run is left.
     assert not (tmp_path / "run").exists()
 

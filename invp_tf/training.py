@@ -1,0 +1,763 @@
+"""The training loop: `train_and_evaluate(config, workdir)` trains (or resumes) one run.
+
+The epoch boundary is one loop of named steps (`_train`):
+
+    build -> for each epoch: rebuild graph -> fit epoch -> monitor -> log -> checkpoint
+
+`_build` sets everything up once (strategy, data, model, restore, callbacks, monitors),
+each part a named helper; the loop reads the result, a `_Training`. No absl flags here:
+`invp_tf.train` is the command that turns flags into a `config.Config`.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from invp_tf import augment
+from invp_tf import config as config_lib
+from invp_tf import data
+from invp_tf import distribute
+from invp_tf import evaluation
+from invp_tf import model as model_lib
+from invp_tf import neighbors
+from invp_tf import propagation
+from invp_tf import workdir as workdir_lib
+
+# The purity monitor measures at most this many anchors (a fixed random sample).
+_PURITY_MAX_ANCHORS = 10_000
+# Exit status of a preempted run (TF's restart code on managed clusters).
+PREEMPTED_EXIT_CODE = 42
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss); the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """A worker got SIGTERM: every worker saved the same mid-epoch checkpoint and stopped."""
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """Keras schedule over optimizer steps: optional linear warm-up, then
+    cosine to 0, step (/10 at --lr_decay_epochs) or constant."""
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else config.learning_rate,
+            decay_steps=max(total - warmup, 1),
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    if config.lr_schedule == "step":
+        boundaries = [e * steps_per_epoch for e in config.lr_decay_epoch_list]
+        values = [config.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    # Constant, but still a schedule: a float learning rate becomes an optimizer
+    # variable, which would change the checkpoint layout between schedules.
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, 1, alpha=1.0)
+
+
+class FreshEmbeddings:
+    """Embeddings [N, D] of the current encoder over the training images (eval view), by index.
+
+    The kNN monitor (--knn_features=fresh) and the graph (--graph_features=fresh) both
+    read them; one pass serves both while the weights have not changed since.
+    """
+
+    def __init__(self, infer, train_source, config, steps):
+        self._infer, self._source, self._steps = infer, train_source, steps
+        self._batch_size = max(config.batch_size, 256)
+        self._image_size = config.image_size
+        self._cache = (None, None)  # (train steps when computed, embeddings)
+
+    def __call__(self):
+        steps = int(self._steps.numpy())
+        if self._cache[0] != steps:
+            pipeline = data.eval_pipeline(
+                self._source, batch_size=self._batch_size, image_size=self._image_size
+            )
+            features, index, _ = evaluation.extract_embeddings(self._infer, pipeline)
+            self._cache = (steps, features[np.argsort(index)])
+        return self._cache[1]
+
+
+def knn_monitor(config, infer, train_features, test_source, train_labels):
+    """Weighted kNN top-1 on the test split; None when it has no labels.
+
+    train_features: [N, D] the bank or fresh embeddings of the training images, by index.
+    """
+    if test_source is None or not test_source.num_classes:
+        return None
+    pipeline = data.eval_pipeline(
+        test_source, batch_size=max(config.batch_size, 256), image_size=config.image_size
+    )
+    test_features, _, test_labels = evaluation.extract_embeddings(infer, pipeline)
+    predictions = evaluation.knn_classify(
+        train_features,
+        train_labels,
+        test_features,
+        k=config.knn_k,
+        temperature=config.knn_temperature,
+        num_classes=test_source.num_classes,
+    )
+    return float(np.mean(predictions == test_labels))
+
+
+def graph_monitor(config, graph, rows, bank, train_labels, anchors, seed):
+    """graph_recall, and with labels the purity of the positives the graph gives.
+
+    graph: [N, k] built over `rows` ([N, D], the bank or fresh embeddings); the hard
+    positives are chosen by similarity to the bank, as in the loss.
+    """
+    # Exact search on 2,000 sampled rows: how much of the true kNN graph the builder found.
+    out = {"graph_recall": neighbors.graph_recall(rows, graph, seed=seed)}
+    if train_labels is not None:
+        # Labels only measure the positives; training never sees them.
+        out.update(
+            propagation.positive_purity(
+                graph,
+                bank,
+                train_labels,
+                anchors,
+                num_layers=config.num_layers,
+                num_positives=config.num_positives,
+            )
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _naming_unreadable_images(source):
+    """Turns a decode failure deep inside tf.data into an error naming the file."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        bad = data.find_unreadable_images(source, limit=1) if source.paths else []
+        if bad:
+            raise ValueError(f"unreadable image: {bad[0]}") from e
+        raise
+
+
+def finished_message(workdir, epochs):
+    """The one line for a rerun of a run that has trained all its epochs; None otherwise."""
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
+    if not latest:
+        return None
+    done = workdir_lib.checkpoint_epoch(latest)
+    if done is None or done < epochs:
+        return None
+    return (
+        f"{workdir} is finished: {done}/{epochs} epochs trained, checkpoint {latest}; next: "
+        f"python -m invp_tf.evaluate --workdir={workdir} --protocol=knn (or linear, semi), "
+        f"python -m invp_tf.export --workdir={workdir} --export_dir=exported"
+    )
+
+
+class _Progress:
+    """Logs "epoch e/E" lines: each epoch-boundary step with its seconds, each epoch with an ETA.
+
+    Epochs are counted from 1 here (metrics.jsonl and checkpoints count finished epochs).
+    """
+
+    def __init__(self, first_epoch, epochs):
+        self.first_epoch, self.epochs = first_epoch, epochs
+        self.start = time.perf_counter()
+
+    def begin(self, epoch, what):
+        logging.info("epoch %d/%d: %s ...", epoch + 1, self.epochs, what)
+        return time.perf_counter()
+
+    def end(self, epoch, what, start):
+        seconds = time.perf_counter() - start
+        logging.info("epoch %d/%d: %s took %.1f s", epoch + 1, self.epochs, what, seconds)
+        return seconds
+
+    def epoch_done(self, epoch, row):
+        seconds_per_epoch = (time.perf_counter() - self.start) / (epoch + 1 - self.first_epoch)
+        left = (self.epochs - epoch - 1) * seconds_per_epoch
+        finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+        knn = row.get("knn_top1")
+        logging.info(
+            "epoch %d/%d done: loss %s, kNN top-1 %s; %.0f s per epoch, ETA %s (%s left)",
+            epoch + 1,
+            self.epochs,
+            "-" if row.get("loss") is None else f"{row['loss']:.4f}",
+            "-" if knn is None else f"{knn:.4f}",
+            seconds_per_epoch,
+            finish,
+            f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min",
+        )
+
+
+class _StepSummaries(keras.callbacks.Callback):
+    """TensorBoard scalars of the step every `every` steps: `step/loss` (that step's loss, not
+    the epoch's running mean) and `step/learning_rate`, at the global step."""
+
+    def __init__(self, writer, steps, every):
+        super().__init__()
+        self.writer, self.steps, self.every = writer, steps, every
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.steps.numpy())  # counted on the host from here: no device read
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every or not logs or "step_loss" not in logs:
+            return
+        with self.writer.as_default(step=self.step):
+            tf.summary.scalar("step/loss", tf.reduce_mean(logs["step_loss"]))
+            tf.summary.scalar("step/learning_rate", self.model.optimizer.learning_rate)
+
+
+class _SaveIfPreempted(keras.callbacks.Callback):
+    """After every step, lets TF's PreemptionCheckpointHandler save and stop all workers."""
+
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.handler.save_checkpoint_if_preempted()
+
+
+def _distributed_dataset(strategy, make_pipeline, global_batch_size):
+    """Per-replica batches of each worker's shard (`distribute_datasets_from_function`)."""
+    if strategy.num_replicas_in_sync == 1:
+        return make_pipeline(global_batch_size, 0, 1)
+
+    def per_worker(context):
+        return make_pipeline(
+            context.get_per_replica_batch_size(global_batch_size),
+            context.input_pipeline_id,
+            context.num_input_pipelines,
+        )
+
+    # Each replica gets its own per-replica batches, in replica order, so the
+    # global batch of a step is the same examples as on one device.
+    return strategy.distribute_datasets_from_function(per_worker)
+
+
+def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
+    """Trains (or resumes) a run in `workdir`; returns the last metrics row.
+
+    Args:
+      config: a config.Config.
+      workdir: run directory (checkpoints/, tensorboard/, metrics.jsonl).
+      callbacks: extra Keras callbacks passed to each epoch's fit (tests use
+        one to interrupt a run).
+      strategy: a tf.distribute strategy to train under; None builds the one of
+        --strategy (tests share one MirroredStrategy per process).
+
+    Raises:
+      Preempted: SIGTERM reached a worker; the checkpoint to resume from is saved.
+      TrainingError: the loss became NaN, or a callback stopped an epoch midway.
+      ValueError: a flag that cannot work (named), or a run folder problem.
+
+    SIGTERM goes back to its previous handler afterwards (the preemption handler
+    takes it over during training).
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.ExitStack() as on_exit:  # releases the run's lock
+            return _train(config, workdir, callbacks, strategy, on_exit)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(config, workdir, callbacks, strategy, on_exit):
+    """The epoch loop: graph, fit, monitor, metrics row, checkpoint; returns the last row."""
+    t = _build(config, workdir, strategy, on_exit)
+    row = {}
+    if t.chief and t.first_epoch >= config.epochs:  # a rerun of a finished run: its last row
+        row = (workdir_lib.read_metrics(workdir) or [{}])[-1]
+    # The checkpoint is written after its epoch's row (so that a crash between them redoes the
+    # epoch), so each row carries the seconds of the previous epoch's save (None in the first
+    # epoch of a process).
+    checkpoint_seconds = None
+    for epoch in range(t.first_epoch, config.epochs):
+        # > 0 only in the first epoch after a preemption save: steps already done.
+        skip_steps = t.done_steps if epoch == t.first_epoch else 0
+        uses_invariance = epoch >= config.rampup_epochs and config.lambda_inv > 0
+        uses_graph = uses_invariance and config.positive_mode == "propagation"
+
+        # 1. The kNN graph, rebuilt before every epoch (not when resuming mid-epoch: the
+        # checkpoint holds the graph of this epoch). The loss reads it only once L_inv is on
+        # (and never with --positive_mode=knn); before that, and in instance-only runs, it is
+        # built for the monitor alone, so every arm logs the purity of its neighbours.
+        graph = {}
+        if (uses_graph or t.train_labels is not None) and not skip_steps:
+            graph = _rebuild_graph(t, epoch)
+        t.model.invariance_weight.assign(config.lambda_inv if uses_invariance else 0.0)
+
+        # 2. One epoch of training; the data order and views depend only on (seed, epoch).
+        fit = _fit_epoch(t, epoch, skip_steps, callbacks)
+
+        # 3. kNN monitor on the test split (chief only).
+        knn_top1, monitor_seconds = _monitor(t, epoch)
+
+        # 4. Metrics row, then checkpoint (a crash between them redoes the epoch
+        # and `truncate_metrics` drops the stale row).
+        seconds = dict(
+            graph_seconds=graph.get("graph_seconds"),
+            purity_seconds=graph.get("purity_seconds"),
+            train_seconds=fit["seconds"],
+            monitor_seconds=monitor_seconds,
+            checkpoint_seconds=checkpoint_seconds,
+        )
+        row = _metrics_row(t, epoch, fit, graph, knn_top1, uses_invariance, seconds)
+        _log_row(t, epoch, row)
+        checkpoint_seconds = _checkpoint(t, epoch)
+        logging.info("epoch %d/%d metrics: %s", epoch + 1, config.epochs, json.dumps(row))
+        t.progress.epoch_done(epoch, row)
+    return row
+
+
+# ---------------------------------------------------------------------------
+# The steps of the epoch boundary.
+
+
+def _rebuild_graph(t, epoch):
+    """Builds the kNN graph (chief; every worker gets its copy) and measures it.
+
+    Returns graph_seconds, purity_seconds (chief) and the monitor's metrics (graph_recall,
+    the purity of the positives, and with --graph_features=fresh the bank graph's purity).
+    """
+    config = t.config
+    rows_name = "fresh embeddings" if config.graph_features == "fresh" else "bank rows"
+    start = t.progress.begin(epoch, f"kNN graph of the {t.num_examples} {rows_name}")
+    if t.chief:
+        bank = t.model.memory_bank.bank.numpy()  # [N, D], one host copy for all uses
+        rows = t.fresh() if config.graph_features == "fresh" else bank
+        graph = neighbors.build_knn_graph(rows, config.num_neighbors, config.knn_method)
+    else:  # the template the chief's graph arrives in
+        graph = np.zeros(t.model.knn_graph.shape, np.int32)
+    graph = distribute.broadcast_from_chief(t.strategy, graph)
+    t.model.knn_graph.assign(graph)
+    out = {"graph_seconds": t.progress.end(epoch, "kNN graph", start)}
+    if not t.chief:
+        return out
+    start = time.perf_counter()
+    out.update(graph_monitor(config, graph, rows, bank, t.train_labels, t.purity_anchors, epoch))
+    if config.graph_features == "fresh" and t.train_labels is not None:
+        # The bank's graph on the same epoch, for comparison (monitor only).
+        bank_graph = neighbors.build_knn_graph(bank, config.num_neighbors, config.knn_method)
+        bank_metrics = graph_monitor(
+            config, bank_graph, bank, bank, t.train_labels, t.purity_anchors, epoch
+        )
+        out.update({f"{k}_bank_graph": v for k, v in bank_metrics.items() if k != "graph_recall"})
+    out["purity_seconds"] = t.progress.end(epoch, "graph recall and positive purity", start)
+    return out
+
+
+def _fit_epoch(t, epoch, skip_steps, callbacks):
+    """Trains the rest of epoch `epoch`; returns its logs, seconds and steps.
+
+    Raises:
+      TrainingError: the loss is not finite, or a callback stopped fit midway.
+    """
+    config = t.config
+
+    def pipeline(batch_size, shard_index, num_shards):
+        return data.train_pipeline(
+            t.train_source,
+            batch_size=batch_size,
+            image_size=config.image_size,
+            view=t.view,
+            seed=config.seed,
+            epoch=epoch,
+            global_batch_size=config.batch_size,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            skip_steps=skip_steps,
+        )
+
+    # 0 when a preemption save came after the epoch's last step: only the
+    # end-of-epoch work is left (its row then has no losses).
+    remaining = t.steps_per_epoch - skip_steps
+    fit = {"logs": {}, "seconds": None, "steps": remaining}
+    if remaining:
+        dataset = _distributed_dataset(t.strategy, pipeline, config.batch_size)
+        start = t.progress.begin(epoch, f"training {remaining} steps")
+        with _naming_unreadable_images(t.train_source):
+            history = t.model.fit(
+                dataset,
+                epochs=1,
+                steps_per_epoch=remaining,
+                verbose=t.verbose,
+                callbacks=[*t.fit_callbacks, *callbacks],
+            )
+        fit["seconds"] = t.progress.end(epoch, "training", start)
+        logs = fit["logs"] = {name: values[-1] for name, values in history.history.items()}
+        if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
+            raise TrainingError(
+                f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for "
+                f"this epoch, the last good checkpoint is {t.manager.latest_checkpoint} "
+                "(lower --learning_rate or raise --temperature)"
+            )
+    steps = int(t.model.steps.numpy())
+    if steps != (epoch + 1) * t.steps_per_epoch:
+        # A callback stopped fit mid-epoch: saving now would resume as if it were done.
+        raise TrainingError(
+            f"epoch {epoch} stopped after {steps - epoch * t.steps_per_epoch} of "
+            f"{t.steps_per_epoch} steps; nothing was saved for it, rerun to redo it"
+        )
+    return fit
+
+
+def _monitor(t, epoch):
+    """(kNN top-1 on the test split, seconds) every --eval_every epochs and after the last
+    (chief only); (None, None) otherwise."""
+    config = t.config
+    if not t.chief or ((epoch + 1) % config.eval_every and epoch + 1 != config.epochs):
+        return None, None
+    start = t.progress.begin(epoch, "kNN monitor")
+    train_features = t.fresh() if config.knn_features == "fresh" else None
+    knn_top1 = knn_monitor(
+        config,
+        t.infer,
+        t.model.memory_bank.bank.numpy() if train_features is None else train_features,
+        t.test_source,
+        t.train_labels,
+    )
+    return knn_top1, t.progress.end(epoch, "kNN monitor", start)
+
+
+def _metrics_row(t, epoch, fit, graph, knn_top1, uses_invariance, seconds):
+    """The metrics.jsonl row of `epoch` (analyze and the benchmarks read these keys)."""
+    logs = fit["logs"]
+    return {
+        "epoch": epoch,
+        "loss": logs.get("loss"),
+        "loss_ins": logs.get("loss_ins"),
+        "loss_inv": logs.get("loss_inv") if uses_invariance else None,
+        "knn_top1": knn_top1,
+        "graph_seconds": seconds["graph_seconds"],
+        "graph_recall": graph.get("graph_recall"),
+        "purity_neighbors": graph.get("purity_neighbors"),
+        "purity_hard": graph.get("purity_hard"),
+        "mean_positives": graph.get("mean_positives"),
+        **{k: v for k, v in graph.items() if k.endswith("_bank_graph")},
+        "images_per_second": fit["seconds"] and fit["steps"] * t.config.batch_size / fit["seconds"],
+        "learning_rate": float(t.optimizer.learning_rate.numpy()),
+        **{k: v for k, v in seconds.items() if k != "graph_seconds"},
+    }
+
+
+def _log_row(t, epoch, row):
+    """Appends the row to metrics.jsonl and its numbers to TensorBoard (chief only)."""
+    if not t.chief:
+        return
+    workdir_lib.append_metrics(t.workdir, row)
+    with t.writer.as_default(step=epoch + 1):
+        for name, value in row.items():
+            if name != "epoch" and value is not None:
+                tf.summary.scalar(name, value)
+
+
+def _checkpoint(t, epoch):
+    """Saves the state after `epoch` as ckpt-(epoch + 1); returns the seconds it took."""
+    t.epoch_counter.assign(epoch + 1)
+    start = time.perf_counter()
+    t.save(epoch + 1)
+    return t.progress.end(epoch, "checkpoint", start)
+
+
+# ---------------------------------------------------------------------------
+# Setup, once per process: `_build` and its named parts.
+
+
+@dataclasses.dataclass
+class _Training:
+    """Everything the epoch loop reads, built once by `_build`."""
+
+    config: config_lib.Config
+    workdir: str
+    strategy: tf.distribute.Strategy
+    chief: bool
+    train_source: data.Source
+    test_source: data.Source | None
+    num_examples: int
+    steps_per_epoch: int
+    view: Callable
+    model: model_lib.InvPModel
+    optimizer: keras.optimizers.Optimizer  # a LossScaleOptimizer under mixed_float16
+    epoch_counter: tf.Variable
+    manager: tf.train.CheckpointManager  # the chief's checkpoints, which every worker reads
+    save: Callable  # save(number): writes ckpt-number (workers other than the chief: scratch)
+    infer: Callable
+    fresh: FreshEmbeddings
+    first_epoch: int
+    done_steps: int  # steps of first_epoch already done: > 0 only after a preemption save
+    fit_callbacks: list
+    verbose: object
+    writer: object  # the chief's TensorBoard writer
+    train_labels: np.ndarray | None  # [N] by index, for the monitors only
+    purity_anchors: np.ndarray
+    progress: _Progress
+
+
+def _build(config, workdir, strategy, on_exit):
+    """Checks the flags, builds model and optimizer, restores the newest checkpoint."""
+    if strategy is None:
+        strategy = distribute.make_strategy(
+            config.strategy, tpu=config.tpu, cpu_devices=config.cpu_devices
+        )
+    chief = distribute.is_chief(strategy)
+    train_source, test_source = _load_data(config, workdir, strategy)
+    num_examples = train_source.num_examples
+    # A rerun may change only flags that keep the model, data, bank and optimizer state.
+    changed, previous_flags = _prepare_workdir(config, workdir, chief, on_exit)
+    steps_per_epoch = num_examples // config.batch_size
+    model, epoch_counter = _build_model(config, strategy, num_examples, steps_per_epoch)
+    checkpoint = workdir_lib.training_checkpoint(
+        encoder=model.encoder,
+        optimizer=model.optimizer,
+        bank=model.memory_bank,
+        graph=model.knn_graph,
+        epoch=epoch_counter,
+        step=model.steps,
+    )
+    resumed_from = _restore(model, checkpoint, workdir, chief)
+    if resumed_from and chief:  # the run's record changes only once its state is back
+        workdir_lib.write_flags(
+            workdir, config, changed, int(epoch_counter.numpy()), previous_flags
+        )
+    manager, save = _checkpoint_managers(checkpoint, workdir, strategy, chief)
+    infer = evaluation.inference_function(model.encoder)
+    fresh = FreshEmbeddings(infer, train_source, config, model.steps)
+    if not resumed_from and config.bank_init == "encoder":
+        model.memory_bank.assign(fresh())
+    first_epoch = int(epoch_counter.numpy())
+    if resumed_from:
+        logging.info(
+            "Resumed from %s (epoch %d, step %d).",
+            resumed_from,
+            first_epoch,
+            int(model.steps.numpy()),
+        )
+    fit_callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        *_preemption_callbacks(strategy, model, manager, save),
+    ]
+    if chief:
+        workdir_lib.truncate_metrics(workdir, first_epoch)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
+    train_labels, purity_anchors = _monitor_labels(config, train_source)
+    if chief:  # about 10 points per epoch, at least every 50 steps
+        every = max(1, min(50, steps_per_epoch // 10))
+        fit_callbacks.append(_StepSummaries(writer, model.steps, every))
+    return _Training(
+        config=config,
+        workdir=workdir,
+        strategy=strategy,
+        chief=chief,
+        train_source=train_source,
+        test_source=test_source,
+        num_examples=num_examples,
+        steps_per_epoch=steps_per_epoch,
+        view=_view(config),
+        model=model,
+        optimizer=model.optimizer,
+        epoch_counter=epoch_counter,
+        manager=manager,
+        save=save,
+        infer=infer,
+        fresh=fresh,
+        first_epoch=first_epoch,
+        done_steps=int(model.steps.numpy()) - first_epoch * steps_per_epoch,
+        fit_callbacks=fit_callbacks,
+        verbose=("auto" if sys.stdout.isatty() else 2) if chief else 0,  # the chief's is enough
+        writer=writer,
+        train_labels=train_labels,
+        purity_anchors=purity_anchors,
+        progress=_Progress(first_epoch, config.epochs),
+    )
+
+
+def _load_data(config, workdir, strategy):
+    """The train and test sources, after every check that needs no write (nothing is
+    written to the workdir before the flags are checked)."""
+    workdir_lib.check_workdir(workdir)
+    keras.utils.set_random_seed(config.seed)
+    data_dir = config.data_dir or None
+    train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
+    test_source = data.load_source(config.dataset, "test", data_dir)
+    config.validate(train_source.num_examples)
+    if config.jit_compile and isinstance(strategy, tf.distribute.MirroredStrategy):
+        if not tf.config.list_logical_devices("GPU"):
+            raise ValueError(
+                "--jit_compile does not work with --strategy=mirrored on CPU devices "
+                "(XLA cannot reach the other logical CPU's variables); drop one of them"
+            )
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"--batch_size={config.batch_size} does not split over the {replicas} replicas of "
+            f"--strategy={config.strategy} (use a multiple of {replicas})"
+        )
+    return train_source, test_source
+
+
+def _prepare_workdir(config, workdir, chief, on_exit):
+    """Takes the run's lock (chief), checks a rerun's flag changes, writes a new run's flags.
+
+    Returns (the changed flags, the run's previous config or None).
+    """
+    if chief:  # one training per run; a second one stops here naming the first
+        on_exit.enter_context(workdir_lib.lock(workdir))
+    changed = workdir_lib.flag_changes(workdir, config)
+    previous_flags = workdir_lib.read_flags(workdir)
+    if chief:
+        workdir_lib.prepare(workdir)  # removes partial saves of earlier crashes
+        workdir_lib.repair_checkpoint_state(workdir)
+        if not workdir_lib.checkpoint_paths(workdir):  # a new run (or one without a checkpoint)
+            workdir_lib.write_flags(workdir, config)
+    return changed, previous_flags
+
+
+def _view(config):
+    view = augment.get_view(config.augment)
+    if config.augment == "crop_flip":
+        view = functools.partial(view, scale=(config.crop_scale, 1.0))
+    return view
+
+
+def _build_model(config, strategy, num_examples, steps_per_epoch):
+    """The compiled InvPModel (optimizer slots built) and the epoch counter, under `strategy`."""
+    loss_options = dict(
+        temperature=config.temperature,
+        num_background=config.num_background,
+        num_layers=config.num_layers,
+        num_positives=config.num_positives,
+        background=config.background,
+        positive_mode=config.positive_mode,
+        hard_positives=config.hard_positives,
+        hard_negatives=config.hard_negatives,
+        num_knn_positives=config.num_knn_positives or None,
+        background_search=config.background_search,
+    )
+    replicas = strategy.num_replicas_in_sync
+    policy = distribute.precision_policy(strategy, config.mixed_precision)
+    # Every variable (weights, optimizer slots, bank, graph, counters) is created
+    # under the strategy: mirrored on every replica and worker.
+    with strategy.scope(), distribute.dtype_policy(policy):
+        encoder = workdir_lib.encoder_from_config(
+            config, sync_batchnorm=config.sync_batchnorm and replicas > 1
+        )
+        model = model_lib.InvPModel(
+            encoder,
+            num_examples,
+            embedding_dim=config.embedding_dim,
+            num_neighbors=config.num_neighbors,
+            memory_momentum=config.memory_momentum,
+            seed=config.seed,
+            loss_options=loss_options,
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate_schedule(config, steps_per_epoch),
+                momentum=config.optimizer_momentum,
+                weight_decay=config.weight_decay or None,
+            ),
+            jit_compile=config.jit_compile,
+        )
+        model.optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
+        epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    return model, epoch_counter
+
+
+def _restore(model, checkpoint, workdir, chief):
+    """Restores the newest readable checkpoint (a corrupt one is named and set aside).
+
+    Returns the path restored, None for a new run.
+    """
+
+    def restore(path):
+        if workdir_lib.read_counter(tf.train.load_checkpoint(path), "step") is not None:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        else:  # written before steps were counted apart: every step was applied then
+            parts = {name: getattr(checkpoint, name) for name in workdir_lib.CHECKPOINT_PARTS}
+            del parts["step"]
+            workdir_lib.training_checkpoint(**parts).restore(path).assert_existing_objects_matched()
+            model.steps.assign(model.optimizer.iterations)
+
+    # Before the managers read the checkpoint list.
+    return workdir_lib.restore_newest(workdir, restore, set_aside=chief)
+
+
+def _checkpoint_managers(checkpoint, workdir, strategy, chief):
+    """(the manager of the run's checkpoints, save(number)).
+
+    CheckpointManager writes the data files first and then replaces the small `checkpoint`
+    index file, so a crash mid-save leaves the previous one valid. Every worker reads the
+    chief's checkpoints; the others write scratch copies.
+    """
+    checkpoint_dir = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
+    write_manager = manager
+    if not chief:
+        write_manager = tf.train.CheckpointManager(
+            checkpoint, distribute.checkpoint_directory(strategy, checkpoint_dir), max_to_keep=1
+        )
+
+    def save(number):
+        path = workdir_lib.save_checkpoint(write_manager, number)
+        if not chief:
+            tf.io.gfile.rmtree(write_manager.directory)
+        return path
+
+    return manager, save
+
+
+def _preemption_callbacks(strategy, model, manager, save):
+    """SIGTERM on any worker: all save the same step's state, then stop (not on TPU)."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return []
+    preemption_step = {}
+
+    def save_preempted(*args, **kwargs):
+        preemption_step["step"] = int(model.steps.numpy())
+        preemption_step["path"] = save(preemption_step["step"])
+
+    def stop_preempted():
+        raise Preempted(
+            f"preempted: saved {preemption_step.get('path')} at step "
+            f"{preemption_step.get('step')}; rerun the same command to resume"
+        )
+
+    handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver if distribute.is_multi_worker(strategy) else None,
+        manager,
+        termination_config=tf.distribute.experimental.TerminationConfig(
+            exit_fn=stop_preempted, save_fn=save_preempted
+        ),
+    )
+    return [_SaveIfPreempted(handler)]
+
+
+def _monitor_labels(config, train_source):
+    """(labels by index or None, the purity monitor's anchors: all rows of small banks, a
+    fixed sample of large ones). Labels only measure; training never sees them."""
+    num_examples = train_source.num_examples
+    with _naming_unreadable_images(train_source):
+        train_labels = data.labels_by_index(train_source) if train_source.num_classes else None
+    purity_anchors = np.arange(num_examples)
+    if num_examples > _PURITY_MAX_ANCHORS:
+        rng = np.random.default_rng(config.seed)
+        purity_anchors = np.sort(rng.choice(num_examples, _PURITY_MAX_ANCHORS, replace=False))
+    return train_labels, purity_anchors

@@ -30,7 +30,7 @@ from absl import flags
 from benchmarks import report
 from invp_tf import config as config_lib
 from invp_tf import model as model_lib
-from invp_tf import train
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 
 _FLAGFILE = flags.DEFINE_string(
@@ -52,18 +52,7 @@ def step_seconds(config, num_examples, steps):
         num_neighbors=config.num_neighbors,
         memory_momentum=config.memory_momentum,
         seed=config.seed,
-        loss_options=dict(
-            temperature=config.temperature,
-            num_background=config.num_background,
-            num_layers=config.num_layers,
-            num_positives=config.num_positives,
-            background=config.background,
-            positive_mode=config.positive_mode,
-            hard_positives=config.hard_positives,
-            hard_negatives=config.hard_negatives,
-            num_knn_positives=config.num_knn_positives or None,
-            background_search=config.background_search,
-        ),
+        loss_options=training.loss_options(config),
     )
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=config.optimizer_momentum))
     rng = np.random.default_rng(0)
@@ -107,7 +96,7 @@ def main(argv):
     before = step_seconds(config, n, _STEPS.value)
     clock = _EpochClock()
     with tempfile.TemporaryDirectory() as workdir:
-        train.train_and_evaluate(config, workdir, callbacks=[clock])
+        training.train_and_evaluate(config, workdir, callbacks=[clock])
         end = time.perf_counter()
         rows = workdir_lib.read_metrics(workdir)
     after = step_seconds(config, n, _STEPS.value)

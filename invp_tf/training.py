@@ -637,9 +637,9 @@ def _view(config):
     return view
 
 
-def _build_model(config, strategy, num_examples, steps_per_epoch):
-    """The compiled InvPModel (optimizer slots built) and the epoch counter, under `strategy`."""
-    loss_options = dict(
+def loss_options(config):
+    """The `losses.invp_losses` keyword arguments of `config` (the InvPModel's loss_options)."""
+    return dict(
         temperature=config.temperature,
         num_background=config.num_background,
         num_layers=config.num_layers,
@@ -651,6 +651,10 @@ def _build_model(config, strategy, num_examples, steps_per_epoch):
         num_knn_positives=config.num_knn_positives or None,
         background_search=config.background_search,
     )
+
+
+def _build_model(config, strategy, num_examples, steps_per_epoch):
+    """The compiled InvPModel (optimizer slots built) and the epoch counter, under `strategy`."""
     replicas = strategy.num_replicas_in_sync
     policy = distribute.precision_policy(strategy, config.mixed_precision)
     # Every variable (weights, optimizer slots, bank, graph, counters) is created
@@ -666,7 +670,7 @@ def _build_model(config, strategy, num_examples, steps_per_epoch):
             num_neighbors=config.num_neighbors,
             memory_momentum=config.memory_momentum,
             seed=config.seed,
-            loss_options=loss_options,
+            loss_options=loss_options(config),
         )
         model.compile(
             optimizer=keras.optimizers.SGD(

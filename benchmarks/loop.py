@@ -6,7 +6,8 @@
 One process, alternating: the InvP train step alone (the recipe's encoder, N, M, search and
 positive sets, a synthetic batch, invariance term on; median of --step_calls after two warm-up
 calls), then --loop_epochs epochs of the recipe through `train_and_evaluate` (real input
-pipeline, kNN graph, purity monitor, kNN monitor, checkpoints), then the step alone again.
+pipeline, kNN graph, purity monitor, kNN monitor after every epoch (--eval_every=1, the demo
+runs it every 4th), checkpoints), then the step alone again.
 L_inv is on from epoch 1 (--rampup_epochs=1), so every epoch after the first trains the
 same step that is timed alone.
 

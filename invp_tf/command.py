@@ -36,3 +36,16 @@ def parsed(argv, flag_values=flags.FLAGS):
         yield rest
     finally:
         flag_values.unparse_flags()
+
+
+def flag_values_of(argv, holders, flag_values=flags.FLAGS):
+    """{name: value} of `holders` ({name: FlagHolder}) with `argv` parsed (see `parsed`).
+
+    Raises:
+      app.UsageError: a positional argument besides the program name, an unknown flag or a
+        bad value.
+    """
+    with parsed(argv, flag_values) as args:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        return {name: holder.value for name, holder in holders.items()}

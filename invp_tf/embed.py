@@ -394,10 +394,7 @@ _FLAGS = _define_flags(_FLAG_VALUES)
 
 def main(argv):
     """Runs the embed of the command line `argv` (see `command.parsed`)."""
-    with command.parsed(argv, _FLAG_VALUES) as args:
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-        values = {name: holder.value for name, holder in _FLAGS.items()}
+    values = command.flag_values_of(argv, _FLAGS, _FLAG_VALUES)
     try:
         if not values["model"] or not values["output"]:
             raise ValueError("--model and --output are required")

@@ -607,10 +607,7 @@ def evaluate(s):
 
 def main(argv):
     """Runs the evaluation of the command line `argv` (see `command.parsed`)."""
-    with command.parsed(argv, _FLAG_VALUES) as args:
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-        values = {name: holder.value for name, holder in _FLAGS.items()}
+    values = command.flag_values_of(argv, _FLAGS, _FLAG_VALUES)
     try:
         report = evaluate(make_settings(values.pop("workdir"), values.pop("protocol"), **values))
     except (ValueError, FileNotFoundError) as e:

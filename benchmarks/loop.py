@@ -30,7 +30,6 @@ from absl import flags
 
 from benchmarks import report
 from invp_tf import config as config_lib
-from invp_tf import model as model_lib
 from invp_tf import training
 from invp_tf import workdir as workdir_lib
 
@@ -45,16 +44,7 @@ _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to appen
 def step_seconds(config, num_examples, steps):
     """Median seconds of the recipe's InvP train step on a synthetic batch (L_inv on)."""
     keras.utils.set_random_seed(config.seed)
-    encoder = workdir_lib.encoder_from_config(config)
-    model = model_lib.InvPModel(
-        encoder,
-        num_examples,
-        embedding_dim=config.embedding_dim,
-        num_neighbors=config.num_neighbors,
-        memory_momentum=config.memory_momentum,
-        seed=config.seed,
-        loss_options=training.loss_options(config),
-    )
+    model = training.model_from_config(config, num_examples)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=config.optimizer_momentum))
     rng = np.random.default_rng(0)
     model.knn_graph.assign(

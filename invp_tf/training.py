@@ -653,6 +653,19 @@ def loss_options(config):
     )
 
 
+def model_from_config(config, num_examples, sync_batchnorm=False):
+    """The uncompiled InvPModel of `config` over a bank of `num_examples` rows."""
+    return model_lib.InvPModel(
+        workdir_lib.encoder_from_config(config, sync_batchnorm=sync_batchnorm),
+        num_examples,
+        embedding_dim=config.embedding_dim,
+        num_neighbors=config.num_neighbors,
+        memory_momentum=config.memory_momentum,
+        seed=config.seed,
+        loss_options=loss_options(config),
+    )
+
+
 def _build_model(config, strategy, num_examples, steps_per_epoch):
     """The compiled InvPModel (optimizer slots built) and the epoch counter, under `strategy`."""
     replicas = strategy.num_replicas_in_sync
@@ -660,18 +673,8 @@ def _build_model(config, strategy, num_examples, steps_per_epoch):
     # Every variable (weights, optimizer slots, bank, graph, counters) is created
     # under the strategy: mirrored on every replica and worker.
     with strategy.scope(), distribute.dtype_policy(policy):
-        encoder = workdir_lib.encoder_from_config(
-            config, sync_batchnorm=config.sync_batchnorm and replicas > 1
-        )
-        model = model_lib.InvPModel(
-            encoder,
-            num_examples,
-            embedding_dim=config.embedding_dim,
-            num_neighbors=config.num_neighbors,
-            memory_momentum=config.memory_momentum,
-            seed=config.seed,
-            loss_options=loss_options(config),
-        )
+        model = model_from_config(config, num_examples, config.sync_batchnorm and replicas > 1)
+        encoder = model.encoder
         model.compile(
             optimizer=keras.optimizers.SGD(
                 learning_rate_schedule(config, steps_per_epoch),

@@ -46,6 +46,10 @@ ARMS = {
         ["--rampup_epochs=5", "--num_layers=2", "--num_positives=10", "--graph_features=fresh"],
         "invp_late with the graph over fresh embeddings",
     ),
+    "invp_quarter": (
+        ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10"],
+        "InvP from epoch 10 (25% of the 40-epoch mnist_long schedule), l 2, P 10",
+    ),
 }
 METRICS = {
     "knn_embedding": "kNN top-1, embedding",

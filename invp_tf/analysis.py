@@ -1,12 +1,9 @@
 """See what a run learned: the paper's Figure 2 (the library of `invp_tf.analyze`).
 
-`analyze(workdir, output_dir)` writes into `output_dir`:
-  similarity.png  Fig. 2a: cosine similarity of test images to their 5 nearest
-                  neighbours of the same class and of other classes.
-  positives.png   Fig. 2b: for a few training anchors, the easiest and hardest
-                  members of the propagated positive set N(i).
-  curves.png      the training curves of metrics.jsonl.
-  index.html      the three figures with captions; open it in a browser.
+`analyze(workdir, output_dir)` writes similarity.png (Fig. 2a: test images' similarity to their
+nearest neighbours of the same and of other classes), positives.png (Fig. 2b: the easiest and
+hardest propagated positives of a few anchors), curves.png (metrics.jsonl) and index.html,
+which shows the three with captions.
 
 Labels are read only here, to look at the embedding; training never sees them.
 Figures are drawn on matplotlib's Agg canvas, so no display is needed.

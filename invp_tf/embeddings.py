@@ -211,22 +211,7 @@ def embed(
     staging = tempfile.mkdtemp(prefix=".embed-", dir=os.path.dirname(os.path.abspath(output)))
     try:
         writer = _Writer(staging, n, dim, tfrecord=output.endswith(".tfrecord"))
-        progress = _Progress(n, enabled=verbose)
-        start = time.perf_counter()
-        batches = iter(inputs.dataset)
-        while True:
-            try:
-                images_batch, index, label = next(batches)
-            except StopIteration:
-                break
-            except tf.errors.InvalidArgumentError as e:
-                raise EmbedError(_name_unreadable(inputs, writer.rows, batch_size, e)) from None
-            vectors = serve(images=images_batch)[output_key].numpy()  # [B, dim]
-            index = index.numpy()
-            writer.write([inputs.ids(int(i)) for i in index], index, label.numpy(), vectors)
-            progress.update(writer.rows)
-        progress.finish(writer.rows)
-        seconds = time.perf_counter() - start
+        seconds = _embed_batches(inputs, serve, output_key, writer, batch_size, verbose)
         writer.close()
         if writer.rows != n:
             raise RuntimeError(f"the input pipeline yielded {writer.rows} images, expected {n}")
@@ -250,6 +235,30 @@ def embed(
         "ids": ids_path,
         "index": index_dir if with_knn_index else None,
     }
+
+
+def _embed_batches(inputs, serve, output_key, writer, batch_size, verbose):
+    """Embeds every batch of `inputs` with `serve` into `writer`; returns the seconds taken.
+
+    Raises:
+      EmbedError: an image failed to decode (named when the inputs are files).
+    """
+    progress = _Progress(inputs.num_images, enabled=verbose)
+    start = time.perf_counter()
+    batches = iter(inputs.dataset)
+    while True:
+        try:
+            images, index, label = next(batches)
+        except StopIteration:
+            break
+        except tf.errors.InvalidArgumentError as e:
+            raise EmbedError(_name_unreadable(inputs, writer.rows, batch_size, e)) from None
+        vectors = serve(images=images)[output_key].numpy()  # [B, dim]
+        index = index.numpy()
+        writer.write([inputs.ids(int(i)) for i in index], index, label.numpy(), vectors)
+        progress.update(writer.rows)
+    progress.finish(writer.rows)
+    return time.perf_counter() - start
 
 
 class _Progress:

@@ -33,8 +33,9 @@ CHOICES = {"protocol": PROTOCOLS, "linear_solver": LINEAR_SOLVERS}
 # features a user transfers.
 RANDOM_INIT_BLOCK = "stage4"
 RANDOM_INIT_KEY = "random_init/" + RANDOM_INIT_BLOCK
-# Protocol defaults of the fields left unset (None).
-_DEFAULTS = {
+# The protocol defaults of the EvalConfig fields left None (one dataclass default cannot say
+# them: they differ by protocol).
+PROTOCOL_DEFAULTS = {
     "knn": dict(block="embedding", label_fraction=1.0, batch_size=256),
     "linear": dict(
         block="all",
@@ -69,8 +70,8 @@ def _field(default, help_text):
 class EvalConfig:
     """The settings of one evaluation; each field is a flag of `invp_tf.evaluate`.
 
-    None: the protocol's default (`make_settings` fills it in). The field order is the order
-    of the report's "settings".
+    None: the protocol's default (PROTOCOL_DEFAULTS; `make_settings` fills it in). The field
+    order is the order of the report's "settings".
     """
 
     workdir: str | None = _field(None, "Training run to evaluate (flags.txt + checkpoints/).")
@@ -209,7 +210,7 @@ def make_settings(workdir, protocol, **overrides):
     if unknown:
         raise EvaluationError(f"unknown evaluation setting(s): {sorted(unknown)}")
     settings = EvalConfig(**overrides, workdir=workdir, protocol=protocol)
-    defaults = dict(_DEFAULTS[protocol])
+    defaults = dict(PROTOCOL_DEFAULTS[protocol])
     if str(settings.dataset or "").startswith(_TFDS_LABEL_SUBSETS):
         defaults["label_fraction"] = 1.0
     unset = {name: value for name, value in defaults.items() if getattr(settings, name) is None}

@@ -54,14 +54,7 @@ def run_one(variant, seed, runs):
     flagfile = f"configs/ablation_{variant}.flags"
     times_path = os.path.join(workdir, "train_seconds.json")
     times = report.read_json(times_path) or []
-    command = [
-        sys.executable,
-        "-m",
-        "invp_tf.train",
-        f"--flagfile={flagfile}",
-        f"--workdir={workdir}",
-        f"--seed={seed}",
-    ]
+    command = report.train_command(flagfile, workdir, f"--seed={seed}")
     print(f"[ablation] train {variant} seed {seed}: {' '.join(command[1:])}", flush=True)
     start = time.time()
     proc = subprocess.run(command, check=False)

@@ -50,12 +50,9 @@ def append_rows(output, rows):
     os.replace(path + ".tmp", path)
 
 
-def train(flagfile, workdir, *extra_flags, quiet=False):
-    """Runs `python -m invp_tf.train` in a fresh process; returns (metrics rows, wall seconds).
-
-    quiet: capture the run's output instead of showing it.
-    """
-    command = [
+def train_command(flagfile, workdir, *extra_flags):
+    """The argv of `python -m invp_tf.train` with this interpreter, a recipe and a workdir."""
+    return [
         sys.executable,
         "-m",
         "invp_tf.train",
@@ -63,6 +60,14 @@ def train(flagfile, workdir, *extra_flags, quiet=False):
         f"--workdir={workdir}",
         *extra_flags,
     ]
+
+
+def train(flagfile, workdir, *extra_flags, quiet=False):
+    """Runs `python -m invp_tf.train` in a fresh process; returns (metrics rows, wall seconds).
+
+    quiet: capture the run's output instead of showing it.
+    """
+    command = train_command(flagfile, workdir, *extra_flags)
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=quiet)
     seconds = time.perf_counter() - start

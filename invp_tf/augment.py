@@ -226,13 +226,7 @@ def gaussian_blur(image, seed, sigma=(0.1, 2.0)):
 def cifar_view(image, seed, image_size):
     """The authors' CIFAR view: crop (0.2-1), grayscale p=0.2, jitter 0.4 x4, flip.
 
-    Args:
-      image: [H, W, C] uint8 or float image, C in {1, 3}.
-      seed: int32/int64 [2] stateless seed.
-      image_size: output side S.
-
-    Returns:
-      float32 [S, S, 3] in [0, 1].
+    A recipe of RECIPES: image [H, W, C] (C in {1, 3}), seed [2] -> float32 [S, S, 3].
     """
     seeds = _split(seed, 4)
     x = random_resized_crop(image, seeds[0], image_size, scale=(0.2, 1.0))
@@ -246,13 +240,7 @@ def moco_v2_view(image, seed, image_size):
     """The MoCo v2 view: crop (0.2-1), jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2,
     Gaussian blur (sigma 0.1-2) p=0.5, flip.
 
-    Args:
-      image: [H, W, C] uint8 or float image, C in {1, 3}.
-      seed: int32/int64 [2] stateless seed.
-      image_size: output side S.
-
-    Returns:
-      float32 [S, S, 3] in [0, 1].
+    A recipe of RECIPES: image [H, W, C] (C in {1, 3}), seed [2] -> float32 [S, S, 3].
     """
     seeds = _split(seed, 5)
     x = random_resized_crop(image, seeds[0], image_size, scale=(0.2, 1.0))
@@ -331,7 +319,9 @@ def eval_view(image, image_size):
     return tf.ensure_shape(tf.clip_by_value(x, 0.0, 1.0), [image_size, image_size, 3])
 
 
-# Name -> fn(image, seed, image_size); the trainer picks one by flag.
+# Name -> fn(image, seed, image_size); the trainer picks one by flag. Every recipe takes
+# image: [H, W, C] uint8 or float, C in {1, 3}; seed: int32/int64 [2] stateless seed;
+# image_size: the output side S; and returns float32 [S, S, 3] in [0, 1].
 RECIPES = {
     "cifar": cifar_view,
     "moco_v2": moco_v2_view,

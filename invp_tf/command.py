@@ -1,14 +1,30 @@
 """What the five commands (train, evaluate, export, embed, analyze) share: their flags' parsing.
 
-Each command defines its own absl flags (no library module defines any) and has a
+Each command module defines its own absl flags (no library module defines any) and has a
 `main(argv)` that runs both under absl's `app.run` and in-process, e.g. from a test or a
 notebook: `export.main(["invp-export", "--workdir=runs/demo", "--export_dir=exported"])`.
 """
 
 import contextlib
+import dataclasses
+import sys
+import typing
 
 from absl import app
 from absl import flags
+from absl import logging
+
+# The flags that define_fields defines belong to the command calling it: --help lists a
+# module's own flags, and without this it would attribute them to this module.
+flags.disclaim_key_flags()
+
+# absl's DEFINE function of each field type of a flag dataclass.
+_DEFINE = {
+    bool: flags.DEFINE_bool,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    str: flags.DEFINE_string,
+}
 
 
 @contextlib.contextmanager
@@ -49,3 +65,71 @@ def flag_values_of(argv, holders, flag_values=flags.FLAGS):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
         return {name: holder.value for name, holder in holders.items()}
+
+
+def define_fields(dataclass, choices, flag_values=flags.FLAGS):
+    """One absl flag per field of `dataclass`: its name, default and metadata["help"].
+
+    A field named in `choices` ({name: values}) is an enum, so --help lists its values; the
+    others take the type of their default, or of their annotation when the default is None.
+
+    Returns:
+      {name: FlagHolder}, in field order.
+    """
+    hints = typing.get_type_hints(dataclass)
+    holders = {}
+    for field in dataclasses.fields(dataclass):
+        name, default, help_text = field.name, field.default, field.metadata["help"]
+        if name in choices:
+            holders[name] = flags.DEFINE_enum(
+                name, default, choices[name], help_text, flag_values=flag_values
+            )
+            continue
+        kind = type(default)
+        if default is None:  # `int | None`: the one type that is not None
+            (kind,) = [t for t in typing.get_args(hints[name]) if t is not type(None)]
+        holders[name] = _DEFINE[kind](name, default, help_text, flag_values=flag_values)
+    return holders
+
+
+class Flags:
+    """The flags of one command, defined by `define(flag_values) -> {name: FlagHolder}`.
+
+    By default they live in their own FlagValues, so that every command's `main(argv)` runs
+    in one process beside the others (their flag names overlap); `run` defines them again in
+    absl's FLAGS, where `app.run` parses the command line and --help lists them.
+
+    Args:
+      define: fn(flag_values) -> {name: FlagHolder}.
+      flag_values: where to define them on import; absl's FLAGS for a command whose tests
+        parse FLAGS themselves (train).
+    """
+
+    def __init__(self, define, flag_values=None):
+        self._define = define
+        self.flag_values = flags.FlagValues() if flag_values is None else flag_values
+        self.holders = define(self.flag_values)
+
+    def values(self, argv):
+        """{name: value} of the command line `argv` (see `flag_values_of`)."""
+        return flag_values_of(argv, self.holders, self.flag_values)
+
+    def run(self, main):
+        """Runs `main` as the program: flags in absl's FLAGS, parsed from sys.argv."""
+        if self.flag_values is not flags.FLAGS:
+            self.flag_values, self.holders = flags.FLAGS, self._define(flags.FLAGS)
+        app.run(main)
+
+
+@contextlib.contextmanager
+def exits_on(program, *errors):
+    """Ends the program on `errors` with one line `PROGRAM: error: MESSAGE` and status 1.
+
+    The traceback goes to the debug log (--verbosity=1), not to the user.
+    """
+    try:
+        yield
+    except errors as e:
+        logging.debug("stopped", exc_info=True)
+        print(f"{program}: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -581,6 +581,9 @@ def train_pipeline(
     the stateless seed [seed * 1_000_003 + epoch, index] (int64), so a resumed run sees the
     same batches. Build one pipeline per epoch.
 
+    Long (about 50 lines of code): shuffle, shard and resume cut the same epoch, so they stay
+    in one place where their order (shuffle, whole steps, skip, shard, decode) can be read.
+
     Args:
       source: the Source to read.
       batch_size: B; the last partial batch is dropped.

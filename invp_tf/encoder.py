@@ -119,7 +119,20 @@ class _Conv(keras.layers.Layer):
         return self.conv(x)
 
 
-class BasicBlock(keras.layers.Layer):
+class _ResidualBlock(keras.layers.Layer):
+    """What both blocks share: the optional 1x1 conv + BN projection shortcut."""
+
+    def _add_shortcut(self, filters, stride, project):
+        self.shortcut_conv = _Conv(filters, 1, stride, name="downsample_conv") if project else None
+        self.shortcut_bn = _batch_norm("downsample_bn") if project else None
+
+    def _shortcut(self, x, training):
+        if self.shortcut_conv is None:
+            return x
+        return self.shortcut_bn(self.shortcut_conv(x), training=training)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs with an identity (or 1x1 projection) shortcut, as torchvision's BasicBlock.
 
     Args:
@@ -135,19 +148,16 @@ class BasicBlock(keras.layers.Layer):
         self.bn1 = _batch_norm("bn1")
         self.conv2 = _Conv(filters, 3, 1, name="conv2")
         self.bn2 = _batch_norm("bn2", zero_gamma=zero_init_residual)
-        self.shortcut_conv = _Conv(filters, 1, stride, name="downsample_conv") if project else None
-        self.shortcut_bn = _batch_norm("downsample_bn") if project else None
+        self._add_shortcut(filters, stride, project)
 
     def call(self, x, training=False):
-        shortcut = x
-        if self.shortcut_conv is not None:
-            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
+        shortcut = self._shortcut(x, training)  # first: the layers build in this order
         y = keras.ops.relu(self.bn1(self.conv1(x), training=training))
         y = self.bn2(self.conv2(y), training=training)
         return keras.ops.relu(y + shortcut)
 
 
-class Bottleneck(keras.layers.Layer):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (strided, v1.5) -> 1x1 (x4 channels), as torchvision's Bottleneck.
 
     Args:
@@ -166,13 +176,10 @@ class Bottleneck(keras.layers.Layer):
         self.bn2 = _batch_norm("bn2")
         self.conv3 = _Conv(out, 1, 1, name="conv3")
         self.bn3 = _batch_norm("bn3", zero_gamma=zero_init_residual)
-        self.shortcut_conv = _Conv(out, 1, stride, name="downsample_conv") if project else None
-        self.shortcut_bn = _batch_norm("downsample_bn") if project else None
+        self._add_shortcut(out, stride, project)
 
     def call(self, x, training=False):
-        shortcut = x
-        if self.shortcut_conv is not None:
-            shortcut = self.shortcut_bn(self.shortcut_conv(x), training=training)
+        shortcut = self._shortcut(x, training)  # first: the layers build in this order
         y = keras.ops.relu(self.bn1(self.conv1(x), training=training))
         y = keras.ops.relu(self.bn2(self.conv2(y), training=training))
         y = self.bn3(self.conv3(y), training=training)

@@ -19,9 +19,9 @@ def knn_class_scores(
     train_labels,
     test_features,
     *,
+    num_classes,
     k=200,
     temperature=0.07,
-    num_classes,
     chunk_size=1024,
 ):
     """Class scores of the weighted kNN classifier (Wu et al., 2018).
@@ -33,9 +33,9 @@ def knn_class_scores(
       train_features: [N, D] float features (normalised here).
       train_labels: [N] int labels in [0, num_classes).
       test_features: [T, D] float features (normalised here).
+      num_classes: C.
       k: neighbours per test row (clipped to N).
       temperature: vote temperature.
-      num_classes: C.
       chunk_size: test rows per similarity block, bounding memory to chunk x N.
 
     Returns:
@@ -76,9 +76,9 @@ def knn_classify(
         train_features,
         train_labels,
         test_features,
+        num_classes=num_classes,
         k=k,
         temperature=temperature,
-        num_classes=num_classes,
         chunk_size=chunk_size,
     )
     return np.argmax(scores, axis=1).astype(np.int32)

@@ -333,8 +333,8 @@ def _sampled_background(
     logits,
     indices,
     self_logit,
-    members,
     *,
+    members,
     temperature,
     num_background,
     background,
@@ -548,7 +548,7 @@ def invp_losses(
             logits,
             indices,
             self_logit,
-            members,
+            members=members,  # by name: background="exact" alone reads it
             temperature=temperature,
             num_background=num_background,
             background=background,

@@ -8,7 +8,6 @@ Rerunning the same command resumes from the last checkpoint in --workdir. It wri
 folder --workdir (train has no --output) and prints the last metrics row as JSON.
 """
 
-import dataclasses
 import json
 import sys
 
@@ -33,21 +32,10 @@ Preempted = training.Preempted
 PREEMPTED_EXIT_CODE = training.PREEMPTED_EXIT_CODE
 
 
-def _define(field):
-    """The absl flag of one Config field: same name, default and help."""
-    name, default, help_text = field.name, field.default, field.metadata["help"]
-    if name in config_lib.CHOICES:  # --help lists the values
-        return flags.DEFINE_enum(name, default, config_lib.CHOICES[name], help_text)
-    define = {
-        bool: flags.DEFINE_bool,
-        int: flags.DEFINE_integer,
-        float: flags.DEFINE_float,
-        str: flags.DEFINE_string,
-    }[type(default)]
-    return define(name, default, help_text)
-
-
-_FLAGS = {field.name: _define(field) for field in dataclasses.fields(config_lib.Config)}
+_COMMAND = command.Flags(
+    lambda flag_values: command.define_fields(config_lib.Config, config_lib.CHOICES, flag_values),
+    flags.FLAGS,  # on import: tests and benchmarks parse absl's FLAGS and read config_from_flags
+)
 
 
 NO_FLAGFILE = (
@@ -65,16 +53,13 @@ def _flagfile_given(argv):
 
 def config_from_flags():
     """The Config of the parsed flags."""
-    return config_lib.Config(**{name: holder.value for name, holder in _FLAGS.items()})
+    return config_lib.Config(**{name: holder.value for name, holder in _COMMAND.holders.items()})
 
 
 def main(argv):
     """Trains the run of the command line `argv` (see `command.parsed`)."""
     command_line = argv if len(argv) > 1 else sys.argv  # app.run passes the program alone
-    with command.parsed(argv) as args:
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-        config = config_from_flags()
+    config = config_lib.Config(**_COMMAND.values(argv))
     if not config.workdir:
         raise app.UsageError("--workdir is required")
     if not _flagfile_given(command_line):
@@ -85,11 +70,8 @@ def main(argv):
         print(message)
         return
     try:
-        row = train_and_evaluate(config, config.workdir)
-    except (ValueError, FileNotFoundError, TrainingError) as e:
-        logging.debug("stopped", exc_info=True)
-        print(f"invp_tf.train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        with command.exits_on("invp_tf.train", ValueError, FileNotFoundError, TrainingError):
+            row = train_and_evaluate(config, config.workdir)
     except Preempted as e:
         print(f"invp_tf.train: {e}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
@@ -108,7 +90,7 @@ def main(argv):
 
 def run():
     """The `invp-train` console command (setup.py entry point)."""
-    app.run(main)
+    _COMMAND.run(main)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from invp_tf import analysis
 from invp_tf import analyze
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
@@ -126,7 +127,7 @@ def test_positives_figure_shows_easiest_and_hardest(run, tmp_path, monkeypatch):
         return easy, hard
 
     original = analyze.easy_and_hard
-    monkeypatch.setattr(analyze, "easy_and_hard", spy)
+    monkeypatch.setattr(analysis, "easy_and_hard", spy)  # where positives_figure looks it up
     analyze.positives_figure(run, str(tmp_path), num_anchors=3, seed=1)
     ((members, sims, easy, hard),) = seen
     assert members.shape[0] == 3 and easy.shape == hard.shape == (3, analyze.NUM_SHOWN)

@@ -21,6 +21,7 @@ from PIL import Image
 from invp_tf import augment
 from invp_tf import embed
 from invp_tf import export
+from invp_tf import saved_model
 from invp_tf import train
 from invp_tf import workdir as workdir_lib
 from tests.conftest import tiny_config
@@ -394,7 +395,7 @@ def test_failed_export_publishes_nothing(exported, monkeypatch):
     def fail(*args, **kwargs):
         raise export.ExportError("simulated crash after writing")
 
-    monkeypatch.setattr(export, "verify", fail)
+    monkeypatch.setattr(saved_model, "verify", fail)  # where export_run looks it up
     with pytest.raises(export.ExportError, match="simulated"):
         export.export_run(exported.run.config.workdir, exported.base, "crashed")
     assert os.listdir(os.path.join(exported.base, "crashed")) == []  # no version, no staging

@@ -1,0 +1,573 @@
+"""The evaluation protocols of a trained run: weighted kNN, per-block linear probe, semi, transfer.
+
+`make_settings(workdir, protocol, **overrides)` gives the `EvalConfig` of one evaluation (the
+protocol's defaults where a field is None) and `evaluate(settings)` runs it: the encoder is
+rebuilt from the run's flags.txt and its latest checkpoint; every protocol reports raw-pixel
+and random-init baselines on the same split beside the result (weighted kNN and logistic
+regression), writes a JSON report (`output`, default WORKDIR/eval/PROTOCOL.json) and
+TensorBoard scalars (WORKDIR/eval/tensorboard/PROTOCOL). `invp_tf.evaluate` is the command.
+"""
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from invp_tf import augment
+from invp_tf import data
+from invp_tf import evaluation
+from invp_tf import workdir as workdir_lib
+
+PROTOCOLS = ("knn", "linear", "semi", "finetune")
+LINEAR_SOLVERS = ("lbfgs", "sgd")
+# Valid values of the enumerated fields (enum flags of the command).
+CHOICES = {"protocol": PROTOCOLS, "linear_solver": LINEAR_SOLVERS}
+# The random-initialised encoder's block read by the baselines: the pooled backbone, the
+# features a user transfers.
+RANDOM_INIT_BLOCK = "stage4"
+RANDOM_INIT_KEY = "random_init/" + RANDOM_INIT_BLOCK
+# The protocol defaults of the EvalConfig fields left None (one dataclass default cannot say
+# them: they differ by protocol).
+PROTOCOL_DEFAULTS = {
+    "knn": dict(block="embedding", label_fraction=1.0, batch_size=256),
+    "linear": dict(
+        block="all",
+        label_fraction=1.0,
+        epochs=100,
+        batch_size=256,
+        learning_rate=0.1,
+        weight_decay=0.0,
+    ),
+    "semi": dict(
+        label_fraction=0.01, epochs=30, batch_size=64, learning_rate=0.05, weight_decay=1e-4
+    ),
+    "finetune": dict(
+        label_fraction=1.0, epochs=30, batch_size=64, learning_rate=0.05, weight_decay=1e-4
+    ),
+}
+# tfds' ImageNet label subsets are already the labelled fraction.
+_TFDS_LABEL_SUBSETS = ("tfds:imagenet2012_subset",)
+# Fields the report leaves out of its "settings" (it names them on their own).
+_NOT_REPORTED = ("workdir", "protocol", "output")
+
+
+class EvaluationError(ValueError):
+    """Bad input to an evaluation, with a message naming the flag, file or value."""
+
+
+def _field(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The settings of one evaluation; each field is a flag of `invp_tf.evaluate`.
+
+    None: the protocol's default (PROTOCOL_DEFAULTS; `make_settings` fills it in). The field
+    order is the order of the report's "settings".
+    """
+
+    workdir: str | None = _field(None, "Training run to evaluate (flags.txt + checkpoints/).")
+    checkpoint: str | None = _field(
+        None,
+        "Checkpoint to evaluate (ckpt-N in the run's checkpoints/, or a path); default: the "
+        "newest readable one (a corrupt newest one is skipped with a warning).",
+    )
+    protocol: str = _field("knn", "Evaluation protocol: " + ", ".join(PROTOCOLS) + ".")
+    dataset: str | None = _field(
+        None,
+        "Dataset to evaluate on (fashion_mnist, mnist, tfds:NAME, folder:/path); default: the "
+        "run's. finetune transfers to it.",
+    )
+    data_dir: str | None = _field(
+        None, "Data folder of --dataset; default: the run's when the dataset is the run's."
+    )
+    train_examples: int = _field(
+        0, "Use only the first n train examples (0 = the whole train split)."
+    )
+    label_fraction: float | None = _field(
+        None,
+        "Fraction of train labels used, class-balanced, drawn with --seed; in (0, 1]. "
+        "Default: 0.01 for semi, 1 otherwise.",
+    )
+    block: str | None = _field(
+        None,
+        "knn/linear: block(s) to read, comma-separated, or 'all'; of "
+        f"{', '.join(evaluation.BLOCKS)}. Default: embedding for knn, all for linear.",
+    )
+    epochs: int | None = _field(
+        None, "Training epochs (linear 100, semi 30, finetune 30 by default)."
+    )
+    batch_size: int | None = _field(
+        None, "Batch size (knn/linear 256, semi/finetune 64 by default)."
+    )
+    learning_rate: float | None = _field(
+        None, "Initial SGD learning rate (linear 0.1, semi/finetune 0.05 by default)."
+    )
+    weight_decay: float | None = _field(
+        None, "Weight decay (linear 0, semi/finetune 1e-4 by default)."
+    )
+    knn_k: int = _field(200, "Neighbours of the weighted kNN classifier (alias --k).")
+    knn_temperature: float = _field(
+        0.07, "Vote temperature of the weighted kNN (alias --temperature)."
+    )
+    linear_solver: str = _field(
+        "lbfgs",
+        "linear: lbfgs (logistic regression fitted to convergence, scikit-learn, C chosen on a "
+        "held-out part of train; for up to a few 100k rows) or sgd (the paper's SGD probe, "
+        "--epochs/--learning_rate/--weight_decay; for ImageNet-size feature sets).",
+    )
+    crop_scale: float | None = _field(
+        None, "semi/finetune: min area of the random crops; default: the run's --crop_scale."
+    )
+    held_out_fraction: float = _field(
+        0.1,
+        "When the dataset has no test split: the class-balanced fraction of train held out for "
+        "evaluation (never trained on).",
+    )
+    baselines: bool = _field(
+        True, "Also compute the raw-pixel kNN and logistic regression baselines."
+    )
+    seed: int = _field(0, "Seed of the label subset, shuffles and crops.")
+    output: str | None = _field(None, "JSON result file; default WORKDIR/eval/PROTOCOL.json.")
+
+    def validate(self):
+        """Raises EvaluationError for the first bad value (before any work is done)."""
+        if not self.workdir:
+            raise EvaluationError("--workdir is required")
+        for ok, message in self._checks():
+            if not ok:
+                raise EvaluationError(message)
+        if self.protocol in ("knn", "linear"):
+            parse_blocks(self.block)
+        elif self.block is not None:
+            raise EvaluationError(
+                f"--block applies to knn and linear; {self.protocol} fine-tunes the whole network"
+            )
+        dataset = self.dataset or ""
+        if dataset.startswith(_TFDS_LABEL_SUBSETS) and self.label_fraction != 1:
+            raise EvaluationError(
+                f"{dataset} already is the labelled subset: use --label_fraction=1 "
+                f"(got {self.label_fraction})"
+            )
+
+    def _checks(self):
+        """(ok, message) of each range check, in the order they are reported."""
+        return [
+            (
+                self.label_fraction is not None and 0 < self.label_fraction <= 1,
+                f"--label_fraction={self.label_fraction} must be in (0, 1]",
+            ),
+            (
+                0 < self.held_out_fraction < 1,
+                f"--held_out_fraction={self.held_out_fraction} must be in (0, 1)",
+            ),
+            (self.knn_k >= 1, f"--knn_k={self.knn_k} must be >= 1"),
+            (self.knn_temperature > 0, f"--knn_temperature={self.knn_temperature} must be > 0"),
+            (
+                self.linear_solver in LINEAR_SOLVERS,
+                f"--linear_solver={self.linear_solver} is not one of {', '.join(LINEAR_SOLVERS)}",
+            ),
+            (self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1"),
+            (self.train_examples >= 0, f"--train_examples={self.train_examples} must be >= 0"),
+            (self.epochs is None or self.epochs >= 1, f"--epochs={self.epochs} must be >= 1"),
+            (
+                self.learning_rate is None or self.learning_rate > 0,
+                f"--learning_rate={self.learning_rate} must be > 0",
+            ),
+            (
+                self.weight_decay is None or self.weight_decay >= 0,
+                f"--weight_decay={self.weight_decay} must be >= 0",
+            ),
+            (
+                self.crop_scale is None or 0 < self.crop_scale <= 1,
+                f"--crop_scale={self.crop_scale} must be in (0, 1]",
+            ),
+        ]
+
+    def reported(self):
+        """The "settings" of the report: every field but workdir, protocol and output."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_REPORTED}
+
+
+def make_settings(workdir, protocol, **overrides):
+    """The EvalConfig of one evaluation: field defaults, then `overrides`, then the protocol's
+    defaults for the fields still None.
+
+    Raises:
+      EvaluationError: unknown protocol or setting name.
+    """
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"--protocol={protocol}: valid protocols: {', '.join(PROTOCOLS)}")
+    unknown = set(overrides) - {field.name for field in dataclasses.fields(EvalConfig)}
+    if unknown:
+        raise EvaluationError(f"unknown evaluation setting(s): {sorted(unknown)}")
+    settings = EvalConfig(**overrides, workdir=workdir, protocol=protocol)
+    defaults = dict(PROTOCOL_DEFAULTS[protocol])
+    if str(settings.dataset or "").startswith(_TFDS_LABEL_SUBSETS):
+        defaults["label_fraction"] = 1.0
+    unset = {name: value for name, value in defaults.items() if getattr(settings, name) is None}
+    return dataclasses.replace(settings, **unset)
+
+
+def parse_blocks(block):
+    """'all' or 'a,b' -> tuple of block names; raises EvaluationError naming a bad one."""
+    if block == "all":
+        return evaluation.BLOCKS
+    names = tuple(b.strip() for b in block.split(",") if b.strip())
+    for name in names or ("",):
+        if name not in evaluation.BLOCKS:
+            raise EvaluationError(
+                f"--block={block}: no block named {name!r}; valid blocks: "
+                f"{', '.join(evaluation.BLOCKS)} or 'all'"
+            )
+    return names
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+class Splits:
+    """The labelled train rows and the evaluation split of one dataset.
+
+    Attributes:
+      train: the train Source (all of it; `train_rows` selects the labelled ones).
+      train_labels: [N] labels of train by index.
+      train_rows: sorted indices of the labelled train examples used.
+      test: the evaluation Source: the test split, or `train` itself when held out.
+      test_rows: indices of `test` evaluated (all of the test split, or the held-out rows).
+      test_name: "test" (the dataset's own split name) or "held-out".
+    """
+
+    def __init__(self, dataset, data_dir, *, train_examples, label_fraction, held_out, seed):
+        self.train = data.load_source(dataset, "train", data_dir, train_examples)
+        if not self.train.num_classes:
+            raise EvaluationError(f"{dataset} has no labels: it cannot be evaluated")
+        self.train_labels = data.labels_by_index(self.train)
+        test = data.load_source(dataset, "test", data_dir)
+        exclude = None
+        if test is None:
+            # No test split: hold out a class-balanced part of train, never trained on.
+            exclude = evaluation.balanced_subset(self.train_labels, held_out, seed=seed + 1)
+            self.test, self.test_rows, self.test_name = self.train, exclude, "held-out"
+        else:
+            self.test, self.test_rows = test, np.arange(test.num_examples)
+            self.test_name = test.split
+        if label_fraction < 1 or exclude is not None:
+            self.train_rows = evaluation.balanced_subset(
+                self.train_labels, label_fraction, seed=seed, exclude=exclude
+            )
+        else:
+            self.train_rows = np.flatnonzero(self.train_labels >= 0)
+        self.num_classes = self.train.num_classes
+
+    def describe(self):
+        return {
+            "train_split": {
+                "examples": int(self.train.num_examples),
+                "labelled_used": int(len(self.train_rows)),
+            },
+            "eval_split": {"name": self.test_name, "examples": int(len(self.test_rows))},
+        }
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def _extract(fn, source, rows, s, image_size):
+    """{name: [len(rows), F]} and labels [len(rows)] of the examples `rows` of `source`."""
+    if len(rows) < source.num_examples:
+        source = data.subset_source(source, rows)
+    pipeline = data.eval_pipeline(source, batch_size=max(s.batch_size, 256), image_size=image_size)
+    n = int(np.max(rows)) + 1
+    features, labels = evaluation.extract_block_features(fn, pipeline, n)
+    return {name: value[rows] for name, value in features.items()}, labels[rows]
+
+
+def _with_baseline_features(fn, s, config):
+    """`fn` plus the baselines' features: raw pixels and the encoder at random init."""
+    if not s.baselines:
+        return fn
+    pixels = evaluation.pixel_function()
+    keras.utils.set_random_seed(s.seed)
+    scratch = evaluation.block_feature_function(
+        workdir_lib.encoder_from_config(config), (RANDOM_INIT_BLOCK,)
+    )
+
+    def features(images):
+        random_init = {f"random_init/{k}": v for k, v in scratch(images).items()}
+        return {**fn(images), **pixels(images), **random_init}
+
+    return features
+
+
+def _baselines(train, train_labels, test, test_labels, s, num_classes, linear=True):
+    """The strong baselines of the same split and labels, each as strong as a standard fit.
+
+    Raw pixels (mean-centred for kNN, standardised for the linear model) and the run's
+    encoder at random initialisation (block `RANDOM_INIT_BLOCK`): weighted kNN at the
+    protocol's k and with k chosen on a held-out part of train, and (linear) logistic
+    regression fitted to convergence with C chosen the same way. The test split never
+    chooses anything.
+    """
+    baselines = {}
+    for name, key in (("pixel", "pixels"), ("random_init", RANDOM_INIT_KEY)):
+        if key not in train:
+            continue
+        x_train, x_test = train[key], test[key]
+        if name == "pixel":
+            mean = x_train.mean(0)
+            x_train, x_test = x_train - mean, x_test - mean
+        baselines[f"{name}_knn"] = evaluation.knn_accuracies(
+            x_train,
+            train_labels,
+            x_test,
+            test_labels,
+            k=s.knn_k,
+            temperature=s.knn_temperature,
+            num_classes=num_classes,
+        )
+        if name == "pixel":
+            baselines["pixel_knn_tuned_k"] = evaluation.knn_tuned(
+                x_train,
+                train_labels,
+                x_test,
+                test_labels,
+                temperature=s.knn_temperature,
+                num_classes=num_classes,
+                seed=s.seed,
+            )
+        if linear:
+            baselines[f"{name}_logistic_regression"] = evaluation.logistic_regression(
+                train[key], train_labels, test[key], test_labels, seed=s.seed
+            )
+    return baselines
+
+
+def _linear_settings(s, epochs=None, writer=None):
+    return dict(
+        epochs=epochs or s.epochs,
+        batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        weight_decay=s.weight_decay,
+        seed=s.seed,
+        summary_writer=writer,
+    )
+
+
+def _train_and_test_features(run, splits, s, blocks):
+    """Block features (plus pixels for the baselines) and labels of the train and test rows."""
+    fn = evaluation.block_feature_function(run.encoder, blocks)
+    fn = _with_baseline_features(fn, s, run.config)
+    size = run.config.image_size
+    train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
+    test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
+    return train, train_labels, test, test_labels
+
+
+def run_knn(run, splits, s):
+    blocks = parse_blocks(s.block)
+    train, train_labels, test, test_labels = _train_and_test_features(run, splits, s, blocks)
+    results = {
+        block: evaluation.knn_accuracies(
+            train[block],
+            train_labels,
+            test[block],
+            test_labels,
+            k=s.knn_k,
+            temperature=s.knn_temperature,
+            num_classes=splits.num_classes,
+        )
+        for block in blocks
+    }
+    baselines = {}
+    if s.baselines:
+        baselines = _baselines(
+            train, train_labels, test, test_labels, s, splits.num_classes, linear=False
+        )
+    return results, baselines
+
+
+def run_linear(run, splits, s, writer):
+    blocks = parse_blocks(s.block)
+    train, train_labels, test, test_labels = _train_and_test_features(run, splits, s, blocks)
+    if s.linear_solver == "lbfgs":
+        results = {
+            b: evaluation.logistic_regression(
+                train[b], train_labels, test[b], test_labels, seed=s.seed
+            )
+            for b in blocks
+        }
+    else:
+        results = evaluation.train_linear_probes(
+            {b: train[b] for b in blocks},
+            train_labels,
+            {b: test[b] for b in blocks},
+            test_labels,
+            num_classes=splits.num_classes,
+            **_linear_settings(s, writer=writer),
+        )
+    baselines = {}
+    if s.baselines:
+        baselines = _baselines(train, train_labels, test, test_labels, s, splits.num_classes)
+    return results, baselines
+
+
+def run_fine_tune(run, splits, s, writer, tensorboard_dir):
+    """semi and finetune: the whole network on the labelled rows, then the evaluation split."""
+    size = run.config.image_size
+    labelled = data.subset_source(splits.train, splits.train_rows)
+    batch_size = min(s.batch_size, labelled.num_examples)
+    if batch_size < s.batch_size:
+        logging.warning("batch size %d > %d labelled examples", s.batch_size, batch_size)
+    scale = s.crop_scale if s.crop_scale is not None else run.config.crop_scale
+    view = functools.partial(augment.crop_flip_view, scale=(scale, 1.0))
+    epochs = s.epochs
+
+    def labelled_epoch(epoch):
+        ds = data.train_pipeline(
+            labelled,
+            batch_size=batch_size,
+            image_size=size,
+            view=view,
+            seed=s.seed,
+            epoch=epoch,
+        )
+        return ds.map(lambda images, index, labels: (images, labels))
+
+    test_source = splits.test
+    if len(splits.test_rows) < test_source.num_examples:
+        test_source = data.subset_source(test_source, splits.test_rows)
+    test_ds = data.eval_pipeline(test_source, batch_size=256, image_size=size).map(
+        lambda images, index, labels: (images, labels)
+    )
+    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
+    num_batches = -(-test_source.num_examples // 256)
+    test_ds = test_ds.apply(tf.data.experimental.assert_cardinality(num_batches))
+    # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
+    baselines = {}
+    train, train_labels, test, test_labels = _train_and_test_features(
+        run, splits, s, ("embedding",)
+    )
+    baselines["frozen_embedding_knn"] = evaluation.knn_accuracies(
+        train["embedding"],
+        train_labels,
+        test["embedding"],
+        test_labels,
+        k=s.knn_k,
+        temperature=s.knn_temperature,
+        num_classes=splits.num_classes,
+    )
+    if s.baselines:
+        baselines.update(_baselines(train, train_labels, test, test_labels, s, splits.num_classes))
+    tune = functools.partial(
+        evaluation.fine_tune,
+        train_epoch=labelled_epoch,
+        test_dataset=test_ds,
+        num_classes=splits.num_classes,
+        epochs=epochs,
+        steps_per_epoch=labelled.num_examples // batch_size,
+        learning_rate=s.learning_rate,
+        weight_decay=s.weight_decay,
+    )
+    keras.utils.set_random_seed(s.seed)  # the new classifier's initial weights
+    board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "pretrained"))
+    result, _ = tune(run.encoder, callbacks=[board])
+    if s.baselines:
+        # What pretraining adds: the same architecture and protocol from a random init.
+        logging.info("baseline: fine-tuning a randomly initialised encoder the same way")
+        keras.utils.set_random_seed(s.seed)
+        scratch = workdir_lib.encoder_from_config(run.config)
+        board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "random_init"))
+        baselines["random_init_network"], _ = tune(scratch, callbacks=[board])
+    return {"network": result}, baselines
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _best(results):
+    block = max(results, key=lambda b: results[b]["top1"])
+    return {"block": block, **results[block]}
+
+
+def format_table(report):
+    """The result table printed to stdout."""
+    lines = [
+        f"invp_tf.evaluate {report['protocol']}: {report['workdir']} (epoch "
+        f"{report['checkpoint_epoch']}) on {report['dataset']}: "
+        f"{report['train_split']['labelled_used']} labelled train -> "
+        f"{report['eval_split']['examples']} {report['eval_split']['name']}",
+        f"{'':36s}{'top1':>8s}{'top5':>8s}",
+    ]
+    for name, r in report["results"].items():
+        lines.append(f"{name:36s}{r['top1']:8.4f}{r['top5']:8.4f}")
+    for name, r in report["baselines"].items():
+        lines.append(f"{'baseline ' + name:36s}{r['top1']:8.4f}{r['top5']:8.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(s):
+    """Runs one protocol with the EvalConfig `s` (see make_settings); returns the report."""
+    s.validate()
+    start = time.time()
+    run = workdir_lib.load_run(s.workdir, checkpoint=s.checkpoint)
+    dataset = s.dataset or run.config.dataset
+    data_dir = s.data_dir
+    if data_dir is None and dataset == run.config.dataset:
+        data_dir = run.config.data_dir or None
+    splits = Splits(
+        dataset,
+        data_dir,
+        train_examples=s.train_examples,
+        label_fraction=s.label_fraction,
+        held_out=s.held_out_fraction,
+        seed=s.seed,
+    )
+    if s.protocol == "semi" and dataset != run.config.dataset:
+        logging.warning(
+            "semi on %s, not the run's %s: that is transfer", dataset, run.config.dataset
+        )
+    out_dir = os.path.join(s.workdir, "eval")
+    tensorboard_dir = os.path.join(out_dir, "tensorboard", s.protocol)
+    writer = tf.summary.create_file_writer(tensorboard_dir)
+    if s.protocol == "knn":
+        results, baselines = run_knn(run, splits, s)
+    elif s.protocol == "linear":
+        results, baselines = run_linear(run, splits, s, writer)
+    else:
+        results, baselines = run_fine_tune(run, splits, s, writer, tensorboard_dir)
+    with writer.as_default(step=run.epoch):
+        for name, r in {**results, **{f"baseline_{k}": v for k, v in baselines.items()}}.items():
+            tf.summary.scalar(f"{s.protocol}/{name}/top1", r["top1"])
+            tf.summary.scalar(f"{s.protocol}/{name}/top5", r["top5"])
+    writer.flush()
+    report = {
+        "protocol": s.protocol,
+        "workdir": s.workdir,
+        "checkpoint_epoch": run.epoch,
+        "checkpoint": run.checkpoint,
+        "dataset": dataset,
+        **splits.describe(),
+        "settings": s.reported(),
+        "results": results,
+        "best": _best(results),
+        "baselines": baselines,
+        "seconds": round(time.time() - start, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    output = s.output or os.path.join(out_dir, f"{s.protocol}.json")
+    tf.io.gfile.makedirs(os.path.dirname(output) or ".")
+    tmp = output + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    tf.io.gfile.rename(tmp, output, overwrite=True)
+    report["output"] = output
+    return report

@@ -25,8 +25,8 @@ _OUTPUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file the rows
 def _summary(report_):
     best = report_["best"]
     parts = [f"{name} {r['top1']:.4f}" for name, r in report_["results"].items()]
-    if len(report_["results"]) > 1:
-        parts.append(f"best {best['block']} {best['top1']:.4f}")
+    if best and len(report_["results"]) > 1:
+        parts.append(f"best on held-out {best['block']} {best['top1']:.4f}")
     parts += [f"baseline {name} {r['top1']:.4f}" for name, r in report_["baselines"].items()]
     split = (
         f"{report_['train_split']['labelled_used']} labelled train -> "

@@ -494,8 +494,25 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
 
 
 def _best(results):
-    block = max(results, key=lambda b: results[b]["top1"])
-    return {"block": block, **results[block]}
+    """The block whose held-out top-1 is highest, or None when a block has no held-out score.
+
+    The test set never chooses: a block's score is its held-out top-1 at the setting the
+    held-out part chose (the best of `held_out_top1`). The kNN protocol and the SGD probes
+    score no held-out part, so they name no best block.
+    """
+    scores = {}
+    for block, r in results.items():
+        held_out = r.get("held_out_top1")
+        if not held_out:
+            return None
+        scores[block] = max(held_out.values())
+    block = max(scores, key=scores.get)
+    return {
+        "block": block,
+        "chosen_on": "held-out",
+        "held_out_score": scores[block],
+        **results[block],
+    }
 
 
 def format_table(report):

@@ -81,8 +81,8 @@ def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
     assert list(report["results"]) == list(evaluation.BLOCKS)
     for r in report["results"].values():
         assert 0 <= r["top1"] <= r["top5"] <= 1 and np.isfinite(r["train_loss"])
-    best = max(report["results"], key=lambda b: report["results"][b]["top1"])
-    assert report["best"]["block"] == best
+    # SGD probes score no held-out part, so no block is chosen (never on test).
+    assert report["best"] is None
     assert set(report["baselines"]) == {
         "pixel_knn",
         "pixel_knn_tuned_k",

@@ -84,6 +84,27 @@ def test_random_resized_crop_constant_image_stays_constant():
         np.testing.assert_allclose(out.numpy(), 100 / 255.0, atol=1e-5)
 
 
+def test_random_resized_crop_of_grey_equals_the_crop_of_its_rgb_tiling():
+    # Grey crops are resized on one channel and tiled after: exactly the tile-first result.
+    for i in range(4):
+        seed = tf.constant([i, 5], tf.int64)
+        begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(_grey()),
+            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.2, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        rgb = tf.tile(tf.slice(_grey(), begin, box), [1, 1, 3])
+        rgb = tf.image.convert_image_dtype(rgb, tf.float32)
+        want = tf.image.resize(rgb, [56, 56], antialias=True)
+        out = augment.random_resized_crop(_grey(), seed, 56)
+        np.testing.assert_array_equal(out.numpy(), tf.clip_by_value(want, 0.0, 1.0).numpy())
+
+
 def test_random_resized_crop_unknown_channels_in_graph():
     # decode_image without channels gives an unknown channel count; the crop must fix it.
     fn = tf.function(

@@ -50,6 +50,15 @@ ARMS = {
         ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10"],
         "InvP from epoch 10 (25% of the 40-epoch mnist_long schedule), l 2, P 10",
     ),
+    # Hypothesis (d), M relative to N: mnist_long's N is 8,000 and its M 800 (10%).
+    "invp_quarter_m200": (
+        ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10", "--num_background=200"],
+        "invp_quarter with M 200 (2.5% of mnist_long's N)",
+    ),
+    "invp_quarter_m3200": (
+        ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10", "--num_background=3200"],
+        "invp_quarter with M 3,200 (40% of mnist_long's N)",
+    ),
 }
 METRICS = {
     "knn_embedding": "kNN top-1, embedding",

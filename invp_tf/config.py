@@ -134,8 +134,8 @@ class Config:
     )
     mixed_precision: bool = _field(
         False,
-        "mixed_float16 (mixed_bfloat16 on TPU) compute in the encoder; the embedding, bank "
-        "and similarity/log-sum-exp path stay float32.",
+        "mixed_float16 on GPUs, mixed_bfloat16 on TPUs and CPUs, in the encoder; the "
+        "embedding, bank and similarity/log-sum-exp path stay float32.",
     )
     seed: int = _field(0, "Seed of weights, bank, shuffling and augmentation.")
 

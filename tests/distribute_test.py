@@ -37,6 +37,7 @@ class _Record(keras.callbacks.Callback):
         self.losses.append([logs["loss"], logs["loss_ins"], logs["loss_inv"]])
 
     def on_train_end(self, logs=None):
+        self.compute_dtype = self.model.encoder.layers[1].compute_dtype
         self.banks = distribute.local_values(self.strategy, self.model.memory_bank.bank)
         self.graphs = distribute.local_values(self.strategy, self.model.knn_graph)
 
@@ -160,7 +161,9 @@ def test_tpu_without_a_tpu_is_named():
 def test_precision_policy():
     default = tf.distribute.get_strategy()
     assert distribute.precision_policy(default, False) == "float32"
-    assert distribute.precision_policy(default, True) == "mixed_float16"
+    # No GPU here: CPUs compute in bfloat16 (oneDNN has no fast float16 convolutions).
+    assert not tf.config.list_logical_devices("GPU")
+    assert distribute.precision_policy(default, True) == "mixed_bfloat16"
     before = keras.config.dtype_policy().name
     with distribute.dtype_policy("mixed_float16"):
         assert keras.config.dtype_policy().name == "mixed_float16"
@@ -343,20 +346,27 @@ def test_sigterm_on_one_device_saves_and_resumes_exactly(
 # Mixed precision and the TPU constraints (checked on the CPU).
 
 
-def test_mixed_precision_keeps_the_similarity_path_float32(tiny_idx_dir, tmp_path):
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_the_similarity_path_float32(
+    policy, tiny_idx_dir, tmp_path, monkeypatch
+):
+    # float16 is what a GPU gets, bfloat16 what a CPU or TPU gets; both run here on the CPU.
+    monkeypatch.setattr(distribute, "precision_policy", lambda strategy, mixed: policy)
     before = keras.config.dtype_policy().name
     config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=2, mixed_precision=True)
     record = _Record(tf.distribute.get_strategy())
     row = train.train_and_evaluate(config, config.workdir, [record])
     assert keras.config.dtype_policy().name == before  # the policy was only set for the build
     assert np.all(np.isfinite(record.losses)) and row["loss_inv"] is not None
+    assert record.compute_dtype == policy.removeprefix("mixed_")  # the encoder's layers
     assert record.banks.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(record.banks[0], axis=1), 1.0, rtol=1e-5)
-    # The encoder computed in float16 (a LossScaleOptimizer wrapped SGD); its
-    # variables are float32 and restore into a float32 encoder for evaluation.
+    # Under float16 a LossScaleOptimizer wrapped SGD (bfloat16 needs no loss scale); the
+    # variables are float32 either way and restore into a float32 encoder for evaluation.
     reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-2"))
     keys = reader.get_variable_to_shape_map()
-    assert any("loss_scale" in k or "dynamic_scale" in k for k in keys), sorted(keys)[:20]
+    scaled = any("loss_scale" in k or "dynamic_scale" in k for k in keys)
+    assert scaled == (policy == "mixed_float16"), sorted(keys)[:20]
     run = workdir_lib.load_run(str(tmp_path / "run"))
     embedding = run.encoder(tf.zeros([2, 12, 12, 3]))["embedding"]
     assert embedding.dtype == tf.float32

@@ -34,6 +34,7 @@ from benchmarks import report
 from invp_tf import evaluate
 from invp_tf import workdir as workdir_lib
 
+_QUARTER = ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10"]
 # Arm -> (flags added to the dataset's study flagfile, what it tests).
 ARMS = {
     "instance": (["--lambda_inv=0"], "instance discrimination only (lambda_inv = 0), control"),
@@ -47,16 +48,16 @@ ARMS = {
         "invp_late with the graph over fresh embeddings",
     ),
     "invp_quarter": (
-        ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10"],
+        _QUARTER,
         "InvP from epoch 10 (25% of the 40-epoch mnist_long schedule), l 2, P 10",
     ),
     # Hypothesis (d), M relative to N: mnist_long's N is 8,000 and its M 800 (10%).
     "invp_quarter_m200": (
-        ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10", "--num_background=200"],
+        [*_QUARTER, "--num_background=200"],
         "invp_quarter with M 200 (2.5% of mnist_long's N)",
     ),
     "invp_quarter_m3200": (
-        ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10", "--num_background=3200"],
+        [*_QUARTER, "--num_background=3200"],
         "invp_quarter with M 3,200 (40% of mnist_long's N)",
     ),
 }

@@ -161,7 +161,7 @@ def test_tpu_without_a_tpu_is_named():
 def test_precision_policy():
     default = tf.distribute.get_strategy()
     assert distribute.precision_policy(default, False) == "float32"
-    # No GPU here: CPUs compute in bfloat16 (oneDNN has no fast float16 convolutions).
+    # No GPU here: CPUs compute in bfloat16 (oneDNN's AMX / AVX512_BF16 kernels).
     assert not tf.config.list_logical_devices("GPU")
     assert distribute.precision_policy(default, True) == "mixed_bfloat16"
     before = keras.config.dtype_policy().name

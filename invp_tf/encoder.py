@@ -33,6 +33,14 @@ _ARCHITECTURES = {
 }
 _STAGE_STRIDES = (1, 2, 2, 2)
 _BOTTLENECK_EXPANSION = 4
+# BatchNorm of 4-D inputs as one fused kernel (TensorFlow's FusedBatchNormV3) instead of
+# Keras 3's moments + normalisation (several passes over the activations, and as many
+# in the gradient); the same statistics and moving averages. Read when a layer is
+# traced; benchmarks and tests switch it to compare the two.
+FUSED_BATCH_NORM = True
+# Stride-1 convolutions pad inside the kernel ("same") rather than with a separate pad;
+# read when a layer is built, for the same comparisons.
+SAME_PADDING = True
 
 
 def _conv_initializer():
@@ -61,6 +69,53 @@ class BatchNorm(keras.layers.BatchNormalization):
     statistics of one device with the global batch, up to summation order. With
     one replica, synchronized or not is the same computation.
     """
+
+    def call(self, inputs, training=None, mask=None):
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        fusable = (
+            FUSED_BATCH_NORM
+            and mask is None
+            and isinstance(training, bool | type(None))
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.scale
+            and self.center
+            and not self.renorm
+            and not (self.synchronized and replicas > 1)
+        )
+        if not fusable:
+            return super().call(inputs, training=training, mask=mask)
+        return self._fused(inputs, bool(training) and self.trainable)
+
+    def _fused(self, inputs, training):
+        """Keras's BatchNormalization.call for NHWC inputs, as one FusedBatchNormV3.
+
+        Statistics in float32 whatever the input dtype (the kernel's U), biased batch
+        variance for the moving average, as Keras: the kernel returns the unbiased one.
+        """
+        x = inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, tf.float32)
+        empty = tf.zeros([0], tf.float32)
+        y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=tf.cast(self.gamma, tf.float32),
+            offset=tf.cast(self.beta, tf.float32),
+            mean=empty if training else tf.cast(self.moving_mean, tf.float32),
+            variance=empty if training else tf.cast(self.moving_variance, tf.float32),
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=training,
+        )
+        if training:
+            shape = tf.shape(x)
+            count = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
+            variance *= (count - 1.0) / tf.maximum(count, 1.0)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1 - self.momentum)
+            )
+        return tf.cast(y, self.compute_dtype)
 
     def _moments(self, inputs, mask):
         context = tf.distribute.get_replica_context()
@@ -100,12 +155,15 @@ class _Conv(keras.layers.Layer):
 
     def __init__(self, filters, kernel_size, stride=1, **kwargs):
         super().__init__(**kwargs)
-        self.pad = kernel_size // 2
+        # Stride 1 and an odd kernel: "same" pads k // 2 on every side, as torch does,
+        # inside the convolution kernel instead of as a copy of the input.
+        same = stride == 1 and kernel_size % 2 == 1 and SAME_PADDING
+        self.pad = 0 if same else kernel_size // 2
         self.conv = keras.layers.Conv2D(
             filters,
             kernel_size,
             strides=stride,
-            padding="valid",
+            padding="same" if same else "valid",
             use_bias=False,
             kernel_initializer=_conv_initializer(),
             name="conv",

@@ -204,3 +204,76 @@ def test_gradients_reach_every_trainable_variable():
     grads = tape.gradient(loss, enc.trainable_variables)
     assert len(grads) == len(enc.trainable_variables) > 0
     assert all(g is not None for g in grads)
+
+
+def _batch_norm_case(monkeypatch, fused, policy):
+    monkeypatch.setattr(encoder, "FUSED_BATCH_NORM", fused)
+    layer = encoder.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=policy)
+    layer.build([4, 3, 3, 5])
+    layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+    layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+    layer.moving_mean.assign(np.full(5, 0.3))
+    layer.moving_variance.assign(np.full(5, 2.0))
+    return layer
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_is_keras_batch_norm(monkeypatch, training, policy):
+    # Channels with a large mean next to their spread, as BatchNorm inputs often have.
+    x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 3, 5)), tf.float32)
+    results = []
+    for fused in (False, True):
+        layer = _batch_norm_case(monkeypatch, fused, policy)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.range(5, dtype=tf.float32))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append((y, grads, layer.moving_mean.numpy(), layer.moving_variance.numpy()))
+    (y_keras, g_keras, mean_keras, var_keras), (y_fused, g_fused, mean_fused, var_fused) = results
+    assert y_fused.dtype == y_keras.dtype == tf.as_dtype(keras.DTypePolicy(policy).compute_dtype)
+    tol = 1e-5 if policy == "float32" else 1e-2  # bfloat16 outputs: 8-bit mantissa
+    np.testing.assert_allclose(tf.cast(y_fused, tf.float32), tf.cast(y_keras, tf.float32), atol=tol)
+    for fused_grad, keras_grad in zip(g_fused, g_keras, strict=True):
+        np.testing.assert_allclose(fused_grad, keras_grad, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mean_fused, mean_keras, rtol=1e-6)
+    np.testing.assert_allclose(var_fused, var_keras, rtol=1e-6)
+    # The NumPy oracle: biased batch statistics, torch's momentum 0.1, of the inputs as
+    # the layer sees them (rounded to bfloat16 under the mixed policy).
+    compute_dtype = keras.DTypePolicy(policy).compute_dtype
+    xs = tf.cast(tf.cast(x, compute_dtype), tf.float32).numpy().reshape(-1, 5).astype(np.float64)
+    mean, var = (xs.mean(0), xs.var(0)) if training else (np.full(5, 0.3), np.full(5, 2.0))
+    want = (xs - mean) / np.sqrt(var + 1e-5) * np.linspace(0.5, 1.5, 5) + np.linspace(-1, 1, 5)
+    np.testing.assert_allclose(
+        tf.reshape(tf.cast(y_fused, tf.float32), [-1, 5]), want, atol=tol, rtol=tol
+    )
+    if training:
+        np.testing.assert_allclose(mean_fused, 0.9 * 0.3 + 0.1 * mean, rtol=1e-5)
+        np.testing.assert_allclose(var_fused, 0.9 * 2.0 + 0.1 * var, rtol=1e-5)
+
+
+def test_fused_and_same_padding_encoder_equals_the_plain_one(monkeypatch):
+    # The two speed switches change the kernels, not the function: same weights, same
+    # outputs (training and inference) and the same moving statistics after a step.
+    encoders = []
+    for fast in (False, True):
+        monkeypatch.setattr(encoder, "FUSED_BATCH_NORM", fast)
+        monkeypatch.setattr(encoder, "SAME_PADDING", fast)
+        encoders.append(encoder.build_encoder("resnet18", image_size=32, **_TINY))
+    plain, fast = encoders
+    assert plain.backbone.stage1_block1.conv2.pad == 1
+    assert fast.backbone.stage1_block1.conv2.pad == 0
+    assert fast.backbone.stage2_block1.conv1.pad == 1  # strided: torch's symmetric pad kept
+    fast.set_weights(plain.get_weights())
+    images = _images(batch=4, size=32)
+    for training in (True, False):
+        monkeypatch.setattr(encoder, "FUSED_BATCH_NORM", False)
+        want = plain(images, training=training)
+        monkeypatch.setattr(encoder, "FUSED_BATCH_NORM", True)
+        got = fast(images, training=training)
+        # Eight BatchNorms deep, float32 summation order alone moves the last digits.
+        for key in ("features", "embedding"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=2e-4)
+    for got, want in zip(fast.non_trainable_weights, plain.non_trainable_weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)

@@ -6,6 +6,10 @@ padding and initialisation match: convolutions without bias, BatchNorm with torc
 the bottleneck (ResNet v1.5), and explicit symmetric zero padding for strided convs (Keras
 "same" padding would pad only on the right/bottom for even inputs).
 
+For speed, not semantics: BatchNorm of 4-D inputs runs as TensorFlow's fused kernel (one pass,
+the statistics Keras's layer would compute) and stride-1 convolutions pad inside the kernel;
+`FUSED_BATCH_NORM` and `SAME_PADDING` switch both off for comparison.
+
 Weight decay is deliberately absent from the layers: the optimizer applies decoupled weight
 decay, so no layer carries a kernel_regularizer.
 

@@ -277,3 +277,23 @@ def test_fused_and_same_padding_encoder_equals_the_plain_one(monkeypatch):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=2e-4)
     for got, want in zip(fast.non_trainable_weights, plain.non_trainable_weights, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_fused_batch_norm_under_xla_is_the_same_function(monkeypatch):
+    # TPUs and --jit_compile lower FusedBatchNormV3 to XLA's own batch-norm kernels.
+    x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (4, 3, 3, 5)), tf.float32)
+    results = []
+    for jit in (False, True):
+        layer = _batch_norm_case(monkeypatch, True, "float32")
+
+        def step(x, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * x)
+            return [y, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
+
+        outputs = tf.function(step, jit_compile=jit)(x)
+        results.append([*outputs, layer.moving_mean, layer.moving_variance])
+    for plain, compiled in zip(*results, strict=True):
+        np.testing.assert_allclose(compiled, plain, rtol=1e-5, atol=1e-5)

@@ -206,8 +206,20 @@ def test_gradients_reach_every_trainable_variable():
     assert all(g is not None for g in grads)
 
 
-def _batch_norm_case(monkeypatch, fused, policy):
+_FUSED = encoder.BatchNorm._fused  # the unpatched kernel call, for the spy below
+
+
+def _batch_norm_case(monkeypatch, fused, policy, calls=None):
+    """A BatchNorm with set weights; `calls` (a list) records each use of the fused kernel,
+    so a test can tell that it ran and did not fall back to Keras's path."""
     monkeypatch.setattr(encoder, "FUSED_BATCH_NORM", fused)
+    if calls is not None:
+
+        def spy(self, inputs, training):
+            calls.append(training)
+            return _FUSED(self, inputs, training)
+
+        monkeypatch.setattr(encoder.BatchNorm, "_fused", spy)
     layer = encoder.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=policy)
     layer.build([4, 3, 3, 5])
     layer.gamma.assign(np.linspace(0.5, 1.5, 5))
@@ -222,15 +234,17 @@ def _batch_norm_case(monkeypatch, fused, policy):
 def test_fused_batch_norm_is_keras_batch_norm(monkeypatch, training, policy):
     # Channels with a large mean next to their spread, as BatchNorm inputs often have.
     x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 3, 5)), tf.float32)
-    results = []
+    results, calls = [], {False: [], True: []}
     for fused in (False, True):
-        layer = _batch_norm_case(monkeypatch, fused, policy)
+        layer = _batch_norm_case(monkeypatch, fused, policy, calls[fused])
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=training)
             loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.range(5, dtype=tf.float32))
         grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
         results.append((y, grads, layer.moving_mean.numpy(), layer.moving_variance.numpy()))
+    # The fused kernel ran (in the layer's mode), and only when switched on.
+    assert not calls[False] and calls[True] and set(calls[True]) == {training}
     (y_keras, g_keras, mean_keras, var_keras), (y_fused, g_fused, mean_fused, var_fused) = results
     assert y_fused.dtype == y_keras.dtype == tf.as_dtype(keras.DTypePolicy(policy).compute_dtype)
     tol = 1e-5 if policy == "float32" else 1e-2  # bfloat16 outputs: 8-bit mantissa
@@ -272,7 +286,7 @@ def test_fused_and_same_padding_encoder_equals_the_plain_one(monkeypatch):
         want = plain(images, training=training)
         monkeypatch.setattr(encoder, "FUSED_BATCH_NORM", True)
         got = fast(images, training=training)
-        # Eight BatchNorms deep, float32 summation order alone moves the last digits.
+        # Twenty BatchNorms deep, float32 summation order alone moves the last digits.
         for key in ("features", "embedding"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=2e-4)
     for got, want in zip(fast.non_trainable_weights, plain.non_trainable_weights, strict=True):
@@ -282,9 +296,9 @@ def test_fused_and_same_padding_encoder_equals_the_plain_one(monkeypatch):
 def test_fused_batch_norm_under_xla_is_the_same_function(monkeypatch):
     # TPUs and --jit_compile lower FusedBatchNormV3 to XLA's own batch-norm kernels.
     x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (4, 3, 3, 5)), tf.float32)
-    results = []
+    results, calls = [], []
     for jit in (False, True):
-        layer = _batch_norm_case(monkeypatch, True, "float32")
+        layer = _batch_norm_case(monkeypatch, True, "float32", calls)
 
         def step(x, layer=layer):
             with tf.GradientTape() as tape:
@@ -295,5 +309,6 @@ def test_fused_batch_norm_under_xla_is_the_same_function(monkeypatch):
 
         outputs = tf.function(step, jit_compile=jit)(x)
         results.append([*outputs, layer.moving_mean, layer.moving_variance])
+    assert calls and set(calls) == {True}  # both functions traced the fused path
     for plain, compiled in zip(*results, strict=True):
         np.testing.assert_allclose(compiled, plain, rtol=1e-5, atol=1e-5)

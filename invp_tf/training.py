@@ -570,7 +570,7 @@ def _build(config, workdir, strategy, on_exit):
         test_source=test_source,
         num_examples=num_examples,
         steps_per_epoch=steps_per_epoch,
-        view=_view(config),
+        view=view_from_config(config),
         model=model,
         optimizer=model.optimizer,
         epoch_counter=epoch_counter,
@@ -630,7 +630,8 @@ def _prepare_workdir(config, workdir, chief, on_exit):
     return changed, previous_flags
 
 
-def _view(config):
+def view_from_config(config):
+    """The training view of `config`: fn(image, seed, image_size) (augment.RECIPES)."""
     view = augment.get_view(config.augment)
     if config.augment == "crop_flip":
         view = functools.partial(view, scale=(config.crop_scale, 1.0))

@@ -455,6 +455,39 @@ def test_exact_search_is_the_top_k_set(kind, mode):
     assert bool(hit) == (kind != "quantised")
 
 
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_exact_bracket_interpolates_on_until_every_row_is_within_reach(mode, monkeypatch):
+    # A trained bank's shape: the anchor's class (15% of the rows) is a second, higher mode
+    # of the similarities and the M-th value (17% down) lies in the sparse gap below it,
+    # where a linear interpolation of the count converges slowly. Three interpolations
+    # leave rows outside reach of the top_k of C; the extra ones (a while loop) bring every
+    # row in, so the batch does not fall back to the top_k over N, and the set is the same.
+    rng = np.random.default_rng(0)
+    b, n, m = 32, 6000, 1020
+    second = rng.random((b, n)) < 0.15
+    logits = np.where(second, 5 + rng.normal(size=(b, n)), rng.normal(size=(b, n)))
+    logits = tf.constant(logits.astype(np.float32))
+    c = losses._EXACT_CANDIDATES
+
+    def missed_rows(extra):
+        monkeypatch.setattr(losses, "_EXACT_EXTRA_INTERPOLATIONS", extra)
+        bracket = lambda x: losses._exact_bracket(x, m, c)  # noqa: E731
+        if mode != "eager":
+            bracket = tf.function(bracket, jit_compile=mode == "xla")
+        _, need, hit = bracket(logits)
+        need = need.numpy()
+        assert bool(hit) == (not np.any((need < 1) | (need > c)))
+        return int(np.sum((need < 1) | (need > c)))
+
+    assert missed_rows(0) >= 5
+    assert missed_rows(3) == 0
+    excluded = rng.integers(0, n, b).astype(np.int32)
+    search = lambda x: losses._exact_top_mask(x, m, excluded)  # noqa: E731
+    if mode != "eager":
+        search = tf.function(search, jit_compile=mode == "xla")
+    np.testing.assert_array_equal(search(logits).numpy(), _top_k_mask(logits.numpy(), m, excluded))
+
+
 def test_exact_search_counts_the_excluded_column_once():
     # The excluded column is above hi, among the candidates, or below TopM.
     logits = _logits_case("random", b=3)

@@ -173,11 +173,11 @@ def _exact_bracket(logits, num_background, candidates):
        (batches of noisy bank rows; N = 20k, M = 2048 and N = 60k, M = 4096):
        median 49-51, standard deviation 4-6.
     3. While need is outside 1..C in some row, up to _EXACT_EXTRA_INTERPOLATIONS
-       more (a tf.while_loop: a batch that hit costs nothing more). Trained banks
-       are denser near the M-th value than random ones: on the memory bank of a
-       trained 20k-image Fashion-MNIST run (M = 2048), 4 of 30 batches of 128 of
-       its rows still missed after three interpolations, and none after four.
-       Without step 3 such a batch paid the whole top_k over N.
+       more (a tf.while_loop: a batch that hit pays one test of its condition).
+       Trained banks are not random ones: on the memory bank of a trained
+       20k-image Fashion-MNIST run (M = 2048), 4 of 30 batches of 128 of its rows
+       still missed after three interpolations and paid the whole top_k over N;
+       none did with step 3 (benchmarks/exact_bracket.py).
 
     Args:
       logits: [B, N] float32, static N > num_background.

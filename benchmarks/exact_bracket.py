@@ -7,10 +7,12 @@ some row of a batch outside reach of the top_k of C candidates, the whole batch 
 tf.math.top_k over N. This loads the memory bank of a run's newest checkpoint, takes
 --batches batches of B of its rows as anchors (the embeddings a trained encoder gives
 are close to their own bank rows) and runs `losses._exact_top_mask` on their
-similarities / tau, with no extra interpolations (the search before the while loop)
-and with the default extra ones, alternated in one process: the batches that fell back
-and the median milliseconds of each. The two give the same set (the set is a function of
-the similarities alone). Appends one row to BENCHMARKS.md.
+similarities / tau three ways, alternated in one process: as TensorFlow ops with no
+extra interpolations (the search before the while loop) and with the default extra
+ones (the batches that fell back, and the milliseconds of each), and with the native
+kernel where it builds (invp_tf/kernels.py; its sample-and-select per row has no batch
+fallback to count). All give the same set, checked on every batch (the set is a
+function of the similarities alone). Appends one row to BENCHMARKS.md.
 """
 
 import os
@@ -60,17 +62,28 @@ def main(argv):
         batches.append((logits, tf.constant(rows)))
     default = losses._EXACT_EXTRA_INTERPOLATIONS
     fixed = losses._EXACT_INTERPOLATIONS
+    native = losses._native_top_mask
     variants = {f"{fixed} interpolations": 0, f"up to {fixed + default}": default}
+    if native() is not None:
+        variants["native kernel"] = None
     searches, misses, times = {}, {}, {name: [] for name in variants}
     for name, extra in variants.items():
-        losses._EXACT_EXTRA_INTERPOLATIONS = extra  # read when the function is traced
+        # Both read when the function is traced: the TensorFlow-op search and its
+        # interpolations, or the native kernel.
+        losses._EXACT_EXTRA_INTERPOLATIONS = default if extra is None else extra
+        losses._native_top_mask = native if extra is None else (lambda: None)
         searches[name] = tf.function(lambda x, e: losses._exact_top_mask(x, m, e))
         searches[name](*batches[0])
-        misses[name] = sum(not bool(losses._exact_bracket(x, m, c)[2]) for x, _ in batches)
+        misses[name] = (
+            "-"
+            if extra is None
+            else sum(not bool(losses._exact_bracket(x, m, c)[2]) for x, _ in batches)
+        )
     losses._EXACT_EXTRA_INTERPOLATIONS = default
-    for batch in batches:  # the fallback and the extra interpolations: the same set
-        first, second = (searches[name](*batch).numpy() for name in variants)
-        assert np.array_equal(first, second), "the variants' sets differ"
+    losses._native_top_mask = native
+    for batch in batches:  # the fallback, the extra interpolations, the kernel: one set
+        first, *others = (searches[name](*batch).numpy() for name in variants)
+        assert all(np.array_equal(first, other) for other in others), "the sets differ"
     for _ in range(_ROUNDS.value):
         for name in variants:
             for batch in batches:
@@ -78,8 +91,13 @@ def main(argv):
                 searches[name](*batch).numpy()
                 times[name].append(time.perf_counter() - start)
     parts = [
-        f"{name}: {misses[name]} of {len(batches)} batches fell back to the top_k over N, "
-        f"median {1e3 * statistics.median(times[name]):.1f} ms, mean "
+        f"{name}: "
+        + (
+            ""
+            if misses[name] == "-"
+            else f"{misses[name]} of {len(batches)} batches fell back to the top_k over N, "
+        )
+        + f"median {1e3 * statistics.median(times[name]):.1f} ms, mean "
         f"{1e3 * statistics.mean(times[name]):.1f} ms"
         for name in variants
     ]

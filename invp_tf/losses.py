@@ -19,6 +19,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from invp_tf import kernels
 from invp_tf import propagation
 
 BACKGROUNDS = ("approx", "exact")
@@ -228,7 +229,12 @@ def _exact_top_mask(logits, num_background, excluded):
     """[B, N] bool: row b holds the M columns of tf.math.top_k(logits[b], M) but excluded[b].
 
     That is the M largest s_bj and, among columns tied at the M-th value, the
-    lower column indices (top_k's rule), found without a top_k over N: the
+    lower column indices (top_k's rule), found without a top_k over N.
+
+    On a machine without a GPU or TPU and outside XLA, the native kernel
+    `InvpTopMask` (invp_tf/top_mask.cc, built by invp_tf/kernels.py) finds it in
+    one pass per row. Elsewhere, or where the kernel cannot be built, TensorFlow
+    ops find the same set (tests/losses_test.py runs both): the
     logits above hi of `_exact_bracket` are all in; the other need are the need
     largest at or below hi, which a top_k of C over the row with the logits
     above hi masked out gives in top_k's own order (value, then lower column).
@@ -247,6 +253,9 @@ def _exact_top_mask(logits, num_background, excluded):
       excluded: [B] int32 column cleared in each row.
     """
     logits = tf.stop_gradient(logits)
+    native = _native_top_mask()
+    if native is not None:
+        return native(logits, tf.cast(excluded, tf.int32), k=num_background)
     candidates = min(_EXACT_CANDIDATES, logits.shape[1])
     hi, need, hit = _exact_bracket(logits, num_background, candidates)
     above = logits > hi[:, None]  # [B, N], all in TopM
@@ -273,6 +282,19 @@ def _exact_top_mask(logits, num_background, excluded):
         return tf.tensor_scatter_nd_update(top, own, tf.zeros([batch], tf.bool))
 
     return tf.cond(hit, lambda: tf.tensor_scatter_nd_update(above, positions, updates), whole_rows)
+
+
+def _native_top_mask():
+    """kernels.top_mask_op() where it applies, else None (the TensorFlow-op search).
+
+    It applies on a machine without a GPU or TPU, outside XLA: it is a CPU kernel, and
+    on an accelerator the [B, N] logits would travel to the host and back every step.
+    """
+    if _in_xla_context():
+        return None
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return None
+    return kernels.top_mask_op()
 
 
 def _in_xla_context():
@@ -497,7 +519,8 @@ def invp_losses(
       background_search: how TopM(i) is found. "exact": tf.math.top_k over the
         bank (the definition). "sampled": the rows above a threshold read off
         every (M / 128)-th bank row, count-corrected to M rows. Several times
-        faster on a CPU; on the demo run's trained bank (N = 20k, M = 2048) the
+        faster than exact's TensorFlow ops on a CPU (about as fast as its native
+        kernel at N = 20k and 60k); on the demo run's trained bank (N = 20k, M = 2048) the
         batch-mean losses were within 3e-4 of "exact", single anchors within
         4e-3, the gradient at cosine 0.99997 (BENCHMARKS.md). Runs as "exact"
         when the bank size is not static.

@@ -33,6 +33,8 @@ LARGE_TESTS = (
     "export_test",
     "train_test",
 )
+# Files a library reads at run time: kernels.py compiles the C++ source next to it.
+LIBRARY_DATA = {"kernels": '["invp_tf/top_mask.cc"]'}
 TEST_DATA = {
     "configs_test": '["pytest.ini"] + glob(["configs/*.flags"])',
     "export_test": '["pytest.ini"] + glob(["export/*.json"])',
@@ -98,11 +100,13 @@ def build_file():
     for path in sorted(glob.glob("invp_tf/*.py")):
         name = os.path.basename(path)[:-3]
         if name != "__init__":
+            extra = {"data": LIBRARY_DATA[name]} if name in LIBRARY_DATA else {}
             out.append(
                 rule(
                     "py_library",
                     name=f'"{name}"',
                     srcs=f'["{path}"]',
+                    **extra,
                     deps=f"[{deps(*imports(path))}]",
                 )
             )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from invp_tf import kernels
 from invp_tf import losses
 
 # In the repository, so that every clone runs these tests (they never skip).
@@ -423,6 +424,21 @@ def _logits_case(kind, b=16, n=3000, seed=0):
     return (v.astype(np.float32) @ bank.astype(np.float32).T / 0.1).astype(np.float32)
 
 
+# How the exact search runs: the native kernel (on a CPU, outside XLA), or its
+# TensorFlow ops eagerly, in a tf.function, and under XLA (where the kernel never runs).
+SEARCH_MODES = ["native", "eager", "function", "xla"]
+
+
+def _exact_search(fn, mode, monkeypatch):
+    """fn (a search over logits) as `mode` runs it."""
+    if mode == "native":
+        if kernels.top_mask_op() is None:
+            pytest.fail("the native exact TopM kernel did not build (see the warning above)")
+        return tf.function(fn)
+    monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
+    return fn if mode == "eager" else tf.function(fn, jit_compile=mode == "xla")
+
+
 def _top_k_mask(logits, m, excluded):
     """The oracle: tf.math.top_k's M columns per row, minus the excluded one."""
     _, top = tf.math.top_k(logits, k=m)
@@ -432,17 +448,15 @@ def _top_k_mask(logits, m, excluded):
     return mask
 
 
-@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("mode", SEARCH_MODES)
 @pytest.mark.parametrize("kind", ["random", "duplicated", "quantised", "clustered"])
-def test_exact_search_is_the_top_k_set(kind, mode):
+def test_exact_search_is_the_top_k_set(kind, mode, monkeypatch):
     # M = 510 of N = 3000: every 3rd column sampled, a bracket, then a top_k of C.
     # (510, not 512: the duplicated bank's ties in fours then straddle the M-th.)
     logits = _logits_case(kind)
     m = 510
     excluded = np.random.default_rng(1).integers(0, logits.shape[1], len(logits)).astype(np.int32)
-    search = lambda x: losses._exact_top_mask(x, m, excluded)  # noqa: E731
-    if mode != "eager":
-        search = tf.function(search, jit_compile=mode == "xla")
+    search = _exact_search(lambda x: losses._exact_top_mask(x, m, excluded), mode, monkeypatch)
     got = search(tf.constant(logits)).numpy()
     np.testing.assert_array_equal(got, _top_k_mask(logits, m, excluded))
     # The case is what it says: ties straddle the M-th value in some rows of the
@@ -482,25 +496,35 @@ def test_exact_bracket_interpolates_on_until_every_row_is_within_reach(mode, mon
     assert missed_rows(0) >= 5
     assert missed_rows(3) == 0
     excluded = rng.integers(0, n, b).astype(np.int32)
-    search = lambda x: losses._exact_top_mask(x, m, excluded)  # noqa: E731
-    if mode != "eager":
-        search = tf.function(search, jit_compile=mode == "xla")
-    np.testing.assert_array_equal(search(logits).numpy(), _top_k_mask(logits.numpy(), m, excluded))
+    for search_mode in ("native", mode):
+        search = _exact_search(
+            lambda x: losses._exact_top_mask(x, m, excluded), search_mode, monkeypatch
+        )
+        got = search(logits).numpy()
+        np.testing.assert_array_equal(got, _top_k_mask(logits.numpy(), m, excluded))
 
 
-def test_exact_search_counts_the_excluded_column_once():
+@pytest.mark.parametrize("mode", ["native", "eager"])
+def test_exact_search_counts_the_excluded_column_once(mode, monkeypatch):
     # The excluded column is above hi, among the candidates, or below TopM.
     logits = _logits_case("random", b=3)
     order = np.argsort(-logits, axis=1, kind="stable")
     excluded = np.array([order[0, 0], order[1, 511], order[2, 2000]], np.int32)
-    got = losses._exact_top_mask(tf.constant(logits), 512, excluded).numpy()
+    search = _exact_search(lambda x: losses._exact_top_mask(x, 512, excluded), mode, monkeypatch)
+    got = search(tf.constant(logits)).numpy()
     np.testing.assert_array_equal(got, _top_k_mask(logits, 512, excluded))
     assert list(got.sum(axis=1)) == [511, 511, 512]
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("background", losses.BACKGROUNDS)
 @pytest.mark.parametrize("positive_mode", losses.POSITIVE_MODES)
-def test_exact_search_gives_the_losses_of_top_k(background, positive_mode):
+def test_exact_search_gives_the_losses_of_top_k(background, positive_mode, native, monkeypatch):
+    # native: the kernel's set in eager mode (and the ops' under XLA below); else the ops'.
+    if native:
+        assert kernels.top_mask_op() is not None, "the native exact TopM kernel did not build"
+    else:
+        monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
     v, indices, bank, graph = _clustered_case(n=3000, b=16)
     kwargs = dict(
         temperature=0.1,

@@ -1,0 +1,128 @@
+"""Native CPU kernels, compiled from the package's C++ source on first use.
+
+One kernel so far: `InvpTopMask` (invp_tf/top_mask.cc), the exact TopM set of every
+row of [B, N] similarities in one pass per row, which `losses._exact_top_mask`
+runs on machines without a GPU or TPU (3.5x faster than its TensorFlow-op search on
+2 CPU cores, BENCHMARKS.md). TensorFlow's pip package ships the headers and library
+a custom op builds against (`tf.sysconfig`), so the kernel is compiled with the
+machine's C++ compiler the first time it is needed (about 12 s), and the library is
+cached, keyed by the source, the TensorFlow version and the flags:
+
+    $INVP_TF_CACHE, else $XDG_CACHE_HOME/invp_tf, else ~/.cache/invp_tf
+
+Where it cannot be built (no compiler, a failed build), a warning says why and the
+TensorFlow-op search runs instead: the same set, slower. INVP_TF_NATIVE=0 turns the
+kernel off; CXX names the compiler (default c++).
+"""
+
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import tensorflow as tf
+from absl import logging
+
+SOURCE = pathlib.Path(__file__).with_name("top_mask.cc")
+_BUILD_SECONDS = 600
+tf.no_gradient("InvpTopMask")  # a bool mask of its (stop-gradient) logits
+# The module of the first library loaded: TensorFlow registers an op once per process,
+# and a second library with the same op (another cache directory) yields no wrapper.
+_LOADED = []
+
+
+def cache_dir():
+    """Where built kernels are kept (created on first build)."""
+    if os.environ.get("INVP_TF_CACHE"):
+        return pathlib.Path(os.environ["INVP_TF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "invp_tf"
+
+
+def _command(compiler, output):
+    flags = tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()
+    return [
+        compiler,
+        "-shared",
+        "-fPIC",
+        "-O3",
+        "-Wno-deprecated-declarations",
+        str(SOURCE),
+        "-o",
+        str(output),
+        *flags,
+    ]
+
+
+def library_path(compiler="c++"):
+    """The cached library's path for this source, TensorFlow and compiler flags."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), tf.__version__.encode(), platform.machine().encode()):
+        key.update(part)
+    key.update(" ".join(_command(compiler, "")).encode())
+    return cache_dir() / f"top_mask-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler=None):
+    """Compiles the kernel unless cached; returns the library's path.
+
+    Written to a temporary file in the cache directory and renamed into place, so
+    concurrent builds (parallel test workers, several trainings) never load a half
+    written library.
+
+    Raises:
+      RuntimeError: naming the compiler and the end of its output, when the build fails
+        or no compiler is found.
+    """
+    compiler = compiler or os.environ.get("CXX", "c++")
+    path = library_path(compiler)
+    if path.exists():
+        return path
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX to name one)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=path.stem, suffix=".so.partial", dir=path.parent)
+    os.close(handle)
+    try:
+        logging.info("Compiling the exact TopM kernel (once, cached in %s) ...", path.parent)
+        done = subprocess.run(
+            _command(compiler, partial), capture_output=True, text=True, timeout=_BUILD_SECONDS
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{compiler} failed to build {SOURCE.name} (exit {done.returncode}): "
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        os.chmod(partial, 0o755)  # mkstemp's 0600 would hide a shared cache from others
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+@functools.cache
+def top_mask_op():
+    """The `InvpTopMask` op (a function of logits, excluded, k), or None where unavailable.
+
+    None when INVP_TF_NATIVE=0 or the kernel cannot be built or loaded; the latter
+    logs a warning once per process with the reason.
+    """
+    if os.environ.get("INVP_TF_NATIVE", "1") == "0":
+        return None
+    try:
+        path = build()
+        if not _LOADED:
+            _LOADED.append(tf.load_op_library(str(path)))
+        return _LOADED[0].invp_top_mask
+    except (RuntimeError, OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
+        logging.warning(
+            "The native exact TopM kernel is unavailable, so the exact search runs as "
+            "TensorFlow ops (the same set, about 3x slower on a CPU): %s",
+            error,
+        )
+        return None

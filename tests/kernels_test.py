@@ -1,0 +1,135 @@
+"""The native exact TopM kernel: its build and cache, and its set against tf.math.top_k."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from invp_tf import kernels
+from invp_tf import losses
+
+
+@pytest.fixture(name="op")
+def fixture_op():
+    op = kernels.top_mask_op()
+    assert op is not None, "the native exact TopM kernel did not build (see the warning)"
+    return op
+
+
+@pytest.fixture(name="fresh")
+def fixture_fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no loaded op; restored afterwards."""
+    monkeypatch.setenv("INVP_TF_CACHE", str(tmp_path / "cache"))
+    kernels.top_mask_op.cache_clear()
+    yield tmp_path / "cache"
+    kernels.top_mask_op.cache_clear()
+
+
+def _top_k_mask(logits, k, excluded):
+    _, top = tf.math.top_k(logits, k=k)
+    mask = np.zeros(logits.shape, bool)
+    np.put_along_axis(mask, top.numpy(), True, axis=1)
+    for row, column in enumerate(excluded):
+        if 0 <= column < logits.shape[1]:
+            mask[row, column] = False
+    return mask
+
+
+def test_build_writes_one_library_and_reuses_it(fresh, monkeypatch):
+    path = kernels.build()
+    assert path.parent == fresh and path.exists()
+    assert sorted(p.name for p in fresh.iterdir()) == [path.name]  # no partial file left
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
+    assert kernels.build() == path
+    assert kernels.top_mask_op() is not None  # loads the cached library
+
+
+def test_a_changed_source_gets_its_own_library(fresh, tmp_path, monkeypatch):
+    source = tmp_path / "top_mask.cc"
+    source.write_bytes(kernels.SOURCE.read_bytes() + b"\n// changed\n")
+    before = kernels.library_path()
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    assert kernels.library_path() != before
+
+
+def test_a_failed_build_names_the_compiler_and_falls_back(fresh, tmp_path, monkeypatch):
+    broken = tmp_path / "top_mask.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match=r"c\+\+ failed to build top_mask.cc"):
+        kernels.build()
+    assert not list(fresh.iterdir())  # nothing half written is left to load
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="no C.. compiler 'no-such-compiler'"):
+        kernels.build()
+    assert kernels.top_mask_op() is None  # a warning, not an error
+    # ... and the exact search still gives the top_k set, as TensorFlow ops.
+    logits = np.random.default_rng(0).standard_normal((4, 500)).astype(np.float32)
+    excluded = np.array([0, 1, 2, 3], np.int32)
+    got = losses._exact_top_mask(tf.constant(logits), 50, excluded).numpy()
+    np.testing.assert_array_equal(got, _top_k_mask(logits, 50, excluded))
+
+
+def test_the_kernel_can_be_turned_off(fresh, monkeypatch):
+    monkeypatch.setenv("INVP_TF_NATIVE", "0")
+    assert kernels.top_mask_op() is None
+    assert not os.path.exists(fresh)  # nor built
+
+
+@pytest.mark.parametrize(
+    "b, n, k", [(64, 20000, 2048), (8, 6000, 1), (8, 6000, 5999), (3, 7, 3), (5, 100, 40)]
+)
+def test_the_set_is_top_k_s(op, b, n, k):
+    rng = np.random.default_rng(n + k)
+    logits = rng.standard_normal((b, n)).astype(np.float32)
+    excluded = rng.integers(0, n, b).astype(np.int32)
+    got = op(tf.constant(logits), excluded, k=k).numpy()
+    np.testing.assert_array_equal(got, _top_k_mask(logits, k, excluded))
+
+
+def test_ties_go_to_the_lower_column(op):
+    # A dozen distinct values: hundreds tie at the k-th in every row.
+    rng = np.random.default_rng(1)
+    logits = (np.round(rng.standard_normal((16, 3000)) * 2) / 2).astype(np.float32)
+    excluded = np.full(16, -1, np.int32)  # out of range: nothing excluded
+    got = op(tf.constant(logits), excluded, k=510).numpy()
+    np.testing.assert_array_equal(got, _top_k_mask(logits, 510, excluded))
+    assert list(got.sum(axis=1)) == [510] * 16
+
+
+def test_a_misleading_sample_costs_time_not_the_set(op):
+    # Every sampled column (every 2nd of 6000) holds a low value and the rest high
+    # ones: the bracket from the sample misses, and the row is selected over all of it.
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((4, 6000)).astype(np.float32) + 10
+    logits[:, ::2] -= 20
+    excluded = np.zeros(4, np.int32)
+    got = op(tf.constant(logits), excluded, k=500).numpy()
+    np.testing.assert_array_equal(got, _top_k_mask(logits, 500, excluded))
+
+
+def test_nan_ranks_below_every_number(op):
+    logits = np.array([[np.nan, 1.0, -np.inf, 2.0, np.nan, 0.0]], np.float32)
+    excluded = np.array([-1], np.int32)
+    got = [op(tf.constant(logits), excluded, k=k).numpy()[0] for k in (3, 4, 5)]
+    np.testing.assert_array_equal(got[0], [False, True, False, True, False, True])
+    np.testing.assert_array_equal(got[1], [False, True, True, True, False, True])  # -inf
+    np.testing.assert_array_equal(got[2], [True, True, True, True, False, True])  # 1st NaN
+
+
+def test_k_at_least_n_keeps_every_column_but_the_excluded(op):
+    logits = np.zeros((2, 5), np.float32)
+    got = op(tf.constant(logits), np.array([1, 7], np.int32), k=5).numpy()
+    np.testing.assert_array_equal(got, [[True, False, True, True, True], [True] * 5])
+
+
+def test_bad_shapes_are_named(op):
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="logits must be"):
+        op(tf.zeros([2, 3, 4]), tf.zeros([2], tf.int32), k=1)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="excluded must be"):
+        op(tf.zeros([2, 3]), tf.zeros([3], tf.int32), k=1)

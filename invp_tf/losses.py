@@ -34,10 +34,11 @@ BACKGROUND_SEARCHES = ("exact", "sampled", "top_k")
 # The sampled search strides the bank rows so that the threshold is about the
 # _SAMPLED_RANK-th largest entry of the sample: M / stride = _SAMPLED_RANK.
 _SAMPLED_RANK = 128
-# From N >= _COMPACT_MIN_RATIO * M on (and outside XLA), the sampled search never
-# holds [B, N] similarities: it scores the bank in chunks of _CHUNK_ROWS rows and
-# keeps the entries above the threshold as a flat list (about B * M of them); its
-# gradient gathers their bank rows instead of a dense [B, N] x [N, D] matmul.
+# From N >= _COMPACT_MIN_RATIO * M on (and outside XLA), the sampled and the exact
+# search never hold [B, N] similarities: they score the bank in chunks of _CHUNK_ROWS
+# rows and keep the entries above a threshold as a flat list (about B * M of them,
+# B * 1.4 M for the exact one's lower bound); the gradient gathers the bank rows of
+# TopM instead of a dense [B, N] x [N, D] matmul.
 _COMPACT_MIN_RATIO = 64
 _CHUNK_ROWS = 16_384
 # The exact search brackets the M-th value from the sampled search's sample,
@@ -324,23 +325,41 @@ def _sampled_threshold(embeddings, bank, temperature, num_background):
     return values[:, -1], columns[:, -1] * stride
 
 
-def _entries_above(embeddings, bank, threshold, temperature):
-    """The s_ij > t_i as flat lists (row [C], column [C], value [C]), C about B * M.
+def _list_entries(embeddings, bank, threshold, temperature):
+    """The s_ij > t_i as flat lists (row, column, value, position [C]; count [B]), no gradient.
 
-    The bank is scored _CHUNK_ROWS rows at a time, so [B, N] is never held; the
-    gradient of the values gathers their C bank rows (one [C, D] pass) instead of
-    a dense [B, N] x [N, D] matmul, the cheaper the larger N / M.
+    The bank is scored _CHUNK_ROWS rows at a time, so [B, N] is never held. Within
+    a row the entries come in column order; position is an entry's place among
+    its row's, count the entries of every row.
     """
-    rows, columns, values = [], [], []
+    batch = tf.shape(embeddings)[0]
+    rows, columns, values, positions = [], [], [], []
+    count = tf.zeros([batch], tf.int32)
     frozen = tf.stop_gradient(embeddings)
     for start in range(0, bank.shape[0], _CHUNK_ROWS):
         chunk = tf.matmul(frozen, bank[start : start + _CHUNK_ROWS], transpose_b=True)
         chunk /= temperature  # [B, c]
         where = tf.where(chunk > threshold[:, None])  # [C_c, 2] int64, rows ascending
-        rows.append(tf.cast(where[:, 0], tf.int32))
+        row = tf.cast(where[:, 0], tf.int32)
+        in_chunk = tf.math.unsorted_segment_sum(tf.ones_like(row), row, batch)  # [B]
+        first = tf.cumsum(in_chunk, exclusive=True)  # where each row starts in this chunk
+        positions.append(tf.range(tf.size(row)) - tf.gather(first, row) + tf.gather(count, row))
+        count += in_chunk
+        rows.append(row)
         columns.append(tf.cast(where[:, 1], tf.int32) + start)
         values.append(tf.gather_nd(chunk, where))
-    row, column = tf.concat(rows, axis=0), tf.concat(columns, axis=0)
+    row, column, value, position = (
+        tf.concat(parts, axis=0) for parts in (rows, columns, values, positions)
+    )
+    return row, column, value, position, count
+
+
+def _attach_gradient(embeddings, bank, row, column, values, temperature):
+    """values (s_ij of listed entries, no gradient) with their gradient to embeddings.
+
+    The gradient gathers the C bank rows of the entries (one [C, D] pass) instead
+    of a dense [B, N] x [N, D] matmul, the cheaper the larger N / C.
+    """
 
     @tf.custom_gradient
     def attach(embeddings):
@@ -353,9 +372,98 @@ def _entries_above(embeddings, bank, threshold, temperature):
                 / temperature
             )
 
-        return tf.concat(values, axis=0), grad
+        return tf.identity(values), grad
 
-    return row, column, attach(embeddings)
+    return attach(embeddings)
+
+
+def _entries_above(embeddings, bank, threshold, temperature):
+    """The s_ij > t_i as flat lists (row [C], column [C], value [C]), C about B * M.
+
+    The values carry their gradient (`_attach_gradient`).
+    """
+    row, column, values, _, _ = _list_entries(embeddings, bank, threshold, temperature)
+    return row, column, _attach_gradient(embeddings, bank, row, column, values, temperature)
+
+
+def _in_members(members, row, column, num_rows):
+    """[C] bool: column c of entry c is in N(row c). members: [B, S] int32, -1 padded.
+
+    Binary search in the sorted row * N + column keys of the members.
+    """
+    batch = tf.shape(members)[0]
+    keys = tf.where(members >= 0, tf.range(batch)[:, None] * num_rows + members, -1)
+    keys = tf.sort(tf.reshape(keys, [-1]))  # [B * S]; padding -1 matches nothing
+    queries = row * num_rows + column
+    found = tf.gather(keys, tf.minimum(tf.searchsorted(keys, queries), tf.size(keys) - 1))
+    return found == queries
+
+
+def _exact_compact_background(
+    embeddings, bank, indices, members, *, temperature, num_background, background
+):
+    """(lse over TopM(i) minus {i}, lse over TopM(i) minus N(i) minus {i} or None), chunked.
+
+    TopM(i) is tf.math.top_k's set, found without holding [B, N]:
+
+    1. lo: the sampled search's sample (every (M / 128)-th bank row), read four
+       standard deviations of its rank error below the M-th value, so that at
+       least M similarities lie above lo.
+    2. The s_ij > lo listed in chunks (`_list_entries`, about 1.4 M per row),
+       each row's in column order. A row with fewer than M (the sample misled)
+       is listed again whole (lo = -inf): the set never depends on the sample.
+    3. Each row's listed values laid out densely ([B, most listed], -inf padded,
+       in column order) and its top M taken there: the native kernel where it runs,
+       else tf.math.top_k (both: value, then lower column).
+    4. Only the M entries kept per row get a gradient (a [B * M, D] gather, as in
+       the sampled search).
+
+    Args:
+      embeddings: [B, D] unit rows. bank: [N, D], static N. indices: [B] int32.
+      members: [B, S] int32 N(i), -1 padded; used by background="exact" only.
+    """
+    batch = tf.shape(embeddings)[0]
+    num_rows = bank.shape[0]
+    stride = max(1, num_background // _SAMPLED_RANK)
+    frozen = tf.stop_gradient(embeddings)
+    sample = tf.matmul(frozen, bank[::stride], transpose_b=True) / temperature  # [B, ns]
+    sample_size = sample.shape[1]
+    rank = min(max(1, round(num_background * sample_size / num_rows)), sample_size)
+    depth = min(sample_size, rank + math.ceil(4 * math.sqrt(rank)) + 2)
+    lo = tf.math.top_k(sample, k=depth).values[:, -1]  # [B]
+    if depth == sample_size:  # the whole sample: every row is listed
+        lo = tf.fill([batch], -np.inf)
+    listed = _list_entries(embeddings, bank, lo, temperature)
+    enough = listed[4] >= num_background  # [B]
+    row, column, value, position, count = tf.cond(
+        tf.reduce_all(enough),
+        lambda: listed,
+        lambda: _list_entries(embeddings, bank, tf.where(enough, lo, -np.inf), temperature),
+    )
+    place = tf.stack([row, position], axis=1)  # [C, 2]
+    dense = tf.tensor_scatter_nd_update(
+        tf.fill([batch, tf.reduce_max(count)], -np.inf), place, value
+    )
+    native = _native_top_mask()
+    if native is not None:
+        chosen = native(dense, tf.fill([batch], -1), k=num_background)
+    else:
+        _, top = tf.math.top_k(dense, k=num_background)  # [B, M] places
+        top_rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(top))
+        chosen = tf.scatter_nd(
+            tf.reshape(tf.stack([top_rows, top], axis=-1), [-1, 2]),
+            tf.ones([tf.size(top)], tf.bool),
+            tf.shape(dense),
+        )
+    keep = tf.gather_nd(chosen, place) & (column != tf.gather(indices, row))  # TopM - {i}
+    kept = tf.where(keep)[:, 0]
+    row, column, value = (tf.gather(x, kept) for x in (row, column, value))
+    value = _attach_gradient(embeddings, bank, row, column, value, temperature)
+    lse_top = _segment_sum_exp(value, tf.ones_like(row, tf.bool), row, batch)
+    if background != "exact":
+        return lse_top, None
+    rest = ~_in_members(members, row, column, num_rows)
+    return lse_top, _segment_sum_exp(value, rest, row, batch)
 
 
 def _segment_sum_exp(values, mask, row, batch):
@@ -410,12 +518,7 @@ def _sampled_background(
             return _segment_sum_exp(values, mask, row, batch), count
 
         if background == "exact":
-            # Membership in N(row) by binary search in sorted row * N + column keys.
-            keys = tf.where(members >= 0, tf.range(batch)[:, None] * num_rows + members, -1)
-            keys = tf.sort(tf.reshape(keys, [-1]))  # [B * S]; padding -1 matches nothing
-            queries = row * num_rows + column
-            found = tf.gather(keys, tf.minimum(tf.searchsorted(keys, queries), tf.size(keys) - 1))
-            rest_mask = top_mask & (found != queries)
+            rest_mask = top_mask & ~_in_members(members, row, column, num_rows)
     else:
         # Entries > t_i, then the anchor's own column cleared (B scattered writes,
         # cheaper than a [B, N] comparison with the column index).
@@ -546,7 +649,7 @@ def invp_losses(
     sampled = searched and background_search == "sampled" and num_rows is not None
     bracketed = searched and background_search == "exact" and num_rows is not None
     compact = (
-        sampled
+        (sampled or bracketed)
         and positive_mode == "propagation"  # the knn ablation sorts all of [B, N]
         and num_rows >= _COMPACT_MIN_RATIO * num_background
         and not _in_xla_context()
@@ -593,6 +696,16 @@ def invp_losses(
             indices,
             self_logit,
             members=members,  # by name: background="exact" alone reads it
+            temperature=temperature,
+            num_background=num_background,
+            background=background,
+        )
+    elif bracketed and compact:
+        lse_top, lse_rest = _exact_compact_background(
+            embeddings,
+            bank,
+            indices,
+            members,
             temperature=temperature,
             num_background=num_background,
             background=background,

@@ -543,3 +543,71 @@ def test_exact_search_gives_the_losses_of_top_k(background, positive_mode, nativ
     )
     for got, want in zip(fn(v), top_k[:2], strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def _spy_listings(monkeypatch):
+    """Calls of losses._list_entries (the chunked listing of the bank), recorded."""
+    calls, list_entries = [], losses._list_entries
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])  # the threshold
+        return list_entries(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "_list_entries", spy)
+    return calls
+
+
+def _compact_exact(monkeypatch, native):
+    """Forces the chunked exact search (any N >= M, chunks of 1000 bank rows)."""
+    if native:
+        assert kernels.top_mask_op() is not None, "the native exact TopM kernel did not build"
+    else:
+        monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
+    monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 1)
+    monkeypatch.setattr(losses, "_CHUNK_ROWS", 1000)
+
+    def dense(*args, **kwargs):
+        raise AssertionError("the dense exact search ran")
+
+    monkeypatch.setattr(losses, "_exact_background", dense)
+    return _spy_listings(monkeypatch)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("background", losses.BACKGROUNDS)
+def test_compact_exact_search_gives_the_losses_of_top_k(background, native, monkeypatch):
+    # From N >= 64 M the exact search lists the bank in chunks and never holds [B, N];
+    # forced here at N = 6000, M = 512 (every 4th row sampled), six chunks.
+    v, indices, bank, graph = _clustered_case(b=16)
+    kwargs = dict(
+        temperature=0.1, num_background=512, num_layers=3, num_positives=20, background=background
+    )
+    want = _losses_and_gradient(v, indices, bank, graph, background_search="top_k", **kwargs)
+    listings = _compact_exact(monkeypatch, native)
+    got = _losses_and_gradient(v, indices, bank, graph, background_search="exact", **kwargs)
+    for got_part, want_part in zip(got, want, strict=True):
+        np.testing.assert_allclose(got_part, want_part, rtol=1e-5, atol=1e-6)
+    assert len(listings) == 1  # the sample's bound held in every row
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_compact_exact_search_lists_a_misled_row_again(native, monkeypatch):
+    # Every sampled bank row (every 4th) is close to the anchors and the others are not,
+    # so the sample's lower bound leaves 175 < M rows above it: those rows are listed
+    # again whole, and the set is still top_k's.
+    rng = np.random.default_rng(3)
+    n, d, b = 6000, 32, 4
+    u = rng.standard_normal(d)
+    bank = rng.standard_normal((n, d))
+    bank[::4] = u + 0.3 * rng.standard_normal((n // 4, d))
+    bank = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float32)
+    v = (u + 0.1 * rng.standard_normal((b, d))).astype(np.float32)
+    indices = np.array([1, 3, 5, 7])
+    graph = rng.integers(0, n, (n, 4))
+    kwargs = dict(temperature=0.1, num_background=512, num_layers=2, num_positives=5)
+    want = _losses_and_gradient(v, indices, bank, graph, background_search="top_k", **kwargs)
+    listings = _compact_exact(monkeypatch, native)
+    got = _losses_and_gradient(v, indices, bank, graph, background_search="exact", **kwargs)
+    for got_part, want_part in zip(got, want, strict=True):
+        np.testing.assert_allclose(got_part, want_part, rtol=1e-5, atol=1e-6)
+    assert len(listings) == 2 and np.all(np.isneginf(listings[1]))

@@ -619,12 +619,16 @@ def invp_losses(
       hard_negatives: False uses TopM(i) = all N rows (Table 5 ablation).
       num_knn_positives: K for positive_mode="knn".
       deduplicate: False uses the authors' concatenated (non-set) positives.
-      background_search: how TopM(i) is found. "exact": tf.math.top_k over the
-        bank (the definition). "sampled": the rows above a threshold read off
-        every (M / 128)-th bank row, count-corrected to M rows. Several times
-        faster than exact's TensorFlow ops on a CPU (about as fast as its native
-        kernel at N = 20k and 60k); on the demo run's trained bank (N = 20k, M = 2048) the
-        batch-mean losses were within 3e-4 of "exact", single anchors within
+      background_search: how TopM(i) is found. "exact": tf.math.top_k's set
+        (the definition) without a top_k over the bank: the native kernel on
+        machines without a GPU or TPU, TensorFlow ops elsewhere
+        (`_exact_top_mask`), from N >= 64 M in bank chunks
+        (`_exact_compact_background`). "top_k": tf.math.top_k over the bank,
+        written out. "sampled": the rows above a threshold read off every
+        (M / 128)-th bank row, count-corrected to M rows; as fast as "exact"
+        with the kernel at N = 20k and 60k, several times faster than its
+        TensorFlow ops on a CPU; on the demo run's trained bank (N = 20k,
+        M = 2048) the batch-mean losses were within 3e-4 of "exact", single anchors within
         4e-3, the gradient at cosine 0.99997 (BENCHMARKS.md). Runs as "exact"
         when the bank size is not static.
 

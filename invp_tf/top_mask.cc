@@ -3,7 +3,7 @@
 // Row b of the output holds the k columns of tf.math.top_k(logits[b], k): the k
 // largest values and, among columns tied at the k-th value, the lower column
 // indices (top_k's rule); then column excluded[b] is cleared. NaN ranks below
-// every number (as -inf, and after it by column).
+// every number, -inf included (among NaNs, the lower column first).
 //
 // Per row: the k-th value is bracketed from a strided sample of about 2,048
 // entries (four standard deviations of the sample's rank error either side), one
@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -41,7 +43,8 @@ namespace shape_inference = ::tensorflow::shape_inference;
 
 constexpr int64_t kSampleSize = 2048;
 
-// NaN as -inf: a total order on the values that top_k's selection agrees with.
+// NaN as -inf in the sample, which only places the bracket (std::nth_element needs a
+// strict weak order; NaN has none).
 inline float Key(float x) { return std::isnan(x) ? -INFINITY : x; }
 
 struct Entry {
@@ -49,9 +52,13 @@ struct Entry {
   int64_t column;
 };
 
-// Before in (value descending, column ascending): the order of top_k's output.
+// Before in (value descending, column ascending), NaN after every number: the order
+// of top_k's output on numbers.
 inline bool Before(const Entry& a, const Entry& b) {
-  return a.value > b.value || (a.value == b.value && a.column < b.column);
+  const bool a_nan = std::isnan(a.value), b_nan = std::isnan(b.value);
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a.value != b.value) return a.value > b.value;
+  return a.column < b.column;
 }
 
 // The rank-th largest of values[0, end) (1-based rank), by partial selection in place.
@@ -73,7 +80,7 @@ struct Scratch {
 // A row whose bracket missed: every entry ranked by (value, then column).
 void SelectAll(const float* row, int64_t n, int64_t k, bool* out, std::vector<Entry>* all) {
   all->resize(n);
-  for (int64_t j = 0; j < n; ++j) (*all)[j] = {Key(row[j]), j};
+  for (int64_t j = 0; j < n; ++j) (*all)[j] = {row[j], j};
   std::nth_element(all->begin(), all->begin() + (k - 1), all->end(), Before);
   std::fill(out, out + n, false);
   for (int64_t i = 0; i < k; ++i) out[(*all)[i].column] = true;
@@ -148,6 +155,9 @@ class TopMaskOp : public OpKernel {
                 absl::InvalidArgumentError("InvpTopMask: logits must be [B, N], got " +
                                            logits.shape().DebugString()));
     const int64_t batch = logits.dim_size(0), n = logits.dim_size(1);
+    OP_REQUIRES(context, n <= std::numeric_limits<int32_t>::max(),
+                absl::InvalidArgumentError("InvpTopMask: more than 2^31 - 1 columns: " +
+                                           std::to_string(n)));
     OP_REQUIRES(context,
                 TensorShapeUtils::IsVector(excluded.shape()) && excluded.dim_size(0) == batch,
                 absl::InvalidArgumentError("InvpTopMask: excluded must be [B] = [" +

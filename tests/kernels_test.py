@@ -114,12 +114,18 @@ def test_a_misleading_sample_costs_time_not_the_set(op):
 
 
 def test_nan_ranks_below_every_number(op):
-    logits = np.array([[np.nan, 1.0, -np.inf, 2.0, np.nan, 0.0]], np.float32)
+    logits = np.array([[np.nan, 1.0, np.nan, 2.0, -np.inf, 0.0]], np.float32)
     excluded = np.array([-1], np.int32)
     got = [op(tf.constant(logits), excluded, k=k).numpy()[0] for k in (3, 4, 5)]
     np.testing.assert_array_equal(got[0], [False, True, False, True, False, True])
-    np.testing.assert_array_equal(got[1], [False, True, True, True, False, True])  # -inf
-    np.testing.assert_array_equal(got[2], [True, True, True, True, False, True])  # 1st NaN
+    np.testing.assert_array_equal(got[1], [False, True, False, True, True, True])  # -inf
+    np.testing.assert_array_equal(got[2], [True, True, False, True, True, True])  # 1st NaN
+    # The same where a misleading sample sends the row to the whole-row selection:
+    # NaN in every sampled (even) column of 6000, numbers elsewhere.
+    row = np.arange(6000, dtype=np.float32)
+    row[::2] = np.nan
+    got = op(tf.constant(row[None]), excluded, k=3001).numpy()[0]
+    np.testing.assert_array_equal(np.flatnonzero(got), np.r_[0, np.arange(1, 6000, 2)])
 
 
 def test_k_at_least_n_keeps_every_column_but_the_excluded(op):

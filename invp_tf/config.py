@@ -81,7 +81,8 @@ class Config:
         "How TopM is found: exact (top_k's set: a native kernel on CPU-only machines, else "
         "a bracketed threshold and a top_k over a few rows), top_k (tf.math.top_k over the "
         "bank: the same losses, slower) or sampled (rows above a threshold read off a bank "
-        "sample, losses within about 1e-3; from N >= 64 M it scores the bank in chunks).",
+        "sample, losses within about 1e-3). From N >= 64 M, exact and sampled score the bank "
+        "in chunks.",
     )
     positive_mode: str = _field("propagation", "Positives by propagation, or plain kNN (ablation).")
     num_knn_positives: int = _field(0, "K of positive_mode=knn (0 = k + k^2 + ... + k^l).")

@@ -11,8 +11,8 @@ cached, keyed by the source, the TensorFlow version and the flags:
     $INVP_TF_CACHE, else $XDG_CACHE_HOME/invp_tf, else ~/.cache/invp_tf
 
 Where it cannot be built (no compiler, a failed build), a warning says why and the
-TensorFlow-op search runs instead: the same set, slower. INVP_TF_NATIVE=0 turns the
-kernel off; CXX names the compiler (default c++).
+TensorFlow-op search runs instead: the same set (for rows without NaN), slower.
+INVP_TF_NATIVE=0 turns the kernel off; CXX names the compiler (default c++).
 """
 
 import functools
@@ -20,6 +20,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,10 @@ from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name("top_mask.cc")
 _BUILD_SECONDS = 600
-tf.no_gradient("InvpTopMask")  # a bool mask of its (stop-gradient) logits
+try:
+    tf.no_gradient("InvpTopMask")  # a bool mask of its (stop-gradient) logits
+except KeyError:  # registered already (the module reloaded)
+    pass
 # The module of the first library loaded: TensorFlow registers an op once per process,
 # and a second library with the same op (another cache directory) yields no wrapper.
 _LOADED = []
@@ -46,7 +50,7 @@ def cache_dir():
 def _command(compiler, output):
     flags = tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()
     return [
-        compiler,
+        *shlex.split(compiler),  # CXX may carry arguments, e.g. "ccache g++"
         "-shared",
         "-fPIC",
         "-O3",
@@ -82,13 +86,13 @@ def build(compiler=None):
     path = library_path(compiler)
     if path.exists():
         return path
-    if shutil.which(compiler) is None:
+    if not compiler.strip() or shutil.which(shlex.split(compiler)[0]) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX to name one)")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=path.stem, suffix=".so.partial", dir=path.parent)
     os.close(handle)
     try:
-        logging.info("Compiling the exact TopM kernel (once, cached in %s) ...", path.parent)
+        logging.warning("Compiling the exact TopM kernel (once, cached in %s) ...", path.parent)
         done = subprocess.run(
             _command(compiler, partial), capture_output=True, text=True, timeout=_BUILD_SECONDS
         )
@@ -109,16 +113,23 @@ def build(compiler=None):
 def top_mask_op():
     """The `InvpTopMask` op (a function of logits, excluded, k), or None where unavailable.
 
-    None when INVP_TF_NATIVE=0 or the kernel cannot be built or loaded; the latter
-    logs a warning once per process with the reason.
+    None when INVP_TF_NATIVE is 0 (or false, off, no) or the kernel cannot be built or
+    loaded; the latter logs a warning once per process with the reason. Both are
+    decided once per process (the first call).
     """
-    if os.environ.get("INVP_TF_NATIVE", "1") == "0":
+    if os.environ.get("INVP_TF_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
         return None
     try:
         path = build()
         if not _LOADED:
             _LOADED.append(tf.load_op_library(str(path)))
         return _LOADED[0].invp_top_mask
+    except AttributeError:  # this process registered InvpTopMask from another library
+        logging.warning(
+            "The native exact TopM kernel was registered by another copy of invp_tf in "
+            "this process, so the exact search runs as TensorFlow ops (the same set)."
+        )
+        return None
     except (RuntimeError, OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
         logging.warning(
             "The native exact TopM kernel is unavailable, so the exact search runs as "

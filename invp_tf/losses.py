@@ -7,11 +7,12 @@ bank and the graph are inputs, and the train step calls this same function.
 
 TopM(i) is found exactly, as the very set tf.math.top_k returns, either by
 bracketing the M-th largest s_ij and resolving it among the few rows next to it
-(background_search="exact", the default) or by tf.math.top_k over the [B, N]
+(background_search="exact", the default: a native kernel on machines without a
+GPU or TPU, TensorFlow ops elsewhere) or by tf.math.top_k over the [B, N]
 similarities ("top_k", the definition written out, and most of the train step's
 cost on a CPU); or approximately, as every row above a threshold read off a
-sample of the bank, count-corrected to M rows ("sampled"; for large N / M that
-search also never holds [B, N] at once).
+sample of the bank, count-corrected to M rows ("sampled"). For large N / M the
+exact and the sampled search score the bank in chunks and never hold [B, N].
 """
 
 import math
@@ -25,8 +26,9 @@ from invp_tf import propagation
 BACKGROUNDS = ("approx", "exact")
 POSITIVE_MODES = ("propagation", "knn")
 # How TopM(i) is found. "exact": the set of tf.math.top_k(s_i, M), ties included,
-# from a bracketed threshold and a top_k over the few rows next to it (see
-# _exact_top_mask). "sampled": every row at or above the M-th largest s_ij of a
+# from a bracketed threshold: the native kernel, or counts and a top_k over the few
+# rows next to it (see _exact_top_mask); in bank chunks for large N / M
+# (_exact_compact_background). "sampled": every row at or above the M-th largest s_ij of a
 # strided sample of the columns, count-corrected to M rows (_sampled_background).
 # "top_k": tf.math.top_k over all N bank rows, the reference the exact search is
 # tested against.
@@ -34,11 +36,13 @@ BACKGROUND_SEARCHES = ("exact", "sampled", "top_k")
 # The sampled search strides the bank rows so that the threshold is about the
 # _SAMPLED_RANK-th largest entry of the sample: M / stride = _SAMPLED_RANK.
 _SAMPLED_RANK = 128
-# From N >= _COMPACT_MIN_RATIO * M on (and outside XLA), the sampled and the exact
-# search never hold [B, N] similarities: they score the bank in chunks of _CHUNK_ROWS
-# rows and keep the entries above a threshold as a flat list (about B * M of them,
-# B * 1.4 M for the exact one's lower bound); the gradient gathers the bank rows of
-# TopM instead of a dense [B, N] x [N, D] matmul.
+# From N >= _COMPACT_MIN_RATIO * M on (propagation positives, outside XLA), the
+# sampled and the exact search never hold [B, N] similarities: they score the bank in
+# chunks of _CHUNK_ROWS rows and keep the entries above a threshold as a flat list
+# (about B * M of them, B * 1.4 M for the exact one's lower bound); the gradient
+# gathers the bank rows of TopM instead of a dense [B, N] x [N, D] matmul. (The one
+# exception: a batch in which the exact search's sample misled a row lists that row
+# whole, N entries; at four standard deviations that is rare.)
 _COMPACT_MIN_RATIO = 64
 _CHUNK_ROWS = 16_384
 # The exact search brackets the M-th value from the sampled search's sample,
@@ -392,7 +396,10 @@ def _in_members(members, row, column, num_rows):
     Binary search in the sorted row * N + column keys of the members.
     """
     batch = tf.shape(members)[0]
-    keys = tf.where(members >= 0, tf.range(batch)[:, None] * num_rows + members, -1)
+    members, row, column = (tf.cast(x, tf.int64) for x in (members, row, column))
+    keys = tf.where(  # int64: B * N passes 2^31 at B = 1,677 for N = 1.28M
+        members >= 0, tf.range(tf.cast(batch, tf.int64))[:, None] * num_rows + members, -1
+    )
     keys = tf.sort(tf.reshape(keys, [-1]))  # [B * S]; padding -1 matches nothing
     queries = row * num_rows + column
     found = tf.gather(keys, tf.minimum(tf.searchsorted(keys, queries), tf.size(keys) - 1))
@@ -433,12 +440,17 @@ def _exact_compact_background(
     lo = tf.math.top_k(sample, k=depth).values[:, -1]  # [B]
     if depth == sample_size:  # the whole sample: every row is listed
         lo = tf.fill([batch], -np.inf)
-    listed = _list_entries(embeddings, bank, lo, temperature)
+    listed = _list_entries(frozen, bank, lo, temperature)
     enough = listed[4] >= num_background  # [B]
-    row, column, value, position, count = tf.cond(
-        tf.reduce_all(enough),
-        lambda: listed,
-        lambda: _list_entries(embeddings, bank, tf.where(enough, lo, -np.inf), temperature),
+    # The listing has no gradient (it gets one in `_attach_gradient`); stopped here too,
+    # or the tape differentiates the tf.cond's branches (their chunked matmuls) for zeros.
+    row, column, value, position, count = (
+        tf.stop_gradient(x)
+        for x in tf.cond(
+            tf.reduce_all(enough),
+            lambda: listed,
+            lambda: _list_entries(frozen, bank, tf.where(enough, lo, -np.inf), temperature),
+        )
     )
     place = tf.stack([row, position], axis=1)  # [C, 2]
     dense = tf.tensor_scatter_nd_update(
@@ -626,7 +638,7 @@ def invp_losses(
         (`_exact_compact_background`). "top_k": tf.math.top_k over the bank,
         written out. "sampled": the rows above a threshold read off every
         (M / 128)-th bank row, count-corrected to M rows; as fast as "exact"
-        with the kernel at N = 20k and 60k, several times faster than its
+        with the kernel at N = 20k and 60k, its loss 1.6x faster than exact's
         TensorFlow ops on a CPU; on the demo run's trained bank (N = 20k,
         M = 2048) the batch-mean losses were within 3e-4 of "exact", single anchors within
         4e-3, the gradient at cosine 0.99997 (BENCHMARKS.md). Runs as "exact"

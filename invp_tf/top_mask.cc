@@ -2,24 +2,30 @@
 //
 // Row b of the output holds the k columns of tf.math.top_k(logits[b], k): the k
 // largest values and, among columns tied at the k-th value, the lower column
-// indices (top_k's rule); then column excluded[b] is cleared. NaN ranks below
-// every number, -inf included (among NaNs, the lower column first).
+// indices (top_k's rule); then column excluded[b] is cleared (when it is in
+// 0..N-1). Rows with NaN: NaN ranks below every number, -inf included (among NaNs,
+// the lower column first); TensorFlow's top_k has no consistent order for NaN, so
+// there the set is this kernel's own.
 //
-// Per row: the k-th value is bracketed from a strided sample of about 2,048
-// entries (four standard deviations of the sample's rank error either side), one
-// pass over the row marks the entries above the bracket and lists the ones inside
-// it, and a selection over that short list (std::nth_element by value, then
-// column) finds the rest. A row whose bracket misses (a collapsed or tied bank)
-// is selected over all of its entries: the set never depends on the sample, only
-// the cost does. Rows run in parallel on the CPU device's thread pool.
+// Per row: the k-th value is bracketed from a strided sample (every
+// max(1, N / 2048)-th entry: 2,048 to 4,095 of them, or all of a shorter row),
+// four standard deviations of the sample's rank error either side; one pass over
+// the row marks the entries above the bracket and lists the ones inside it;
+// std::nth_element finds the needed value among the listed ones, and a scan in
+// column order takes those above it and, of those equal to it, the lowest columns.
+// A row whose bracket misses (a collapsed or tied bank) is selected over all of its
+// entries: the set never depends on the sample, only the cost does. Rows run in
+// parallel on the CPU device's thread pool.
 //
-// Built on first use by invp_tf/kernels.py; losses._exact_top_mask runs it on
-// machines without a GPU or TPU and outside XLA, and its TensorFlow-op search
-// (the same set) elsewhere.
+// Built on first use by invp_tf/kernels.py; losses._exact_top_mask runs it on the
+// [B, N] similarities, and losses._exact_compact_background on each row's listed
+// candidates, on machines without a GPU or TPU and outside XLA; elsewhere TensorFlow
+// ops find the same set.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <utility>

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from invp_tf import kernels
 from invp_tf import losses
 
 # In the repository, so that every clone runs these tests (they never skip).
@@ -432,8 +431,8 @@ SEARCH_MODES = ["native", "eager", "function", "xla"]
 def _exact_search(fn, mode, monkeypatch):
     """fn (a search over logits) as `mode` runs it."""
     if mode == "native":
-        if kernels.top_mask_op() is None:
-            pytest.fail("the native exact TopM kernel did not build (see the warning above)")
+        if losses._native_top_mask() is None:
+            pytest.fail("the native exact TopM kernel does not run here (see the warning above)")
         return tf.function(fn)
     monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
     return fn if mode == "eager" else tf.function(fn, jit_compile=mode == "xla")
@@ -522,7 +521,7 @@ def test_exact_search_counts_the_excluded_column_once(mode, monkeypatch):
 def test_exact_search_gives_the_losses_of_top_k(background, positive_mode, native, monkeypatch):
     # native: the kernel's set in eager mode (and the ops' under XLA below); else the ops'.
     if native:
-        assert kernels.top_mask_op() is not None, "the native exact TopM kernel did not build"
+        assert losses._native_top_mask() is not None, "the native exact TopM kernel does not run"
     else:
         monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
     v, indices, bank, graph = _clustered_case(n=3000, b=16)
@@ -560,7 +559,7 @@ def _spy_listings(monkeypatch):
 def _compact_exact(monkeypatch, native):
     """Forces the chunked exact search (any N >= M, chunks of 1000 bank rows)."""
     if native:
-        assert kernels.top_mask_op() is not None, "the native exact TopM kernel did not build"
+        assert losses._native_top_mask() is not None, "the native exact TopM kernel does not run"
     else:
         monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
     monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 1)
@@ -592,16 +591,17 @@ def test_compact_exact_search_gives_the_losses_of_top_k(background, native, monk
 
 @pytest.mark.parametrize("native", [True, False])
 def test_compact_exact_search_lists_a_misled_row_again(native, monkeypatch):
-    # Every sampled bank row (every 4th) is close to the anchors and the others are not,
-    # so the sample's lower bound leaves 175 < M rows above it: those rows are listed
-    # again whole, and the set is still top_k's.
+    # Every sampled bank row (every 4th) is close to u and the others are not, so for an
+    # anchor near u the sample's lower bound leaves 175 < M rows above it: those rows are
+    # listed again whole (the others keep their bound), and the set is still top_k's.
     rng = np.random.default_rng(3)
     n, d, b = 6000, 32, 4
     u = rng.standard_normal(d)
     bank = rng.standard_normal((n, d))
     bank[::4] = u + 0.3 * rng.standard_normal((n // 4, d))
     bank = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float32)
-    v = (u + 0.1 * rng.standard_normal((b, d))).astype(np.float32)
+    # Two anchors near u (misled) and two near -u (the sample ranks every row high).
+    v = (np.array([u, u, -u, -u]) + 0.1 * rng.standard_normal((b, d))).astype(np.float32)
     indices = np.array([1, 3, 5, 7])
     graph = rng.integers(0, n, (n, 4))
     kwargs = dict(temperature=0.1, num_background=512, num_layers=2, num_positives=5)
@@ -610,4 +610,36 @@ def test_compact_exact_search_lists_a_misled_row_again(native, monkeypatch):
     got = _losses_and_gradient(v, indices, bank, graph, background_search="exact", **kwargs)
     for got_part, want_part in zip(got, want, strict=True):
         np.testing.assert_allclose(got_part, want_part, rtol=1e-5, atol=1e-6)
-    assert len(listings) == 2 and np.all(np.isneginf(listings[1]))
+    assert len(listings) == 2
+    np.testing.assert_array_equal(np.isneginf(listings[1]), [True, True, False, False])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_compact_exact_search_keeps_top_k_s_set_across_chunks(native, monkeypatch):
+    # Every bank row four times, 1,500 rows apart, so each tie group spans chunks of
+    # 1,000 rows and ties straddle the M-th value (M = 510): the kept (row, column) pairs
+    # are top_k's, the lower columns of a tie included, minus the anchor.
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((1500, 32))
+    bank = np.tile(base / np.linalg.norm(base, axis=1, keepdims=True), (4, 1)).astype(np.float32)
+    indices = rng.choice(6000, 8, replace=False)
+    v = bank[indices] + 0.2 * rng.standard_normal((8, 32)).astype(np.float32)
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    graph = rng.integers(0, 6000, (6000, 4))
+    kept, attach = [], losses._attach_gradient
+
+    def spy(embeddings, bank, row, column, values, temperature):
+        kept.append((row.numpy(), column.numpy()))
+        return attach(embeddings, bank, row, column, values, temperature)
+
+    _compact_exact(monkeypatch, native)
+    monkeypatch.setattr(losses, "_attach_gradient", spy)
+    kwargs = dict(temperature=0.1, num_background=510, num_layers=2, num_positives=5)
+    losses.invp_losses(v, indices, bank, graph, background_search="exact", **kwargs)
+    got = np.zeros((8, 6000), bool)
+    got[kept[0]] = True
+    logits = tf.matmul(tf.math.l2_normalize(v, axis=1), bank, transpose_b=True) / 0.1
+    want = _top_k_mask(logits.numpy(), 510, indices.astype(np.int32))
+    descending = -np.sort(-logits.numpy(), axis=1)
+    assert np.sum(descending[:, 509] == descending[:, 510]) > 0  # ties straddle the M-th
+    np.testing.assert_array_equal(got, want)

@@ -161,6 +161,19 @@ def _count_above(logits, threshold):
     return tf.reduce_sum(tf.cast(partial, tf.int32), axis=1)
 
 
+def _sample_plan(num_background, num_rows):
+    """(stride, sample size, rank, margin) of the searches' strided sample of N columns.
+
+    Every stride-th column (stride M / _SAMPLED_RANK), so a row's M-th largest value
+    is about the rank-th of its sample; margin is four standard deviations of that
+    rank's error, plus 2, in sample ranks (the exact searches' bracket).
+    """
+    stride = max(1, num_background // _SAMPLED_RANK)
+    sample_size = -(-num_rows // stride)  # the columns of [:, ::stride]
+    rank = min(max(1, round(num_background * sample_size / num_rows)), sample_size)
+    return stride, sample_size, rank, math.ceil(4 * math.sqrt(rank)) + 2
+
+
 def _exact_bracket(logits, num_background, candidates):
     """(hi [B], need [B] int32, hit [] bool): where the M-th largest logit of each row sits.
 
@@ -190,12 +203,8 @@ def _exact_bracket(logits, num_background, candidates):
       num_background: M.
       candidates: C.
     """
-    num_rows = logits.shape[1]
-    stride = max(1, num_background // _SAMPLED_RANK)
+    stride, sample_size, rank, margin = _sample_plan(num_background, logits.shape[1])
     sample = logits[:, ::stride]  # [B, ns] every stride-th column
-    sample_size = sample.shape[1]
-    rank = min(max(1, round(num_background * sample_size / num_rows)), sample_size)
-    margin = math.ceil(4 * math.sqrt(rank)) + 2  # sample ranks: 4 sd of its rank error
     depth = min(sample_size, rank + margin)
     values = tf.math.top_k(sample, k=depth).values  # [B, depth], descending
     hi = values[:, rank - margin - 1] if rank > margin else values[:, 0] + 1.0  # [B]
@@ -321,10 +330,8 @@ def _sampled_threshold(embeddings, bank, temperature, num_background):
     stands in for rows near t_i, not for this row (with its gradient, the
     gradient of the trained-bank case in BENCHMARKS.md is 6x further from exact).
     """
-    num_rows = bank.shape[0]
-    stride = max(1, num_background // _SAMPLED_RANK)
+    stride, _, rank, _ = _sample_plan(num_background, bank.shape[0])
     sample = tf.matmul(embeddings, bank[::stride], transpose_b=True) / temperature
-    rank = min(max(1, round(num_background * sample.shape[1] / num_rows)), sample.shape[1])
     values, columns = tf.math.top_k(tf.stop_gradient(sample), k=rank)
     return values[:, -1], columns[:, -1] * stride
 
@@ -431,12 +438,10 @@ def _exact_compact_background(
     """
     batch = tf.shape(embeddings)[0]
     num_rows = bank.shape[0]
-    stride = max(1, num_background // _SAMPLED_RANK)
+    stride, sample_size, rank, margin = _sample_plan(num_background, num_rows)
     frozen = tf.stop_gradient(embeddings)
     sample = tf.matmul(frozen, bank[::stride], transpose_b=True) / temperature  # [B, ns]
-    sample_size = sample.shape[1]
-    rank = min(max(1, round(num_background * sample_size / num_rows)), sample_size)
-    depth = min(sample_size, rank + math.ceil(4 * math.sqrt(rank)) + 2)
+    depth = min(sample_size, rank + margin)
     lo = tf.math.top_k(sample, k=depth).values[:, -1]  # [B]
     if depth == sample_size:  # the whole sample: every row is listed
         lo = tf.fill([batch], -np.inf)

@@ -62,7 +62,7 @@ def main(argv):
         batches.append((logits, tf.constant(rows)))
     default = losses._EXACT_EXTRA_INTERPOLATIONS
     fixed = losses._EXACT_INTERPOLATIONS
-    native = losses._native_top_mask
+    native = losses._native_ops
     variants = {f"{fixed} interpolations": 0, f"up to {fixed + default}": default}
     if native() is not None:
         variants["native kernel"] = None
@@ -71,7 +71,7 @@ def main(argv):
         # Both read when the function is traced: the TensorFlow-op search and its
         # interpolations, or the native kernel.
         losses._EXACT_EXTRA_INTERPOLATIONS = default if extra is None else extra
-        losses._native_top_mask = native if extra is None else (lambda: None)
+        losses._native_ops = native if extra is None else (lambda: None)
         searches[name] = tf.function(lambda x, e: losses._exact_top_mask(x, m, e))
         searches[name](*batches[0])
         misses[name] = (
@@ -80,7 +80,7 @@ def main(argv):
             else sum(not bool(losses._exact_bracket(x, m, c)[2]) for x, _ in batches)
         )
     losses._EXACT_EXTRA_INTERPOLATIONS = default
-    losses._native_top_mask = native
+    losses._native_ops = native
     for batch in batches:  # the fallback, the extra interpolations, the kernel: one set
         first, *others = (searches[name](*batch).numpy() for name in variants)
         assert all(np.array_equal(first, other) for other in others), "the sets differ"

@@ -129,7 +129,7 @@ def _loss_steps(model, embeddings, indices, jit):
 
 def _label(search, jit):
     """The search as the table names it: which exact search ran."""
-    if search == "exact_ops" or (search == "exact" and (jit or not losses._native_top_mask())):
+    if search == "exact_ops" or (search == "exact" and (jit or not losses._native_ops())):
         return "exact (TensorFlow ops)"
     return "exact (native kernel)" if search == "exact" else search
 
@@ -174,13 +174,13 @@ def _time_setting(encoder, bare_step, images, num_examples, num_background, sear
         loss_step, similarity = _loss_steps(model, embeddings, indices, jit)
         step_args = ((images, indices, tf.zeros([batch], tf.int32)),)
         if search == "exact_ops":  # traced now, without the kernel; later calls reuse it
-            native = losses._native_top_mask
-            losses._native_top_mask = lambda: None
+            native = losses._native_ops
+            losses._native_ops = lambda: None
             try:
                 step(*step_args)
                 loss_step[0](*loss_step[1])
             finally:
-                losses._native_top_mask = native
+                losses._native_ops = native
         steps += [(step, step_args), loss_step]
     seconds = _median_seconds((bare_step, (images,)), *steps, similarity)
     per_search = {

@@ -1,18 +1,26 @@
 """Native CPU kernels, compiled from the package's C++ source on first use.
 
-One kernel so far: `InvpTopMask` (invp_tf/top_mask.cc), the exact TopM set of every
-row of [B, N] similarities in one pass per row, which `losses._exact_top_mask`
-runs on machines without a GPU or TPU (3.5x faster than its TensorFlow-op search on
-2 CPU cores, BENCHMARKS.md). TensorFlow's pip package ships the headers and library
-a custom op builds against (`tf.sysconfig`), so the kernel is compiled with the
-machine's C++ compiler the first time it is needed (about 12 s), and the library is
-cached, keyed by the source, the TensorFlow version and the flags:
+invp_tf/top_mask.cc holds three ops, which the TopM searches of `losses` run on
+machines without a GPU or TPU, outside XLA:
+
+- `InvpTopMask`: the exact TopM set of every row of [B, N] similarities in one pass
+  per row (`losses._exact_top_mask`; 3.5x faster than its TensorFlow-op search on 2
+  CPU cores, BENCHMARKS.md);
+- `InvpListAbove`: one chunk's similarities above each row's threshold as flat lists
+  (`losses._list_entries`, the chunked listing of large banks);
+- `InvpListedTop`: the exact TopM set of each row's listed entries, as flat lists
+  (`losses._exact_compact_background`).
+
+TensorFlow's pip package ships the headers and library a custom op builds against
+(`tf.sysconfig`), so the kernels are compiled with the machine's C++ compiler the
+first time they are needed (about 15 s), and the library is cached, keyed by the
+source, the TensorFlow version and the flags:
 
     $INVP_TF_CACHE, else $XDG_CACHE_HOME/invp_tf, else ~/.cache/invp_tf
 
-Where it cannot be built (no compiler, a failed build), a warning says why and the
-TensorFlow-op search runs instead: the same set (for rows without NaN), slower.
-INVP_TF_NATIVE=0 turns the kernel off; CXX names the compiler (default c++).
+Where they cannot be built (no compiler, a failed build), a warning says why and
+TensorFlow ops run instead: the same sets and lists (for rows without NaN), slower.
+INVP_TF_NATIVE=0 turns the kernels off; CXX names the compiler (default c++).
 """
 
 import functools
@@ -30,10 +38,11 @@ from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name("top_mask.cc")
 _BUILD_SECONDS = 600
-try:
-    tf.no_gradient("InvpTopMask")  # a bool mask of its (stop-gradient) logits
-except KeyError:  # registered already (the module reloaded)
-    pass
+for _op in ("InvpTopMask", "InvpListAbove", "InvpListedTop"):
+    try:  # masks and listings of stopped similarities (the losses attach their gradient)
+        tf.no_gradient(_op)
+    except KeyError:  # registered already (the module reloaded)
+        pass
 # The module of the first library loaded: TensorFlow registers an op once per process,
 # and a second library with the same op (another cache directory) yields no wrapper.
 _LOADED = []
@@ -92,7 +101,7 @@ def build(compiler=None):
     handle, partial = tempfile.mkstemp(prefix=path.stem, suffix=".so.partial", dir=path.parent)
     os.close(handle)
     try:
-        logging.warning("Compiling the exact TopM kernel (once, cached in %s) ...", path.parent)
+        logging.warning("Compiling the TopM kernels (once, cached in %s) ...", path.parent)
         done = subprocess.run(
             _command(compiler, partial), capture_output=True, text=True, timeout=_BUILD_SECONDS
         )
@@ -110,8 +119,9 @@ def build(compiler=None):
 
 
 @functools.cache
-def top_mask_op():
-    """The `InvpTopMask` op (a function of logits, excluded, k), or None where unavailable.
+def native_ops():
+    """The loaded library's ops (`.invp_top_mask`, `.invp_list_above`,
+    `.invp_listed_top`), or None where unavailable.
 
     None when INVP_TF_NATIVE is 0 (or false, off, no) or the kernel cannot be built or
     loaded; the latter logs a warning once per process with the reason. Both are
@@ -123,17 +133,20 @@ def top_mask_op():
         path = build()
         if not _LOADED:
             _LOADED.append(tf.load_op_library(str(path)))
-        return _LOADED[0].invp_top_mask
-    except AttributeError:  # this process registered InvpTopMask from another library
+        module = _LOADED[0]
+        for name in ("invp_top_mask", "invp_list_above", "invp_listed_top"):
+            getattr(module, name)
+        return module
+    except AttributeError:  # this process registered the ops from another library
         logging.warning(
-            "The native exact TopM kernel was registered by another copy of invp_tf in "
-            "this process, so the exact search runs as TensorFlow ops (the same set)."
+            "The native TopM kernels were registered by another copy of invp_tf in "
+            "this process, so the searches run as TensorFlow ops (the same sets)."
         )
         return None
     except (RuntimeError, OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
         logging.warning(
-            "The native exact TopM kernel is unavailable, so the exact search runs as "
-            "TensorFlow ops (the same set, about 3x slower on a CPU): %s",
+            "The native TopM kernels are unavailable, so the searches run as "
+            "TensorFlow ops (the same sets, the exact search about 3x slower on a CPU): %s",
             error,
         )
         return None

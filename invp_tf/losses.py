@@ -267,9 +267,9 @@ def _exact_top_mask(logits, num_background, excluded):
       excluded: [B] int32 column cleared in each row.
     """
     logits = tf.stop_gradient(logits)
-    native = _native_top_mask()
+    native = _native_ops()
     if native is not None:
-        return native(logits, tf.cast(excluded, tf.int32), k=num_background)
+        return native.invp_top_mask(logits, tf.cast(excluded, tf.int32), k=num_background)
     candidates = min(_EXACT_CANDIDATES, logits.shape[1])
     hi, need, hit = _exact_bracket(logits, num_background, candidates)
     above = logits > hi[:, None]  # [B, N], all in TopM
@@ -298,17 +298,17 @@ def _exact_top_mask(logits, num_background, excluded):
     return tf.cond(hit, lambda: tf.tensor_scatter_nd_update(above, positions, updates), whole_rows)
 
 
-def _native_top_mask():
-    """kernels.top_mask_op() where it applies, else None (the TensorFlow-op search).
+def _native_ops():
+    """kernels.native_ops() where they apply, else None (TensorFlow ops).
 
-    It applies on a machine without a GPU or TPU, outside XLA: it is a CPU kernel, and
-    on an accelerator the [B, N] logits would travel to the host and back every step.
+    They apply on a machine without a GPU or TPU, outside XLA: they are CPU kernels, and
+    on an accelerator the similarities would travel to the host and back every step.
     """
     if _in_xla_context():
         return None
     if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
         return None
-    return kernels.top_mask_op()
+    return kernels.native_ops()
 
 
 def _in_xla_context():
@@ -341,15 +341,27 @@ def _list_entries(embeddings, bank, threshold, temperature):
 
     The bank is scored _CHUNK_ROWS rows at a time, so [B, N] is never held. Within
     a row the entries come in column order; position is an entry's place among
-    its row's, count the entries of every row.
+    its row's, count the entries of every row. Each chunk is listed by the native
+    `InvpListAbove` (one read of the chunk) where it runs, else by TensorFlow ops
+    (the same lists in the same order).
     """
     batch = tf.shape(embeddings)[0]
     rows, columns, values, positions = [], [], [], []
     count = tf.zeros([batch], tf.int32)
     frozen = tf.stop_gradient(embeddings)
+    native = _native_ops()
     for start in range(0, bank.shape[0], _CHUNK_ROWS):
         chunk = tf.matmul(frozen, bank[start : start + _CHUNK_ROWS], transpose_b=True)
         chunk /= temperature  # [B, c]
+        if native is not None and chunk.dtype == tf.float32:
+            row, column, value, position, count = native.invp_list_above(
+                chunk, threshold, count, start
+            )
+            for parts, part in zip(
+                (rows, columns, values, positions), (row, column, value, position), strict=True
+            ):
+                parts.append(part)
+            continue
         where = tf.where(chunk > threshold[:, None])  # [C_c, 2] int64, rows ascending
         row = tf.cast(where[:, 0], tf.int32)
         in_chunk = tf.math.unsorted_segment_sum(tf.ones_like(row), row, batch)  # [B]
@@ -426,9 +438,10 @@ def _exact_compact_background(
     2. The s_ij > lo listed in chunks (`_list_entries`, about 1.4 M per row),
        each row's in column order. A row with fewer than M (the sample misled)
        is listed again whole (lo = -inf): the set never depends on the sample.
-    3. Each row's listed values laid out densely ([B, most listed], -inf padded,
-       in column order) and its top M taken there: the native kernel where it runs,
-       else tf.math.top_k (both: value, then lower column).
+    3. Each row's top M among its listed values (value, then lower column), but
+       column i: the native `InvpListedTop` on the flat lists where it runs; else
+       the values laid out densely ([B, most listed], -inf padded, in column order)
+       and tf.math.top_k taken there.
     4. Only the M entries kept per row get a gradient (a [B * M, D] gather, as in
        the sampled search).
 
@@ -457,14 +470,16 @@ def _exact_compact_background(
             lambda: _list_entries(frozen, bank, tf.where(enough, lo, -np.inf), temperature),
         )
     )
-    place = tf.stack([row, position], axis=1)  # [C, 2]
-    dense = tf.tensor_scatter_nd_update(
-        tf.fill([batch, tf.reduce_max(count)], -np.inf), place, value
-    )
-    native = _native_top_mask()
-    if native is not None:
-        chosen = native(dense, tf.fill([batch], -1), k=num_background)
+    native = _native_ops()
+    if native is not None:  # TopM - {i} as flat lists, row-major
+        row, column, value = native.invp_listed_top(
+            value, row, column, count, tf.cast(indices, tf.int32), k=num_background
+        )
     else:
+        place = tf.stack([row, position], axis=1)  # [C, 2]
+        dense = tf.tensor_scatter_nd_update(
+            tf.fill([batch, tf.reduce_max(count)], -np.inf), place, value
+        )
         _, top = tf.math.top_k(dense, k=num_background)  # [B, M] places
         top_rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(top))
         chosen = tf.scatter_nd(
@@ -472,9 +487,9 @@ def _exact_compact_background(
             tf.ones([tf.size(top)], tf.bool),
             tf.shape(dense),
         )
-    keep = tf.gather_nd(chosen, place) & (column != tf.gather(indices, row))  # TopM - {i}
-    kept = tf.where(keep)[:, 0]
-    row, column, value = (tf.gather(x, kept) for x in (row, column, value))
+        keep = tf.gather_nd(chosen, place) & (column != tf.gather(indices, row))  # TopM - {i}
+        kept = tf.where(keep)[:, 0]
+        row, column, value = (tf.gather(x, kept) for x in (row, column, value))
     value = _attach_gradient(embeddings, bank, row, column, value, temperature)
     lse_top = _segment_sum_exp(value, tf.ones_like(row, tf.bool), row, batch)
     if background != "exact":

@@ -1,3 +1,12 @@
+// The TopM searches' CPU kernels (invp_tf/kernels.py builds them, invp_tf/losses.py
+// runs them on machines without a GPU or TPU, outside XLA; elsewhere TensorFlow ops
+// compute the same):
+// - InvpTopMask: the exact TopM set of [B, N] similarities (losses._exact_top_mask);
+// - InvpListAbove: one bank chunk's similarities above a threshold as flat lists
+//   (losses._list_entries, the chunked listing of large banks);
+// - InvpListedTop: InvpTopMask's set over each row's listed entries, the kept ones
+//   as flat lists (losses._exact_compact_background).
+//
 // InvpTopMask: the exact TopM set of every row as a [B, N] bool mask, one CPU pass per row.
 //
 // Row b of the output holds the k columns of tf.math.top_k(logits[b], k): the k
@@ -17,16 +26,15 @@
 // entries: the set never depends on the sample, only the cost does. Rows run in
 // parallel on the CPU device's thread pool.
 //
-// Built on first use by invp_tf/kernels.py; losses._exact_top_mask runs it on the
-// [B, N] similarities, and losses._exact_compact_background on each row's listed
-// candidates, on machines without a GPU or TPU and outside XLA; elsewhere TensorFlow
-// ops find the same set.
+// InvpListedTop runs the same per-row selection (SelectRow) over each row's listed
+// entries.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -207,6 +215,254 @@ REGISTER_OP("InvpTopMask")
     .Doc("Row b: the k columns of tf.math.top_k(logits[b], k), minus column excluded[b].");
 
 REGISTER_KERNEL_BUILDER(Name("InvpTopMask").Device(::tensorflow::DEVICE_CPU), TopMaskOp);
+
+// InvpListAbove: the entries of one chunk of similarities above each row's threshold,
+// as flat lists in row-major order (rows ascending, then columns ascending).
+//
+// logits [B, c], threshold [B], base [B] (entries listed for each row before this
+// chunk), column_offset (the chunk's first bank row). Outputs, for the C entries with
+// logits[b, j] > threshold[b] (NaN never is): row [C], column [C] = column_offset + j,
+// value [C], position [C] (the entry's place among its row's, counting base), and
+// count [B] = base + the row's entries in this chunk. Concatenated over chunks, each
+// row's entries stay in column order. One read of the chunk, rows in parallel.
+class ListAboveOp : public OpKernel {
+ public:
+  explicit ListAboveOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& logits = context->input(0);
+    const Tensor& threshold = context->input(1);
+    const Tensor& base = context->input(2);
+    const Tensor& offset = context->input(3);
+    OP_REQUIRES(context, TensorShapeUtils::IsMatrix(logits.shape()),
+                absl::InvalidArgumentError("InvpListAbove: logits must be [B, c], got " +
+                                           logits.shape().DebugString()));
+    const int64_t batch = logits.dim_size(0), n = logits.dim_size(1);
+    for (const Tensor* vector : {&threshold, &base}) {
+      OP_REQUIRES(context,
+                  TensorShapeUtils::IsVector(vector->shape()) && vector->dim_size(0) == batch,
+                  absl::InvalidArgumentError(
+                      "InvpListAbove: threshold and base must be [B] = [" +
+                      std::to_string(batch) + "], got " + vector->shape().DebugString()));
+    }
+    OP_REQUIRES(context, TensorShapeUtils::IsScalar(offset.shape()),
+                absl::InvalidArgumentError("InvpListAbove: column_offset must be a scalar"));
+    const int64_t first_column = offset.scalar<int32_t>()();
+    OP_REQUIRES(context,
+                first_column >= 0 && first_column + n <= std::numeric_limits<int32_t>::max(),
+                absl::InvalidArgumentError("InvpListAbove: columns out of int32 range"));
+    const float* x = logits.flat<float>().data();
+    const float* t = threshold.flat<float>().data();
+    const int32_t* before = base.flat<int32_t>().data();
+    // Pass 1: each row's listed columns, kept per row (a small fraction of the chunk).
+    std::vector<std::vector<int32_t>> listed(batch);
+    auto collect = [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const float* row = x + b * n;
+        const float cut = t[b];
+        std::vector<int32_t>& out = listed[b];
+        for (int64_t j = 0; j < n; ++j) {
+          if (row[j] > cut) out.push_back(static_cast<int32_t>(j));
+        }
+      }
+    };
+    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers.num_threads, workers.workers, batch, /*cost_per_unit=*/n * 2,
+                        collect);
+    std::vector<int64_t> start(batch + 1, 0);
+    for (int64_t b = 0; b < batch; ++b) start[b + 1] = start[b] + listed[b].size();
+    const int64_t total = start[batch];
+    Tensor *row_out = nullptr, *column_out = nullptr, *value_out = nullptr,
+           *position_out = nullptr, *count_out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({total}), &row_out));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({total}), &column_out));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({total}), &value_out));
+    OP_REQUIRES_OK(context, context->allocate_output(3, TensorShape({total}), &position_out));
+    OP_REQUIRES_OK(context, context->allocate_output(4, TensorShape({batch}), &count_out));
+    int32_t* rows = row_out->flat<int32_t>().data();
+    int32_t* columns = column_out->flat<int32_t>().data();
+    float* values = value_out->flat<float>().data();
+    int32_t* positions = position_out->flat<int32_t>().data();
+    int32_t* count = count_out->flat<int32_t>().data();
+    // Pass 2: each row's entries copied to its place in the flat lists.
+    auto place = [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const std::vector<int32_t>& in = listed[b];
+        const int64_t size = in.size();
+        for (int64_t i = 0; i < size; ++i) {
+          const int64_t p = start[b] + i;
+          rows[p] = static_cast<int32_t>(b);
+          columns[p] = static_cast<int32_t>(first_column + in[i]);
+          values[p] = x[b * n + in[i]];
+          positions[p] = static_cast<int32_t>(before[b] + i);
+        }
+        count[b] = static_cast<int32_t>(before[b] + size);
+      }
+    };
+    ::tensorflow::Shard(workers.num_threads, workers.workers, batch,
+                        /*cost_per_unit=*/std::max<int64_t>(1, total / std::max<int64_t>(1, batch)) * 4,
+                        place);
+  }
+};
+
+REGISTER_OP("InvpListAbove")
+    .Input("logits: float")
+    .Input("threshold: float")
+    .Input("base: int32")
+    .Input("column_offset: int32")
+    .Output("row: int32")
+    .Output("column: int32")
+    .Output("value: float")
+    .Output("position: int32")
+    .Output("count: int32")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle logits, vector;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &logits));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &vector));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &vector));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &vector));
+      for (int i = 0; i < 4; ++i) c->set_output(i, c->Vector(c->UnknownDim()));
+      c->set_output(4, c->Vector(c->Dim(logits, 0)));
+      return absl::OkStatus();
+    })
+    .Doc("The entries of logits [B, c] above threshold[b], row-major flat lists.");
+
+REGISTER_KERNEL_BUILDER(Name("InvpListAbove").Device(::tensorflow::DEVICE_CPU), ListAboveOp);
+
+// InvpListedTop: InvpTopMask on flat lists, returning the kept entries. Per row, the
+// k largest of its listed values, among ties the earlier entries (with each row's
+// entries in column order, as InvpListAbove lists them, that is top_k's lower
+// column), then the entry at column excluded[b] dropped.
+//
+// value [C], row [C] (each in 0..B-1), column [C], count [B] (each row's entries; they
+// sum to C), excluded [B]. Outputs the kept entries' row, column and value, row-major
+// (rows ascending, then their listed order). A row with at most k entries keeps them
+// all (but the excluded one).
+class ListedTopOp : public OpKernel {
+ public:
+  explicit ListedTopOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("k", &k_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& value = context->input(0);
+    const Tensor& row = context->input(1);
+    const Tensor& column = context->input(2);
+    const Tensor& count = context->input(3);
+    const Tensor& excluded = context->input(4);
+    OP_REQUIRES(context,
+                TensorShapeUtils::IsVector(value.shape()) &&
+                    value.shape() == row.shape() && value.shape() == column.shape(),
+                absl::InvalidArgumentError(
+                    "InvpListedTop: value, row and column must be [C], got " +
+                    value.shape().DebugString() + ", " + row.shape().DebugString() + " and " +
+                    column.shape().DebugString()));
+    OP_REQUIRES(context,
+                TensorShapeUtils::IsVector(count.shape()) && excluded.shape() == count.shape(),
+                absl::InvalidArgumentError("InvpListedTop: count and excluded must be [B], got " +
+                                           count.shape().DebugString() + " and " +
+                                           excluded.shape().DebugString()));
+    const int64_t total = value.dim_size(0), batch = count.dim_size(0);
+    const float* values = value.flat<float>().data();
+    const int32_t* rows = row.flat<int32_t>().data();
+    const int32_t* columns = column.flat<int32_t>().data();
+    const int32_t* counts = count.flat<int32_t>().data();
+    const int32_t* skip = excluded.flat<int32_t>().data();
+    std::vector<int64_t> start(batch + 1, 0);
+    for (int64_t b = 0; b < batch; ++b) {
+      OP_REQUIRES(context, counts[b] >= 0,
+                  absl::InvalidArgumentError("InvpListedTop: a negative count"));
+      start[b + 1] = start[b] + counts[b];
+    }
+    OP_REQUIRES(context, start[batch] == total,
+                absl::InvalidArgumentError("InvpListedTop: count sums to " +
+                                           std::to_string(start[batch]) + ", not C = " +
+                                           std::to_string(total)));
+    // Each row's entry indices, in flat order (a counting sort by row).
+    std::vector<int64_t> order(total);
+    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < total; ++i) {
+      const int32_t b = rows[i];
+      OP_REQUIRES(context, b >= 0 && b < batch && cursor[b] < start[b + 1],
+                  absl::InvalidArgumentError("InvpListedTop: row " + std::to_string(b) +
+                                             " out of range or over its count"));
+      order[cursor[b]++] = i;
+    }
+    // Per row, the flat indices of its kept entries (in place in `order`), and how many.
+    std::vector<int64_t> kept(batch, 0);
+    const int64_t k = k_;
+    auto select = [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      std::vector<float> listed;
+      std::unique_ptr<bool[]> out;
+      int64_t capacity = 0;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = start[b + 1] - start[b];
+        int64_t* index = order.data() + start[b];
+        listed.resize(n);
+        if (n > capacity) {
+          capacity = n;
+          out.reset(new bool[capacity]);
+        }
+        for (int64_t j = 0; j < n; ++j) listed[j] = values[index[j]];
+        SelectRow(listed.data(), n, k, out.get(), &scratch);
+        int64_t size = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          if (out[j] && columns[index[j]] != skip[b]) index[size++] = index[j];
+        }
+        kept[b] = size;
+      }
+    };
+    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+    const int64_t per_row = std::max<int64_t>(1, total / std::max<int64_t>(1, batch));
+    ::tensorflow::Shard(workers.num_threads, workers.workers, batch, per_row * 8, select);
+    std::vector<int64_t> first(batch + 1, 0);
+    for (int64_t b = 0; b < batch; ++b) first[b + 1] = first[b] + kept[b];
+    Tensor *row_out = nullptr, *column_out = nullptr, *value_out = nullptr;
+    const TensorShape shape({first[batch]});
+    OP_REQUIRES_OK(context, context->allocate_output(0, shape, &row_out));
+    OP_REQUIRES_OK(context, context->allocate_output(1, shape, &column_out));
+    OP_REQUIRES_OK(context, context->allocate_output(2, shape, &value_out));
+    int32_t* row_kept = row_out->flat<int32_t>().data();
+    int32_t* column_kept = column_out->flat<int32_t>().data();
+    float* value_kept = value_out->flat<float>().data();
+    auto gather = [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t* index = order.data() + start[b];
+        for (int64_t j = 0; j < kept[b]; ++j) {
+          row_kept[first[b] + j] = static_cast<int32_t>(b);
+          column_kept[first[b] + j] = columns[index[j]];
+          value_kept[first[b] + j] = values[index[j]];
+        }
+      }
+    };
+    ::tensorflow::Shard(workers.num_threads, workers.workers, batch, per_row * 2, gather);
+  }
+
+ private:
+  int64_t k_;
+};
+
+REGISTER_OP("InvpListedTop")
+    .Input("value: float")
+    .Input("row: int32")
+    .Input("column: int32")
+    .Input("count: int32")
+    .Input("excluded: int32")
+    .Attr("k: int >= 1")
+    .Output("kept_row: int32")
+    .Output("kept_column: int32")
+    .Output("kept_value: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle vector;
+      for (int i = 0; i < 5; ++i) TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &vector));
+      for (int i = 0; i < 3; ++i) c->set_output(i, c->Vector(c->UnknownDim()));
+      return absl::OkStatus();
+    })
+    .Doc("Per row of flat lists: its k largest values (ties to the earlier entry), "
+         "but the excluded column; the kept entries, row-major.");
+
+REGISTER_KERNEL_BUILDER(Name("InvpListedTop").Device(::tensorflow::DEVICE_CPU), ListedTopOp);
 
 }  // namespace
 }  // namespace invp_tf

@@ -12,18 +12,18 @@ from invp_tf import losses
 
 @pytest.fixture(name="op")
 def fixture_op():
-    op = kernels.top_mask_op()
-    assert op is not None, "the native exact TopM kernel did not build (see the warning)"
-    return op
+    ops = kernels.native_ops()
+    assert ops is not None, "the native TopM kernels did not build (see the warning)"
+    return ops.invp_top_mask
 
 
 @pytest.fixture(name="fresh")
 def fixture_fresh(monkeypatch, tmp_path):
     """An empty kernel cache and no loaded op; restored afterwards."""
     monkeypatch.setenv("INVP_TF_CACHE", str(tmp_path / "cache"))
-    kernels.top_mask_op.cache_clear()
+    kernels.native_ops.cache_clear()
     yield tmp_path / "cache"
-    kernels.top_mask_op.cache_clear()
+    kernels.native_ops.cache_clear()
 
 
 def _top_k_mask(logits, k, excluded):
@@ -46,7 +46,7 @@ def test_build_writes_one_library_and_reuses_it(fresh, monkeypatch):
 
     monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
     assert kernels.build() == path
-    assert kernels.top_mask_op() is not None  # loads the cached library
+    assert kernels.native_ops() is not None  # loads the cached library
 
 
 def test_a_changed_source_gets_its_own_library(fresh, tmp_path, monkeypatch):
@@ -68,7 +68,7 @@ def test_a_failed_build_names_the_compiler_and_falls_back(fresh, tmp_path, monke
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(RuntimeError, match="no C.. compiler 'no-such-compiler'"):
         kernels.build()
-    assert kernels.top_mask_op() is None  # a warning, not an error
+    assert kernels.native_ops() is None  # a warning, not an error
     # ... and the exact search still gives the top_k set, as TensorFlow ops.
     logits = np.random.default_rng(0).standard_normal((4, 500)).astype(np.float32)
     excluded = np.array([0, 1, 2, 3], np.int32)
@@ -78,7 +78,7 @@ def test_a_failed_build_names_the_compiler_and_falls_back(fresh, tmp_path, monke
 
 def test_the_kernel_can_be_turned_off(fresh, monkeypatch):
     monkeypatch.setenv("INVP_TF_NATIVE", "0")
-    assert kernels.top_mask_op() is None
+    assert kernels.native_ops() is None
     assert not os.path.exists(fresh)  # nor built
 
 
@@ -148,3 +148,104 @@ def test_bad_shapes_are_named(op):
         op(tf.zeros([2, 3, 4]), tf.zeros([2], tf.int32), k=1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="excluded must be"):
         op(tf.zeros([2, 3]), tf.zeros([3], tf.int32), k=1)
+
+
+@pytest.fixture(name="native")
+def fixture_native():
+    ops = kernels.native_ops()
+    assert ops is not None, "the native TopM kernels did not build (see the warning)"
+    return ops
+
+
+def _listing_oracle(logits, threshold, base, offset):
+    """InvpListAbove's outputs by NumPy: row-major entries above each row's threshold."""
+    rows, columns = np.nonzero(logits > threshold[:, None])  # row-major, NaN never listed
+    in_row = np.bincount(rows, minlength=len(logits)).astype(np.int32)
+    first = np.cumsum(in_row) - in_row
+    positions = np.arange(len(rows)) - first[rows] + base[rows]
+    return rows, columns + offset, logits[rows, columns], positions, base + in_row
+
+
+def test_list_above_lists_row_major_with_positions(native):
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((6, 500)).astype(np.float32)
+    logits[1, ::7] = np.nan
+    threshold = np.array([1.5, 1.0, np.inf, -np.inf, 2.0, 0.5], np.float32)
+    threshold[4] = logits[4].max()  # strictly above: nothing listed in row 4
+    base = np.array([0, 3, 9, 0, 2, 1], np.int32)
+    got = native.invp_list_above(logits, threshold, base, 1000)
+    want = _listing_oracle(logits, threshold, base, 1000)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.numpy(), w)
+    assert got[0].dtype == tf.int32 and got[2].dtype == tf.float32
+    assert got[4].numpy()[3] == 500 - 0  # -inf lists every number of row 3
+    empty = native.invp_list_above(tf.zeros([0, 4]), tf.zeros([0]), tf.zeros([0], tf.int32), 0)
+    assert [t.shape[0] for t in empty] == [0, 0, 0, 0, 0]
+
+
+def test_list_above_bad_shapes_are_named(native):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="threshold and base must be"):
+        native.invp_list_above(tf.zeros([2, 3]), tf.zeros([3]), tf.zeros([2], tf.int32), 0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="logits must be"):
+        native.invp_list_above(tf.zeros([3]), tf.zeros([3]), tf.zeros([3], tf.int32), 0)
+
+
+def _chunked_listing(native, logits, threshold, chunk):
+    """The flat lists of `logits` listed `chunk` columns at a time (chunk-major)."""
+    parts, count = [], tf.zeros([len(logits)], tf.int32)
+    for start in range(0, logits.shape[1], chunk):
+        *lists, count = native.invp_list_above(
+            logits[:, start : start + chunk], threshold, count, start
+        )
+        parts.append(lists)
+    row, column, value, position = (tf.concat(p, 0).numpy() for p in zip(*parts, strict=True))
+    return row, column, value, position, count.numpy()
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_listed_top_is_top_k_over_each_rows_listing(native, quantised):
+    # Chunk-major flat lists, as the chunked exact search holds them; a row's top k
+    # among its listed entries must be top_k's over the row (ties: lower column),
+    # less the excluded column, returned row-major.
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((12, 3000)).astype(np.float32)
+    if quantised:  # a dozen values: hundreds tie at the k-th, across chunks
+        logits = np.round(logits * 2) / 2
+    k = 300
+    threshold = np.sort(logits, axis=1)[:, -450].astype(np.float32) - 1e-3  # ~450 listed
+    threshold[0] = np.sort(logits[0])[-200]  # fewer than k listed: all of them kept
+    row, column, value, _, count = _chunked_listing(native, logits, threshold, 700)
+    listed = np.full(logits.shape, -np.inf, np.float32)
+    listed[row, column] = value
+    top = _top_k_mask(listed, k, [-1] * 12)
+    excluded = np.argmax(np.where(top, rng.random(logits.shape), -1), axis=1).astype(np.int32)
+    excluded[3] = -1  # nothing excluded
+    excluded[4] = np.flatnonzero(~top[4])[0]  # a column outside TopM: nothing dropped
+    got_row, got_column, got_value = (
+        t.numpy() for t in native.invp_listed_top(value, row, column, count, excluded, k=k)
+    )
+    want = top.copy()
+    want[0] = logits[0] > threshold[0]
+    for b, c in enumerate(excluded):
+        if c >= 0:
+            want[b, c] = False
+    want_row, want_column = np.nonzero(want)  # row-major
+    np.testing.assert_array_equal(got_row, want_row)
+    np.testing.assert_array_equal(got_column, want_column)
+    np.testing.assert_array_equal(got_value, logits[want_row, want_column])
+    assert np.bincount(got_row, minlength=12)[[3, 4]].tolist() == [k, k]
+
+
+def test_listed_top_bad_lists_are_named(native):
+    value, row, column = tf.zeros([4]), tf.constant([0, 0, 1, 1]), tf.constant([0, 1, 0, 1])
+    excluded = tf.constant([-1, -1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="count sums to 3, not C = 4"):
+        native.invp_listed_top(value, row, column, tf.constant([2, 1]), excluded, k=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="row 2 out of range"):
+        native.invp_listed_top(
+            value, tf.constant([0, 0, 1, 2]), column, tf.constant([2, 2]), excluded, k=1
+        )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="value, row and column must be"):
+        native.invp_listed_top(value, row[:3], column, tf.constant([2, 2]), excluded, k=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="count and excluded must be"):
+        native.invp_listed_top(value, row, column, tf.constant([2, 2]), excluded[:1], k=1)

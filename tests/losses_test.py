@@ -235,12 +235,19 @@ SAMPLED_OPTIONS = [
 ]
 
 
-@pytest.fixture(params=["dense", "compact"])
+@pytest.fixture(params=["dense", "compact", "compact_ops"])
 def sampled_path(request, monkeypatch):
-    """Runs a test once per implementation of the sampled search."""
-    if request.param == "compact":
+    """Runs a test once per implementation of the sampled search.
+
+    compact: the flat lists (native listing on a CPU); compact_ops: TensorFlow ops list.
+    """
+    if request.param.startswith("compact"):
         monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 1)  # the flat-list path at any N
         monkeypatch.setattr(losses, "_CHUNK_ROWS", 7)  # and several bank chunks
+        if request.param == "compact":
+            assert losses._native_ops() is not None, "the native TopM kernels do not run"
+        else:
+            monkeypatch.setattr(losses, "_native_ops", lambda: None)
     else:
         monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 10**9)
     return request.param
@@ -431,10 +438,10 @@ SEARCH_MODES = ["native", "eager", "function", "xla"]
 def _exact_search(fn, mode, monkeypatch):
     """fn (a search over logits) as `mode` runs it."""
     if mode == "native":
-        if losses._native_top_mask() is None:
+        if losses._native_ops() is None:
             pytest.fail("the native exact TopM kernel does not run here (see the warning above)")
         return tf.function(fn)
-    monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
+    monkeypatch.setattr(losses, "_native_ops", lambda: None)
     return fn if mode == "eager" else tf.function(fn, jit_compile=mode == "xla")
 
 
@@ -521,9 +528,9 @@ def test_exact_search_counts_the_excluded_column_once(mode, monkeypatch):
 def test_exact_search_gives_the_losses_of_top_k(background, positive_mode, native, monkeypatch):
     # native: the kernel's set in eager mode (and the ops' under XLA below); else the ops'.
     if native:
-        assert losses._native_top_mask() is not None, "the native exact TopM kernel does not run"
+        assert losses._native_ops() is not None, "the native exact TopM kernel does not run"
     else:
-        monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
+        monkeypatch.setattr(losses, "_native_ops", lambda: None)
     v, indices, bank, graph = _clustered_case(n=3000, b=16)
     kwargs = dict(
         temperature=0.1,
@@ -559,9 +566,9 @@ def _spy_listings(monkeypatch):
 def _compact_exact(monkeypatch, native):
     """Forces the chunked exact search (any N >= M, chunks of 1000 bank rows)."""
     if native:
-        assert losses._native_top_mask() is not None, "the native exact TopM kernel does not run"
+        assert losses._native_ops() is not None, "the native exact TopM kernel does not run"
     else:
-        monkeypatch.setattr(losses, "_native_top_mask", lambda: None)
+        monkeypatch.setattr(losses, "_native_ops", lambda: None)
     monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 1)
     monkeypatch.setattr(losses, "_CHUNK_ROWS", 1000)
 

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -90,3 +91,25 @@ def write_json(path, value):
         json.dump(value, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def paired_difference(a, b):
+    """Mean and 95% t-interval of the paired differences a - b (None bounds for one pair)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from scipy import stats  # pylint: disable=g-import-not-at-top  # scikit-learn's dependency
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def paired_speed_ratio(seconds_a, seconds_b):
+    """Speed of A over B (B's seconds / A's) from paired rounds: geometric mean and its
+    95% t-interval over the rounds' log ratios (None bounds for one round)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    mean, low, high = paired_difference(np.log(seconds_b), np.log(seconds_a))
+    return tuple(None if x is None else float(np.exp(x)) for x in (mean, low, high))

@@ -20,7 +20,6 @@ per arm the mean over seeds, and for each arm the paired difference arm - refere
 the seeds both finished, its mean and 95% t-interval ("not separable" when it covers 0).
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -161,18 +160,6 @@ def run_one(dataset, arm, seed, runs, study):
     return result
 
 
-def paired_difference(a, b):
-    """Mean and 95% t-interval of the paired differences a - b (lists by seed)."""
-    from scipy import stats  # scikit-learn's dependency
-
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    mean = float(d.mean())
-    if len(d) < 2:
-        return mean, None, None
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-    return mean, mean - half, mean + half
-
-
 def _diff_cell(mean, low, high):
     if low is None:
         return f"{mean:+.4f} (1 seed, no CI)"
@@ -224,7 +211,7 @@ def table(study, dataset, arms, seeds):
                 continue
             diffs.append(
                 _diff_cell(
-                    *paired_difference(
+                    *report.paired_difference(
                         [rs[s][metric] for s in common], [runs[ref][s][metric] for s in common]
                     )
                 )

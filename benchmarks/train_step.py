@@ -14,7 +14,8 @@ matmul alone (forward + gradient), so the overhead can be split.
 Synthetic inputs and a random bank and graph; medians of --steps rounds after
 two warm-up calls, every round timing the bare step, then the InvP step and the
 loss alone of every --background_search, then the similarity matmul, once each,
-so load changes hit them alike. --mixed_precision runs
+so load changes hit them alike; the first two searches' speed ratio is also given
+paired by round, with its 95% t-interval. --mixed_precision runs
 the encoder under Keras' mixed_bfloat16 policy (CPU; mixed_float16 on a GPU);
 the loss is float32 either way. Appends one row per setting to BENCHMARKS.md,
 with the load average.
@@ -68,8 +69,8 @@ _NOTE = flags.DEFINE_string(
 )
 
 
-def _median_seconds(*steps):
-    """Median seconds of each (function, args) pair, timed in alternation.
+def _round_seconds(*steps):
+    """Seconds of each (function, args) pair per round, timed in alternation.
 
     Two warm-up calls each, then --steps rounds that call every function once, so
     a change of machine load during the run hits all of them alike.
@@ -83,7 +84,7 @@ def _median_seconds(*steps):
             start = time.perf_counter()
             tf.nest.map_structure(lambda t: t.numpy(), step(*args))
             seconds.append(time.perf_counter() - start)
-    return [statistics.median(seconds) for seconds in times]
+    return times
 
 
 def _bare_step(encoder, jit):
@@ -145,7 +146,8 @@ def _time_setting(encoder, bare_step, images, num_examples, num_background, sear
     timed in the same alternation, so that the searches meet the same load.
 
     Returns:
-      (bare seconds, {search: (InvP step seconds, loss seconds)}, matmul seconds).
+      (bare seconds, {search: (InvP step seconds, loss seconds)}, matmul seconds,
+      {search: (InvP step seconds, loss seconds) of every round}); seconds are medians.
     """
     batch = images.shape[0]
     indices = tf.constant(rng.choice(num_examples, batch, replace=False), tf.int32)
@@ -182,11 +184,15 @@ def _time_setting(encoder, bare_step, images, num_examples, num_background, sear
             finally:
                 losses._native_ops = native
         steps += [(step, step_args), loss_step]
-    seconds = _median_seconds((bare_step, (images,)), *steps, similarity)
+    rounds = _round_seconds((bare_step, (images,)), *steps, similarity)
+    seconds = [statistics.median(times) for times in rounds]
     per_search = {
         search: (seconds[1 + 2 * i], seconds[2 + 2 * i]) for i, search in enumerate(searches)
     }
-    return seconds[0], per_search, seconds[-1]
+    per_round = {
+        search: (rounds[1 + 2 * i], rounds[2 + 2 * i]) for i, search in enumerate(searches)
+    }
+    return seconds[0], per_search, seconds[-1], per_round
 
 
 def _closeness(path, num_background):
@@ -262,7 +268,7 @@ def main(argv):
         for num_examples in map(int, _BANKS.value):
             for num_background in map(int, _BACKGROUND.value):
                 load = os.getloadavg()[0]
-                bare_s, per_search, matmul_s = _time_setting(
+                bare_s, per_search, matmul_s, per_round = _time_setting(
                     encoder,
                     bare_step,
                     images,
@@ -300,7 +306,25 @@ def main(argv):
                         f"{loss_s / bare_s:.0%} of the bare step, of which similarity matmul "
                         f"{matmul_s * 1e3:.1f} ms"
                     )
+                if len(per_round) >= 2:
+                    paired = _paired_summary(per_round, jit)
+                    print(paired, flush=True)
+                    rows[-1] += f"; {paired}"
     report.append_rows(_OUTPUT.value, rows)
+
+
+def _paired_summary(per_round, jit):
+    """The first two searches' speed ratio, paired by round, for the step and the loss."""
+    (first, (step_a, loss_a)), (second, (step_b, loss_b)) = list(per_round.items())[:2]
+    parts = []
+    for what, a, b in (("InvP step", step_a, step_b), ("loss alone", loss_a, loss_b)):
+        mean, low, high = report.paired_speed_ratio(a, b)
+        interval = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+        parts.append(f"{what} {mean:.3f}{interval}")
+    return (
+        f"speed {_label(first, jit)} / {_label(second, jit)}, paired by round over "
+        f"{len(step_a)} rounds (geometric mean, 95% t-interval): {', '.join(parts)}"
+    )
 
 
 if __name__ == "__main__":

@@ -473,7 +473,7 @@ def _exact_compact_background(
     native = _native_ops()
     if native is not None:  # TopM - {i} as flat lists, row-major
         row, column, value = native.invp_listed_top(
-            value, row, column, count, tf.cast(indices, tf.int32), k=num_background
+            value, row, column, position, count, tf.cast(indices, tf.int32), k=num_background
         )
     else:
         place = tf.stack([row, position], axis=1)  # [C, 2]

@@ -30,6 +30,7 @@
 // entries.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -330,14 +331,15 @@ REGISTER_OP("InvpListAbove")
 REGISTER_KERNEL_BUILDER(Name("InvpListAbove").Device(::tensorflow::DEVICE_CPU), ListAboveOp);
 
 // InvpListedTop: InvpTopMask on flat lists, returning the kept entries. Per row, the
-// k largest of its listed values, among ties the earlier entries (with each row's
-// entries in column order, as InvpListAbove lists them, that is top_k's lower
-// column), then the entry at column excluded[b] dropped.
+// k largest of its listed values, among ties the lower position (positions in column
+// order, as InvpListAbove gives them: top_k's lower column), then the entry at column
+// excluded[b] dropped.
 //
-// value [C], row [C] (each in 0..B-1), column [C], count [B] (each row's entries; they
-// sum to C), excluded [B]. Outputs the kept entries' row, column and value, row-major
-// (rows ascending, then their listed order). A row with at most k entries keeps them
-// all (but the excluded one).
+// value [C], row [C] (each in 0..B-1), column [C], position [C] (the entry's place
+// among its row's: 0..count[row]-1, each once), count [B] (they sum to C), excluded
+// [B]. Outputs the kept entries' row, column and value, row-major (rows ascending,
+// then positions ascending). A row with at most k entries keeps them all (but the
+// excluded one).
 class ListedTopOp : public OpKernel {
  public:
   explicit ListedTopOp(OpKernelConstruction* context) : OpKernel(context) {
@@ -348,15 +350,16 @@ class ListedTopOp : public OpKernel {
     const Tensor& value = context->input(0);
     const Tensor& row = context->input(1);
     const Tensor& column = context->input(2);
-    const Tensor& count = context->input(3);
-    const Tensor& excluded = context->input(4);
+    const Tensor& position = context->input(3);
+    const Tensor& count = context->input(4);
+    const Tensor& excluded = context->input(5);
     OP_REQUIRES(context,
-                TensorShapeUtils::IsVector(value.shape()) &&
-                    value.shape() == row.shape() && value.shape() == column.shape(),
+                TensorShapeUtils::IsVector(value.shape()) && value.shape() == row.shape() &&
+                    value.shape() == column.shape() && value.shape() == position.shape(),
                 absl::InvalidArgumentError(
-                    "InvpListedTop: value, row and column must be [C], got " +
-                    value.shape().DebugString() + ", " + row.shape().DebugString() + " and " +
-                    column.shape().DebugString()));
+                    "InvpListedTop: value, row, column and position must be [C], got " +
+                    value.shape().DebugString() + ", " + row.shape().DebugString() + ", " +
+                    column.shape().DebugString() + " and " + position.shape().DebugString()));
     OP_REQUIRES(context,
                 TensorShapeUtils::IsVector(count.shape()) && excluded.shape() == count.shape(),
                 absl::InvalidArgumentError("InvpListedTop: count and excluded must be [B], got " +
@@ -366,6 +369,7 @@ class ListedTopOp : public OpKernel {
     const float* values = value.flat<float>().data();
     const int32_t* rows = row.flat<int32_t>().data();
     const int32_t* columns = column.flat<int32_t>().data();
+    const int32_t* positions = position.flat<int32_t>().data();
     const int32_t* counts = count.flat<int32_t>().data();
     const int32_t* skip = excluded.flat<int32_t>().data();
     std::vector<int64_t> start(batch + 1, 0);
@@ -378,16 +382,28 @@ class ListedTopOp : public OpKernel {
                 absl::InvalidArgumentError("InvpListedTop: count sums to " +
                                            std::to_string(start[batch]) + ", not C = " +
                                            std::to_string(total)));
-    // Each row's entry indices, in flat order (a counting sort by row).
-    std::vector<int64_t> order(total);
-    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < total; ++i) {
-      const int32_t b = rows[i];
-      OP_REQUIRES(context, b >= 0 && b < batch && cursor[b] < start[b + 1],
-                  absl::InvalidArgumentError("InvpListedTop: row " + std::to_string(b) +
-                                             " out of range or over its count"));
-      order[cursor[b]++] = i;
-    }
+    // Each row's entry indices in its listed order: entry i goes to its row's start
+    // plus its position (every entry independently, in parallel); an entry out of
+    // range, or two at one place, leave a place unfilled (-1), which is an error.
+    std::vector<int64_t> order(total, -1);
+    std::atomic<bool> bad_entry(false);
+    auto place = [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t b = rows[i];
+        if (b < 0 || b >= batch || positions[i] < 0 || positions[i] >= counts[b]) {
+          bad_entry = true;
+          continue;
+        }
+        order[start[b] + positions[i]] = i;
+      }
+    };
+    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers.num_threads, workers.workers, total, /*cost_per_unit=*/8, place);
+    OP_REQUIRES(context, !bad_entry,
+                absl::InvalidArgumentError(
+                    "InvpListedTop: an entry's row or position is out of range"));
+    OP_REQUIRES(context, std::find(order.begin(), order.end(), -1) == order.end(),
+                absl::InvalidArgumentError("InvpListedTop: two entries at one position"));
     // Per row, the flat indices of its kept entries (in place in `order`), and how many.
     std::vector<int64_t> kept(batch, 0);
     const int64_t k = k_;
@@ -413,7 +429,6 @@ class ListedTopOp : public OpKernel {
         kept[b] = size;
       }
     };
-    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
     const int64_t per_row = std::max<int64_t>(1, total / std::max<int64_t>(1, batch));
     ::tensorflow::Shard(workers.num_threads, workers.workers, batch, per_row * 8, select);
     std::vector<int64_t> first(batch + 1, 0);
@@ -447,6 +462,7 @@ REGISTER_OP("InvpListedTop")
     .Input("value: float")
     .Input("row: int32")
     .Input("column: int32")
+    .Input("position: int32")
     .Input("count: int32")
     .Input("excluded: int32")
     .Attr("k: int >= 1")
@@ -455,7 +471,7 @@ REGISTER_OP("InvpListedTop")
     .Output("kept_value: float")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       shape_inference::ShapeHandle vector;
-      for (int i = 0; i < 5; ++i) TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &vector));
+      for (int i = 0; i < 6; ++i) TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &vector));
       for (int i = 0; i < 3; ++i) c->set_output(i, c->Vector(c->UnknownDim()));
       return absl::OkStatus();
     })

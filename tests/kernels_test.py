@@ -214,7 +214,7 @@ def test_listed_top_is_top_k_over_each_rows_listing(native, quantised):
     k = 300
     threshold = np.sort(logits, axis=1)[:, -450].astype(np.float32) - 1e-3  # ~450 listed
     threshold[0] = np.sort(logits[0])[-200]  # fewer than k listed: all of them kept
-    row, column, value, _, count = _chunked_listing(native, logits, threshold, 700)
+    row, column, value, position, count = _chunked_listing(native, logits, threshold, 700)
     listed = np.full(logits.shape, -np.inf, np.float32)
     listed[row, column] = value
     top = _top_k_mask(listed, k, [-1] * 12)
@@ -222,7 +222,8 @@ def test_listed_top_is_top_k_over_each_rows_listing(native, quantised):
     excluded[3] = -1  # nothing excluded
     excluded[4] = np.flatnonzero(~top[4])[0]  # a column outside TopM: nothing dropped
     got_row, got_column, got_value = (
-        t.numpy() for t in native.invp_listed_top(value, row, column, count, excluded, k=k)
+        t.numpy()
+        for t in native.invp_listed_top(value, row, column, position, count, excluded, k=k)
     )
     want = top.copy()
     want[0] = logits[0] > threshold[0]
@@ -234,18 +235,39 @@ def test_listed_top_is_top_k_over_each_rows_listing(native, quantised):
     np.testing.assert_array_equal(got_column, want_column)
     np.testing.assert_array_equal(got_value, logits[want_row, want_column])
     assert np.bincount(got_row, minlength=12)[[3, 4]].tolist() == [k, k]
+    # The positions, not the flat order, give each row's order: shuffled lists, same result.
+    shuffle = rng.permutation(len(row))
+    shuffled = native.invp_listed_top(
+        *(x[shuffle] for x in (value, row, column, position)), count, excluded, k=k
+    )
+    for got, want in zip(shuffled, (got_row, got_column, got_value), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_listed_top_bad_lists_are_named(native):
     value, row, column = tf.zeros([4]), tf.constant([0, 0, 1, 1]), tf.constant([0, 1, 0, 1])
-    excluded = tf.constant([-1, -1])
+    position, count, excluded = (
+        tf.constant([0, 1, 0, 1]),
+        tf.constant([2, 2]),
+        tf.constant([-1, -1]),
+    )
+
+    def call(**change):
+        args = dict(value=value, row=row, column=column, position=position, count=count)
+        args.update(change)
+        return native.invp_listed_top(**args, excluded=excluded, k=1)
+
     with pytest.raises(tf.errors.InvalidArgumentError, match="count sums to 3, not C = 4"):
-        native.invp_listed_top(value, row, column, tf.constant([2, 1]), excluded, k=1)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="row 2 out of range"):
-        native.invp_listed_top(
-            value, tf.constant([0, 0, 1, 2]), column, tf.constant([2, 2]), excluded, k=1
-        )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="value, row and column must be"):
-        native.invp_listed_top(value, row[:3], column, tf.constant([2, 2]), excluded, k=1)
+        call(count=tf.constant([2, 1]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="row or position is out of range"):
+        call(row=tf.constant([0, 0, 1, 2]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="row or position is out of range"):
+        call(position=tf.constant([0, 2, 0, 1]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="two entries at one position"):
+        call(position=tf.constant([0, 0, 0, 1]))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="value, row, column and position must be"
+    ):
+        call(row=row[:3])
     with pytest.raises(tf.errors.InvalidArgumentError, match="count and excluded must be"):
-        native.invp_listed_top(value, row, column, tf.constant([2, 2]), excluded[:1], k=1)
+        native.invp_listed_top(value, row, column, position, count, excluded[:1], k=1)

@@ -26,15 +26,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Record(keras.callbacks.Callback):
-    """The running epoch loss after every step and the per-replica bank at the end."""
+    """The running epoch loss after every step, the first replica's bank after every
+    epoch and the per-replica bank at the end."""
 
     def __init__(self, strategy):
         super().__init__()
         self.strategy = strategy
         self.losses = []
+        self.epoch_banks = []
 
     def on_train_batch_end(self, batch, logs=None):
         self.losses.append([logs["loss"], logs["loss_ins"], logs["loss_inv"]])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_banks.append(
+            distribute.local_values(self.strategy, self.model.memory_bank.bank)[0]
+        )
 
     def on_train_end(self, logs=None):
         self.compute_dtype = self.model.encoder.layers[1].compute_dtype
@@ -61,14 +68,21 @@ def test_mirrored_two_replicas_match_one_device(tiny_idx_dir, tmp_path, mirrored
     # Two epochs of 4 steps (global batch 16); the second uses L_inv (rampup_epochs=1).
     assert len(one.losses) == len(two.losses) == 8
     assert two_row["loss_inv"] is not None
-    # The two replicas hold the same bank and graph, equal to the one-device run's.
+    # The two replicas hold the same bank and graph.
     np.testing.assert_array_equal(two.banks[0], two.banks[1])
     np.testing.assert_array_equal(two.graphs[0], two.graphs[1])
-    np.testing.assert_allclose(two.banks[0], one.banks[0], atol=2e-5)
+    # Epoch 1 equals the one-device run's: losses step by step (running means of the
+    # epoch, so each step's value matches) and the bank after it.
+    np.testing.assert_allclose(two.losses[:4], one.losses[:4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two.epoch_banks[0], one.epoch_banks[0], atol=2e-5)
+    # Epoch 2 (L_inv on) within the chaos of this 4-channel network: the 1e-7 float
+    # differences of the two layouts (per-replica batch 8 against 16 pick other CPU
+    # kernels on some machines) grew to 1.4e-2 in the bank and 1.3e-4 in L_inv on an
+    # AMD EPYC host (2e-5 on an Intel Xeon); per-replica BatchNorm, below, is 0.2 off.
+    np.testing.assert_allclose(two.losses[4:], one.losses[4:], rtol=1e-3)
+    np.testing.assert_allclose(two.banks[0], one.banks[0], atol=0.05)
     np.testing.assert_array_equal(two.graphs[0], one.graphs[0])
-    # Losses step by step (running means of the epoch, so each step's value matches).
-    np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5, atol=1e-6)
-    assert two_row["knn_top1"] == pytest.approx(one_row["knn_top1"])
+    assert two_row["knn_top1"] == pytest.approx(one_row["knn_top1"], abs=1 / 24)
 
     # Per-replica BatchNorm statistics (batch 8) are another model: far from equal.
     local, _ = _run(
@@ -78,7 +92,9 @@ def test_mirrored_two_replicas_match_one_device(tiny_idx_dir, tmp_path, mirrored
         strategy="mirrored",
         sync_batchnorm=False,
     )
-    assert np.abs(local.banks[0] - one.banks[0]).max() > 1e-2
+    # (0.22 after epoch 1 and 0.17 after epoch 2 on the AMD host.)
+    assert np.abs(local.epoch_banks[0] - one.epoch_banks[0]).max() > 0.1
+    assert np.abs(local.banks[0] - one.banks[0]).max() > 0.1
 
 
 def test_train_pipeline_shards_keep_the_global_batch(tiny_idx_dir):
@@ -274,13 +290,20 @@ def test_two_workers_train_resume_after_sigterm_and_restore_on_one(tmp_path):
 
     # 2. The same run on one device sees the same global batches. Exact equality is
     # the mirrored test's job: over processes, this 4-channel network amplifies
-    # 1e-7 differences of summation order to about 1e-2 in the bank by epoch 2
-    # (per-replica BatchNorm, or workers reading the same half, give about 0.2).
+    # 1e-7 differences of summation order to about 1e-2 in the bank by epoch 2, more
+    # on some CPUs (per-replica BatchNorm, or workers reading the same half, give
+    # about 0.2).
     one = dataclasses.replace(config, workdir=str(tmp_path / "one"), strategy="default")
     train.train_and_evaluate(one, one.workdir)
     one_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
     assert rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-4)
-    np.testing.assert_allclose(_bank(straight), _bank(tmp_path / "one"), atol=0.05)
+    # Measured on an AMD EPYC host: 0.006 max after epoch 1, 0.059 max and 0.007 mean
+    # after epoch 2 (Intel Xeon: under 0.05); per-replica BatchNorm is 0.2 off.
+    np.testing.assert_allclose(
+        _bank(straight, "ckpt-1"), _bank(tmp_path / "one", "ckpt-1"), atol=0.02
+    )
+    final = np.abs(_bank(straight) - _bank(tmp_path / "one"))
+    assert final.max() < 0.12 and final.mean() < 0.02, (final.max(), final.mean())
 
     # 3. SIGTERM to the non-chief worker mid-run: both save the same step and stop
     # (exit status 42); the cluster manager restarts both; they resume exactly.

@@ -81,7 +81,7 @@ def library_path(compiler="c++"):
 
 
 def build(compiler=None):
-    """Compiles the kernel unless cached; returns the library's path.
+    """Compiles the kernels unless cached; returns the library's path.
 
     Written to a temporary file in the cache directory and renamed into place, so
     concurrent builds (parallel test workers, several trainings) never load a half
@@ -123,7 +123,7 @@ def native_ops():
     """The loaded library's ops (`.invp_top_mask`, `.invp_list_above`,
     `.invp_listed_top`), or None where unavailable.
 
-    None when INVP_TF_NATIVE is 0 (or false, off, no) or the kernel cannot be built or
+    None when INVP_TF_NATIVE is 0 (or false, off, no) or the kernels cannot be built or
     loaded; the latter logs a warning once per process with the reason. Both are
     decided once per process (the first call).
     """

@@ -470,7 +470,7 @@ def _exact_compact_background(
             lambda: _list_entries(frozen, bank, tf.where(enough, lo, -np.inf), temperature),
         )
     )
-    native = _native_ops()
+    native = _native_ops() if value.dtype == tf.float32 else None
     if native is not None:  # TopM - {i} as flat lists, row-major
         row, column, value = native.invp_listed_top(
             value, row, column, position, count, tf.cast(indices, tf.int32), k=num_background

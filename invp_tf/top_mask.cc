@@ -30,7 +30,6 @@
 // entries.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -255,6 +254,12 @@ class ListAboveOp : public OpKernel {
     const float* x = logits.flat<float>().data();
     const float* t = threshold.flat<float>().data();
     const int32_t* before = base.flat<int32_t>().data();
+    for (int64_t b = 0; b < batch; ++b) {
+      OP_REQUIRES(context,
+                  before[b] >= 0 && before[b] <= std::numeric_limits<int32_t>::max() - n,
+                  absl::InvalidArgumentError("InvpListAbove: base out of range: " +
+                                             std::to_string(before[b])));
+    }
     // Pass 1: each row's listed columns, kept per row (a small fraction of the chunk).
     std::vector<std::vector<int32_t>> listed(batch);
     auto collect = [&](int64_t begin, int64_t end) {
@@ -383,27 +388,20 @@ class ListedTopOp : public OpKernel {
                                            std::to_string(start[batch]) + ", not C = " +
                                            std::to_string(total)));
     // Each row's entry indices in its listed order: entry i goes to its row's start
-    // plus its position (every entry independently, in parallel); an entry out of
-    // range, or two at one place, leave a place unfilled (-1), which is an error.
+    // plus its position. An entry out of range, or two at one place (which leaves
+    // another place unfilled, -1), is an error.
     std::vector<int64_t> order(total, -1);
-    std::atomic<bool> bad_entry(false);
-    auto place = [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int32_t b = rows[i];
-        if (b < 0 || b >= batch || positions[i] < 0 || positions[i] >= counts[b]) {
-          bad_entry = true;
-          continue;
-        }
-        order[start[b] + positions[i]] = i;
-      }
-    };
-    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
-    ::tensorflow::Shard(workers.num_threads, workers.workers, total, /*cost_per_unit=*/8, place);
-    OP_REQUIRES(context, !bad_entry,
-                absl::InvalidArgumentError(
-                    "InvpListedTop: an entry's row or position is out of range"));
+    for (int64_t i = 0; i < total; ++i) {
+      const int32_t b = rows[i];
+      OP_REQUIRES(context,
+                  b >= 0 && b < batch && positions[i] >= 0 && positions[i] < counts[b],
+                  absl::InvalidArgumentError(
+                      "InvpListedTop: an entry's row or position is out of range"));
+      order[start[b] + positions[i]] = i;
+    }
     OP_REQUIRES(context, std::find(order.begin(), order.end(), -1) == order.end(),
                 absl::InvalidArgumentError("InvpListedTop: two entries at one position"));
+    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
     // Per row, the flat indices of its kept entries (in place in `order`), and how many.
     std::vector<int64_t> kept(batch, 0);
     const int64_t k = k_;

@@ -65,6 +65,8 @@ def imports(path):
                 internal |= {alias.name for alias in node.names}
             elif node.module == "tests.conftest":
                 internal.add("conftest")
+            elif node.module == "benchmarks" and [a.name for a in node.names] == ["report"]:
+                internal.add("benchmarks_report")  # the benchmarks' statistics, tested
             elif top in PIP:
                 external.add(top)
         elif isinstance(node, ast.Import):
@@ -110,6 +112,14 @@ def build_file():
                     deps=f"[{deps(*imports(path))}]",
                 )
             )
+    out.append(
+        rule(
+            "py_library",
+            name='"benchmarks_report"',
+            srcs='["benchmarks/__init__.py", "benchmarks/report.py"]',
+            deps=f"[{deps(*imports('benchmarks/report.py'))}]",
+        )
+    )
     out.append(
         rule(
             "py_library",

@@ -44,6 +44,8 @@ def _internal_imports(path):
                 found |= {alias.name for alias in node.names}
             else:
                 found.add("conftest")
+        elif isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+            found |= {f"benchmarks_{alias.name}" for alias in node.names}
     return found
 
 

@@ -82,7 +82,7 @@ def test_mirrored_two_replicas_match_one_device(tiny_idx_dir, tmp_path, mirrored
     np.testing.assert_allclose(two.losses[4:], one.losses[4:], rtol=1e-3)
     np.testing.assert_allclose(two.banks[0], one.banks[0], atol=0.05)
     np.testing.assert_array_equal(two.graphs[0], one.graphs[0])
-    assert two_row["knn_top1"] == pytest.approx(one_row["knn_top1"], abs=1 / 24)
+    assert two_row["knn_top1"] == pytest.approx(one_row["knn_top1"], abs=1.5 / 24)  # one image
 
     # Per-replica BatchNorm statistics (batch 8) are another model: far from equal.
     local, _ = _run(

@@ -1,4 +1,5 @@
-"""The native exact TopM kernel: its build and cache, and its set against tf.math.top_k."""
+"""The native TopM kernels: their build and cache; InvpTopMask's set against tf.math.top_k,
+InvpListAbove's lists against NumPy, InvpListedTop's set against top_k over the lists."""
 
 import os
 
@@ -271,3 +272,35 @@ def test_listed_top_bad_lists_are_named(native):
         call(row=row[:3])
     with pytest.raises(tf.errors.InvalidArgumentError, match="count and excluded must be"):
         native.invp_listed_top(value, row, column, position, count, excluded[:1], k=1)
+
+
+def test_listed_top_of_empty_lists(native):
+    empty_i, empty_f = tf.zeros([0], tf.int32), tf.zeros([0])
+    kept = native.invp_listed_top(
+        empty_f, empty_i, empty_i, empty_i, tf.zeros([3], tf.int32), tf.fill([3], -1), k=2
+    )
+    assert [t.shape[0] for t in kept] == [0, 0, 0]
+    kept = native.invp_listed_top(empty_f, empty_i, empty_i, empty_i, empty_i, empty_i, k=2)
+    assert [t.shape[0] for t in kept] == [0, 0, 0]
+
+
+def test_list_above_base_out_of_range_is_named(native):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="base out of range"):
+        native.invp_list_above(tf.zeros([1, 3]), tf.zeros([1]), tf.constant([-1]), 0)
+
+
+def test_native_and_tensorflow_op_listings_are_equal(native, monkeypatch):
+    # losses._list_entries: the same flat lists (order included) by either path.
+    rng = np.random.default_rng(7)
+    bank = rng.standard_normal((2500, 8)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    embeddings = tf.math.l2_normalize(rng.standard_normal((5, 8)).astype(np.float32), axis=1)
+    threshold = tf.constant([2.0, -np.inf, 9.0, 5.0, 0.0], tf.float32)  # / tau 0.2: up to 5
+    monkeypatch.setattr(losses, "_CHUNK_ROWS", 700)
+    assert losses._native_ops() is not None
+    got = losses._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
+    monkeypatch.setattr(losses, "_native_ops", lambda: None)
+    want = losses._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+    assert got[4].numpy()[1] == 2500 and got[4].numpy()[2] == 0

@@ -439,7 +439,7 @@ def _exact_search(fn, mode, monkeypatch):
     """fn (a search over logits) as `mode` runs it."""
     if mode == "native":
         if losses._native_ops() is None:
-            pytest.fail("the native exact TopM kernel does not run here (see the warning above)")
+            pytest.fail("the native TopM kernels do not run here (see the warning above)")
         return tf.function(fn)
     monkeypatch.setattr(losses, "_native_ops", lambda: None)
     return fn if mode == "eager" else tf.function(fn, jit_compile=mode == "xla")
@@ -528,7 +528,7 @@ def test_exact_search_counts_the_excluded_column_once(mode, monkeypatch):
 def test_exact_search_gives_the_losses_of_top_k(background, positive_mode, native, monkeypatch):
     # native: the kernel's set in eager mode (and the ops' under XLA below); else the ops'.
     if native:
-        assert losses._native_ops() is not None, "the native exact TopM kernel does not run"
+        assert losses._native_ops() is not None, "the native TopM kernels do not run"
     else:
         monkeypatch.setattr(losses, "_native_ops", lambda: None)
     v, indices, bank, graph = _clustered_case(n=3000, b=16)
@@ -566,7 +566,7 @@ def _spy_listings(monkeypatch):
 def _compact_exact(monkeypatch, native):
     """Forces the chunked exact search (any N >= M, chunks of 1000 bank rows)."""
     if native:
-        assert losses._native_ops() is not None, "the native exact TopM kernel does not run"
+        assert losses._native_ops() is not None, "the native TopM kernels do not run"
     else:
         monkeypatch.setattr(losses, "_native_ops", lambda: None)
     monkeypatch.setattr(losses, "_COMPACT_MIN_RATIO", 1)

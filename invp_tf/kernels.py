@@ -38,7 +38,13 @@ from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name("top_mask.cc")
 _BUILD_SECONDS = 600
-for _op in ("InvpTopMask", "InvpListAbove", "InvpListedTop"):
+# The library's ops: registered names, and the Python wrappers tf.load_op_library makes.
+OPS = {
+    "InvpTopMask": "invp_top_mask",
+    "InvpListAbove": "invp_list_above",
+    "InvpListedTop": "invp_listed_top",
+}
+for _op in OPS:
     try:  # masks and listings of stopped similarities (the losses attach their gradient)
         tf.no_gradient(_op)
     except KeyError:  # registered already (the module reloaded)
@@ -134,7 +140,7 @@ def native_ops():
         if not _LOADED:
             _LOADED.append(tf.load_op_library(str(path)))
         module = _LOADED[0]
-        for name in ("invp_top_mask", "invp_list_above", "invp_listed_top"):
+        for name in OPS.values():
             getattr(module, name)
         return module
     except AttributeError:  # this process registered the ops from another library

@@ -11,11 +11,16 @@ from invp_tf import kernels
 from invp_tf import losses
 
 
-@pytest.fixture(name="op")
-def fixture_op():
+@pytest.fixture(name="native")
+def fixture_native():
     ops = kernels.native_ops()
     assert ops is not None, "the native TopM kernels did not build (see the warning)"
-    return ops.invp_top_mask
+    return ops
+
+
+@pytest.fixture(name="op")
+def fixture_op(native):
+    return native.invp_top_mask
 
 
 @pytest.fixture(name="fresh")
@@ -149,13 +154,6 @@ def test_bad_shapes_are_named(op):
         op(tf.zeros([2, 3, 4]), tf.zeros([2], tf.int32), k=1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="excluded must be"):
         op(tf.zeros([2, 3]), tf.zeros([3], tf.int32), k=1)
-
-
-@pytest.fixture(name="native")
-def fixture_native():
-    ops = kernels.native_ops()
-    assert ops is not None, "the native TopM kernels did not build (see the warning)"
-    return ops
 
 
 def _listing_oracle(logits, threshold, base, offset):

@@ -38,6 +38,7 @@ _QUARTER = ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10"]
 ARMS = {
     "instance": (["--lambda_inv=0"], "instance discrimination only (lambda_inv = 0), control"),
     "invp": ([], "InvP as the demo recipe (L_inv from epoch 2, k 4, l 3, P 50)"),
+    "recipe": ([], "InvP as the recipe itself (fashion_mnist_long: from epoch 5/16, l 2, P 10)"),
     "invp_late": (
         ["--rampup_epochs=5", "--num_layers=2", "--num_positives=10"],
         "InvP from 50% of training, l 2 (at most 20 positives), P 10 (mining acts)",
@@ -94,6 +95,23 @@ def _train(flagfile, arm_flags, workdir, seed):
     if proc.returncode != 0:
         raise RuntimeError(f"training {workdir} failed (exit {proc.returncode}); see train_log.txt")
     return time.time() - start
+
+
+def _commit():
+    """The repository's commit the run was trained and evaluated with ('+' when modified)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=report.REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "invp_tf", "configs"],
+            cwd=report.REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (head + "+" if dirty else head) or None
 
 
 def _frozen(workdir, baselines):
@@ -154,6 +172,7 @@ def run_one(dataset, arm, seed, runs, study):
         "train_seconds": sum(seconds),
         "train_attempts": len(seconds),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
     }
     study["runs"][key] = result
     report.write_json(RESULTS, study)

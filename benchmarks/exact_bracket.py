@@ -6,7 +6,7 @@ The search's cost depends on the bank: when the bracket of the M-th similarity l
 some row of a batch outside reach of the top_k of C candidates, the whole batch pays
 tf.math.top_k over N. This loads the memory bank of a run's newest checkpoint, takes
 --batches batches of B of its rows as anchors (the embeddings a trained encoder gives
-are close to their own bank rows) and runs `losses._exact_top_mask` on their
+are close to their own bank rows) and runs `topm._exact_top_mask` on their
 similarities / tau three ways, alternated in one process: as TensorFlow ops with no
 extra interpolations (the search before the while loop) and with the default extra
 ones (the batches that fell back, and the milliseconds of each), and with the native
@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
-from invp_tf import losses
+from invp_tf import topm
 from invp_tf import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run whose newest checkpoint has the bank.")
@@ -53,16 +53,16 @@ def main(argv):
         raise app.UsageError(f"--workdir={workdir} has no flags.txt or no checkpoint")
     path = paths[0]
     bank = tf.constant(_bank(path), tf.float32)
-    n, m, c = bank.shape[0], config.num_background, losses._EXACT_CANDIDATES
+    n, m, c = bank.shape[0], config.num_background, topm._EXACT_CANDIDATES
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(_BATCHES.value):
         rows = rng.choice(n, _BATCH.value, replace=False).astype(np.int32)
         logits = tf.matmul(tf.gather(bank, rows), bank, transpose_b=True) / config.temperature
         batches.append((logits, tf.constant(rows)))
-    default = losses._EXACT_EXTRA_INTERPOLATIONS
-    fixed = losses._EXACT_INTERPOLATIONS
-    native = losses._native_ops
+    default = topm._EXACT_EXTRA_INTERPOLATIONS
+    fixed = topm._EXACT_INTERPOLATIONS
+    native = topm._native_ops
     variants = {f"{fixed} interpolations": 0, f"up to {fixed + default}": default}
     if native() is not None:
         variants["native kernel"] = None
@@ -70,17 +70,17 @@ def main(argv):
     for name, extra in variants.items():
         # Both read when the function is traced: the TensorFlow-op search and its
         # interpolations, or the native kernel.
-        losses._EXACT_EXTRA_INTERPOLATIONS = default if extra is None else extra
-        losses._native_ops = native if extra is None else (lambda: None)
-        searches[name] = tf.function(lambda x, e: losses._exact_top_mask(x, m, e))
+        topm._EXACT_EXTRA_INTERPOLATIONS = default if extra is None else extra
+        topm._native_ops = native if extra is None else (lambda: None)
+        searches[name] = tf.function(lambda x, e: topm._exact_top_mask(x, m, e))
         searches[name](*batches[0])
         misses[name] = (
             "-"
             if extra is None
-            else sum(not bool(losses._exact_bracket(x, m, c)[2]) for x, _ in batches)
+            else sum(not bool(topm._exact_bracket(x, m, c)[2]) for x, _ in batches)
         )
-    losses._EXACT_EXTRA_INTERPOLATIONS = default
-    losses._native_ops = native
+    topm._EXACT_EXTRA_INTERPOLATIONS = default
+    topm._native_ops = native
     for batch in batches:  # the fallback, the extra interpolations, the kernel: one set
         first, *others = (searches[name](*batch).numpy() for name in variants)
         assert all(np.array_equal(first, other) for other in others), "the sets differ"

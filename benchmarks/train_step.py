@@ -40,6 +40,7 @@ from benchmarks import report
 from invp_tf import encoder as encoder_lib
 from invp_tf import losses
 from invp_tf import model as model_lib
+from invp_tf import topm
 
 _ENCODER = flags.DEFINE_string("encoder", "resnet18", "Backbone.")
 _WIDTH = flags.DEFINE_float("width_multiplier", 0.5, "Width multiplier.")
@@ -130,7 +131,7 @@ def _loss_steps(model, embeddings, indices, jit):
 
 def _label(search, jit):
     """The search as the table names it: which exact search ran."""
-    if search == "exact_ops" or (search == "exact" and (jit or not losses._native_ops())):
+    if search == "exact_ops" or (search == "exact" and (jit or not topm._native_ops())):
         return "exact (TensorFlow ops)"
     return "exact (native kernel)" if search == "exact" else search
 
@@ -176,13 +177,13 @@ def _time_setting(encoder, bare_step, images, num_examples, num_background, sear
         loss_step, similarity = _loss_steps(model, embeddings, indices, jit)
         step_args = ((images, indices, tf.zeros([batch], tf.int32)),)
         if search == "exact_ops":  # traced now, without the kernel; later calls reuse it
-            native = losses._native_ops
-            losses._native_ops = lambda: None
+            native = topm._native_ops
+            topm._native_ops = lambda: None
             try:
                 step(*step_args)
                 loss_step[0](*loss_step[1])
             finally:
-                losses._native_ops = native
+                topm._native_ops = native
         steps += [(step, step_args), loss_step]
     rounds = _round_seconds((bare_step, (images,)), *steps, similarity)
     seconds = [statistics.median(times) for times in rounds]

@@ -1,15 +1,14 @@
 """Native CPU kernels, compiled from the package's C++ source on first use.
 
-invp_tf/top_mask.cc holds three ops, which the TopM searches of `losses` run on
+invp_tf/top_mask.cc holds three ops, which the TopM searches of `topm` run on
 machines without a GPU or TPU, outside XLA:
 
 - `InvpTopMask`: the exact TopM set of every row of [B, N] similarities in one pass
-  per row (`losses._exact_top_mask`; 3.5x faster than its TensorFlow-op search on 2
-  CPU cores, BENCHMARKS.md);
+  per row (`topm._exact_top_mask`; faster than its TensorFlow-op search, BENCHMARKS.md);
 - `InvpListAbove`: one chunk's similarities above each row's threshold as flat lists
-  (`losses._list_entries`, the chunked listing of large banks);
+  (`topm._list_entries`, the chunked listing of large banks);
 - `InvpListedTop`: the exact TopM set of each row's listed entries, as flat lists
-  (`losses._exact_compact_background`).
+  (`topm._exact_compact`).
 
 TensorFlow's pip package ships the headers and library a custom op builds against
 (`tf.sysconfig`), so the kernels are compiled with the machine's C++ compiler the

@@ -1,11 +1,11 @@
-// The TopM searches' CPU kernels (invp_tf/kernels.py builds them, invp_tf/losses.py
+// The TopM searches' CPU kernels (invp_tf/kernels.py builds them, invp_tf/topm.py
 // runs them on machines without a GPU or TPU, outside XLA; elsewhere TensorFlow ops
 // compute the same):
-// - InvpTopMask: the exact TopM set of [B, N] similarities (losses._exact_top_mask);
+// - InvpTopMask: the exact TopM set of [B, N] similarities (topm._exact_top_mask);
 // - InvpListAbove: one bank chunk's similarities above a threshold as flat lists
-//   (losses._list_entries, the chunked listing of large banks);
+//   (topm._list_entries, the chunked listing of large banks);
 // - InvpListedTop: InvpTopMask's set over each row's listed entries, the kept ones
-//   as flat lists (losses._exact_compact_background).
+//   as flat lists (topm._exact_compact).
 //
 // InvpTopMask: the exact TopM set of every row as a [B, N] bool mask, one CPU pass per row.
 //

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from invp_tf import kernels
-from invp_tf import losses
+from invp_tf import topm
 
 
 @pytest.fixture(name="native")
@@ -78,7 +78,7 @@ def test_a_failed_build_names_the_compiler_and_falls_back(fresh, tmp_path, monke
     # ... and the exact search still gives the top_k set, as TensorFlow ops.
     logits = np.random.default_rng(0).standard_normal((4, 500)).astype(np.float32)
     excluded = np.array([0, 1, 2, 3], np.int32)
-    got = losses._exact_top_mask(tf.constant(logits), 50, excluded).numpy()
+    got = topm._exact_top_mask(tf.constant(logits), 50, excluded).numpy()
     np.testing.assert_array_equal(got, _top_k_mask(logits, 50, excluded))
 
 
@@ -288,17 +288,17 @@ def test_list_above_base_out_of_range_is_named(native):
 
 
 def test_native_and_tensorflow_op_listings_are_equal(native, monkeypatch):
-    # losses._list_entries: the same flat lists (order included) by either path.
+    # topm._list_entries: the same flat lists (order included) by either path.
     rng = np.random.default_rng(7)
     bank = rng.standard_normal((2500, 8)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     embeddings = tf.math.l2_normalize(rng.standard_normal((5, 8)).astype(np.float32), axis=1)
     threshold = tf.constant([2.0, -np.inf, 9.0, 5.0, 0.0], tf.float32)  # / tau 0.2: up to 5
-    monkeypatch.setattr(losses, "_CHUNK_ROWS", 700)
-    assert losses._native_ops() is not None
-    got = losses._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
-    monkeypatch.setattr(losses, "_native_ops", lambda: None)
-    want = losses._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
+    monkeypatch.setattr(topm, "_CHUNK_ROWS", 700)
+    assert topm._native_ops() is not None
+    got = topm._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
+    monkeypatch.setattr(topm, "_native_ops", lambda: None)
+    want = topm._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g.numpy(), w.numpy())
     assert got[4].numpy()[1] == 2500 and got[4].numpy()[2] == 0

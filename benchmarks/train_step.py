@@ -112,9 +112,7 @@ def _loss_steps(model, embeddings, indices, jit):
     def loss_step(embeddings):
         with tf.GradientTape() as tape:
             tape.watch(embeddings)
-            instance, invariance = losses.invp_losses(
-                embeddings, indices, bank, graph, **model.loss_options
-            )
+            instance, invariance = model.loss_config.losses(embeddings, indices, bank, graph)
             loss = tf.reduce_mean(instance) + 0.6 * tf.reduce_mean(invariance)
         return tape.gradient(loss, embeddings)
 
@@ -162,7 +160,7 @@ def _time_setting(encoder, bare_step, images, num_examples, num_background, sear
             encoder,
             num_examples,
             embedding_dim=encoder.embedding_dim,
-            loss_options=dict(
+            loss_config=losses.LossConfig(
                 temperature=0.1,
                 num_background=num_background,
                 num_layers=3,

@@ -33,19 +33,33 @@ CHOICES = {
     "strategy": distribute.STRATEGIES,
 }
 
+_MONITOR_ONLY = "kNN monitor only"
 # Smallest --image_size: a crop of 8x8 pixels still has structure after the encoder's stem.
 MIN_IMAGE_SIZE = 8
 
 
-def _field(default, help_text):
-    return dataclasses.field(default=default, metadata={"help": help_text})
+def _field(default, help_text, safe_to_change=None):
+    """A Config field: its flag's default and help; `safe_to_change` says why a rerun of a run
+    with a checkpoint may change it (workdir.SAFE_TO_CHANGE), None where it may not."""
+    metadata = {"help": help_text}
+    if safe_to_change:
+        metadata["safe_to_change"] = safe_to_change
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Defaults are the paper's ImageNet recipe (ResNet-50, linear head)."""
+class Config(losses.LossConfig):
+    """Defaults are the paper's ImageNet recipe (ResNet-50, linear head).
 
-    workdir: str = _field("", "Run directory: flags.txt, checkpoints, metrics, TensorBoard.")
+    The loss's settings are the fields of `losses.LossConfig`, which this class extends;
+    `config.loss` is that part alone, the one object the model and the loss read.
+    """
+
+    workdir: str = _field(
+        "",
+        "Run directory: flags.txt, checkpoints, metrics, TensorBoard.",
+        safe_to_change="the same folder, spelled another way",
+    )
     dataset: str = _field(
         "fashion_mnist", "fashion_mnist | tfds:NAME (e.g. tfds:cifar10) | folder:/path/to/images."
     )
@@ -53,7 +67,11 @@ class Config:
         "", "IDX folder for fashion_mnist, tfds data_dir, or empty for defaults."
     )
     train_examples: int = _field(0, "Use the first n training examples (0 = all).")
-    epochs: int = _field(800, "Training epochs.")
+    epochs: int = _field(
+        800,
+        "Training epochs.",
+        safe_to_change="extends (or ends) the run; a cosine or warm-up schedule is stretched to it",
+    )
     batch_size: int = _field(128, "Global batch size.")
     image_size: int = _field(224, "Side of the square training crop.")
     augment: str = _field("moco_v2", "View augmentation recipe.")
@@ -67,27 +85,10 @@ class Config:
         "Projection head: linear (tau 0.07), mlp (tau 0.2) or mlp_bn (mlp with BatchNorm).",
     )
     embedding_dim: int = _field(128, "Dimension D of the embedding and the memory bank.")
-    temperature: float = _field(0.07, "Softmax temperature tau.")
     num_neighbors: int = _field(4, "k of the kNN graph over the bank.")
-    num_layers: int = _field(3, "Propagation hops l.")
-    num_positives: int = _field(50, "Hard positives P kept from the propagated set.")
-    num_background: int = _field(4096, "Hard negatives M: the TopM background rows.")
     lambda_inv: float = _field(0.6, "Weight of the invariance loss after the ramp-up.")
     rampup_epochs: int = _field(30, "Epochs T of instance discrimination only before L_inv.")
     memory_momentum: float = _field(0.5, "Momentum m of the memory bank update.")
-    background: str = _field("approx", "Background of L_inv: approx (authors) or exact (Eq. 4-5).")
-    background_search: str = _field(
-        "exact",
-        "How TopM is found: exact (top_k's set: a native kernel on CPU-only machines, else "
-        "a bracketed threshold and a top_k over a few rows), top_k (tf.math.top_k over the "
-        "bank: the same losses, slower) or sampled (rows above a threshold read off a bank "
-        "sample, losses within about 1e-3). From N >= 64 M, exact and sampled score the bank "
-        "in chunks.",
-    )
-    positive_mode: str = _field("propagation", "Positives by propagation, or plain kNN (ablation).")
-    num_knn_positives: int = _field(0, "K of positive_mode=knn (0 = k + k^2 + ... + k^l).")
-    hard_positives: bool = _field(True, "Keep the P hardest positives (False: all of N(i)).")
-    hard_negatives: bool = _field(True, "TopM background (False: the whole bank).")
     knn_method: str = _field(
         "scann",
         "kNN graph builder: scann, brute_force (exact, NumPy), matmul (exact, TF ops on the "
@@ -112,21 +113,38 @@ class Config:
         "momentum). PyTorch's coupled decay with momentum m acts about 1 / (1 - m) = 10x "
         "stronger: the paper's 1e-4 corresponds to about 1e-3 here.",
     )
-    knn_k: int = _field(200, "Neighbours of the kNN monitor.")
-    knn_temperature: float = _field(0.07, "Vote temperature of the kNN monitor.")
-    knn_features: str = _field(
-        "bank", "Train features of the kNN monitor: the bank, or fresh encoder features."
+    eval_every: int = _field(
+        1,
+        "Run the kNN monitor every n epochs (and after the last).",
+        "when the kNN monitor runs; training does not read it",
     )
-    eval_every: int = _field(1, "Run the kNN monitor every n epochs (and after the last).")
-    jit_compile: bool = _field(False, "XLA-compile the train step.")
+    knn_k: int = _field(200, "Neighbours of the kNN monitor.", _MONITOR_ONLY)
+    knn_temperature: float = _field(0.07, "Vote temperature of the kNN monitor.", _MONITOR_ONLY)
+    knn_features: str = _field(
+        "bank",
+        "Train features of the kNN monitor: the bank, or fresh encoder features.",
+        _MONITOR_ONLY,
+    )
     strategy: str = _field(
         "default",
         "tf.distribute strategy: default (one device), mirrored (all local GPUs, or "
         "--cpu_devices logical CPUs), multi_worker (cluster from TF_CONFIG) or tpu.",
+        "where the same computation runs; results match up to summation order",
     )
-    tpu: str = _field("", "TPU name or grpc:// address of --strategy=tpu (empty: the local TPU).")
+    tpu: str = _field(
+        "",
+        "TPU name or grpc:// address of --strategy=tpu (empty: the local TPU).",
+        "where the same computation runs",
+    )
     cpu_devices: int = _field(
-        0, "Split the CPU into this many logical devices (0: no split); for mirrored on a CPU."
+        0,
+        "Split the CPU into this many logical devices (0: no split); for mirrored on a CPU.",
+        "where the same computation runs",
+    )
+    jit_compile: bool = _field(
+        False,
+        "XLA-compile the train step.",
+        "XLA compiles the same step; results match up to round-off",
     )
     sync_batchnorm: bool = _field(
         True,
@@ -139,6 +157,16 @@ class Config:
         "embedding, bank and similarity/log-sum-exp path stay float32.",
     )
     seed: int = _field(0, "Seed of weights, bank, shuffling and augmentation.")
+
+    @property
+    def loss(self):
+        """The loss's settings (`losses.LossConfig`) of this config."""
+        return losses.LossConfig(
+            **{
+                field.name: getattr(self, field.name)
+                for field in dataclasses.fields(losses.LossConfig)
+            }
+        )
 
     def flagfile_lines(self):
         """`--name=value` lines that replay this config through absl flags."""

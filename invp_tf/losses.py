@@ -16,6 +16,8 @@ reads flags or writes state: the bank and the graph are inputs, and the train st
 this same function.
 """
 
+import dataclasses
+
 import tensorflow as tf
 
 from invp_tf import propagation
@@ -24,6 +26,60 @@ from invp_tf import topm
 BACKGROUNDS = ("approx", "exact")
 POSITIVE_MODES = ("propagation", "knn")
 BACKGROUND_SEARCHES = topm.METHODS
+
+
+def _setting(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The settings of `invp_losses`, one typed object from the flags to the model to the loss.
+
+    Each field is a flag of `invp_tf.train` (`config.Config` extends this class) and a keyword
+    argument of `invp_losses` of the same name. Defaults: the paper's ImageNet recipe.
+    """
+
+    temperature: float = _setting(0.07, "Softmax temperature tau.")
+    num_layers: int = _setting(3, "Propagation hops l.")
+    num_positives: int = _setting(50, "Hard positives P kept from the propagated set.")
+    num_background: int = _setting(4096, "Hard negatives M: the TopM background rows.")
+    background: str = _setting(
+        "approx", "Background of L_inv: approx (authors) or exact (Eq. 4-5)."
+    )
+    background_search: str = _setting(
+        "exact",
+        "How TopM is found: exact (top_k's set: a native kernel on CPU-only machines, else "
+        "a bracketed threshold and a top_k over a few rows), top_k (tf.math.top_k over the "
+        "bank: the same losses, slower) or sampled (rows above a threshold read off a bank "
+        "sample, losses within about 1e-3). From N >= 64 M, exact and sampled score the bank "
+        "in chunks.",
+    )
+    positive_mode: str = _setting(
+        "propagation", "Positives by propagation, or plain kNN (ablation)."
+    )
+    num_knn_positives: int = _setting(0, "K of positive_mode=knn (0 = k + k^2 + ... + k^l).")
+    hard_positives: bool = _setting(True, "Keep the P hardest positives (False: all of N(i)).")
+    hard_negatives: bool = _setting(True, "TopM background (False: the whole bank).")
+
+    def losses(self, embeddings, indices, bank, knn_graph):
+        """`invp_losses` with these settings: (instance [B], invariance [B])."""
+        return invp_losses(
+            embeddings,
+            indices,
+            bank,
+            knn_graph,
+            temperature=self.temperature,
+            num_background=self.num_background,
+            num_layers=self.num_layers,
+            num_positives=self.num_positives,
+            background=self.background,
+            positive_mode=self.positive_mode,
+            hard_positives=self.hard_positives,
+            hard_negatives=self.hard_negatives,
+            num_knn_positives=self.num_knn_positives or None,
+            background_search=self.background_search,
+        )
 
 
 def positive_candidates(

@@ -29,7 +29,7 @@ class InvPModel(keras.Model):
         num_neighbors=4,
         memory_momentum=0.5,
         seed=0,
-        loss_options=None,
+        loss_config=None,
         **kwargs,
     ):
         """Args:
@@ -39,8 +39,7 @@ class InvPModel(keras.Model):
         num_neighbors: k of the kNN graph.
         memory_momentum: m of the bank update.
         seed: seed of the bank's initial random unit rows.
-        loss_options: keyword arguments of `losses.invp_losses` (temperature,
-          num_background, num_layers, num_positives, background, ...).
+        loss_config: the loss's settings (`losses.LossConfig`; None: its defaults).
         """
         super().__init__(**kwargs)
         self.encoder = encoder
@@ -61,7 +60,7 @@ class InvPModel(keras.Model):
             name="steps",
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
-        self.loss_options = dict(loss_options or {})
+        self.loss_config = loss_config or losses.LossConfig()
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.instance_tracker = keras.metrics.Mean(name="loss_ins")
         self.invariance_tracker = keras.metrics.Mean(name="loss_inv")
@@ -89,9 +88,7 @@ class InvPModel(keras.Model):
         placeholder graph and weighted 0: cheaper to keep than a tf.cond, which
         would also make TF's type inference warn at every trace.
         """
-        return losses.invp_losses(
-            embeddings, indices, self.memory_bank.bank, self.knn_graph, **self.loss_options
-        )
+        return self.loss_config.losses(embeddings, indices, self.memory_bank.bank, self.knn_graph)
 
     def train_step(self, data):
         images, indices, _ = data  # [B, H, W, 3], [B], [B]

@@ -638,22 +638,6 @@ def view_from_config(config):
     return view
 
 
-def loss_options(config):
-    """The `losses.invp_losses` keyword arguments of `config` (the InvPModel's loss_options)."""
-    return dict(
-        temperature=config.temperature,
-        num_background=config.num_background,
-        num_layers=config.num_layers,
-        num_positives=config.num_positives,
-        background=config.background,
-        positive_mode=config.positive_mode,
-        hard_positives=config.hard_positives,
-        hard_negatives=config.hard_negatives,
-        num_knn_positives=config.num_knn_positives or None,
-        background_search=config.background_search,
-    )
-
-
 def model_from_config(config, num_examples, sync_batchnorm=False):
     """The uncompiled InvPModel of `config` over a bank of `num_examples` rows."""
     return model_lib.InvPModel(
@@ -663,7 +647,7 @@ def model_from_config(config, num_examples, sync_batchnorm=False):
         num_neighbors=config.num_neighbors,
         memory_momentum=config.memory_momentum,
         seed=config.seed,
-        loss_options=loss_options(config),
+        loss_config=config.loss,
     )
 
 

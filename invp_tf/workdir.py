@@ -45,16 +45,9 @@ CHECKPOINT_PARTS = ("encoder", "optimizer", "bank", "graph", "epoch", "step")
 # written (it would change the model, the data, the bank or the optimizer state, so the
 # checkpoint could not continue the same run).
 SAFE_TO_CHANGE = {
-    "workdir": "the same folder, spelled another way",
-    "epochs": "extends (or ends) the run; a cosine or warm-up schedule is stretched to it",
-    "eval_every": "when the kNN monitor runs; training does not read it",
-    "knn_k": "kNN monitor only",
-    "knn_temperature": "kNN monitor only",
-    "knn_features": "kNN monitor only",
-    "strategy": "where the same computation runs; results match up to summation order",
-    "tpu": "where the same computation runs",
-    "cpu_devices": "where the same computation runs",
-    "jit_compile": "XLA compiles the same step; results match up to round-off",
+    field.name: field.metadata["safe_to_change"]
+    for field in dataclasses.fields(config_lib.Config)
+    if "safe_to_change" in field.metadata
 }
 
 

@@ -1,5 +1,6 @@
 """Every recipe in configs/ opens with its header and parses into a valid Config."""
 
+import dataclasses
 import glob
 import os
 import sys
@@ -8,7 +9,9 @@ import pytest
 from absl import flags
 
 from invp_tf import config as config_lib
+from invp_tf import losses
 from invp_tf import train
+from invp_tf import workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.flags")))
@@ -36,3 +39,30 @@ def test_recipe_header_and_flags(path, monkeypatch):
         flags.FLAGS.unparse_flags()
     for name, choices in config_lib.CHOICES.items():
         assert getattr(config, name) in choices
+
+
+def test_config_holds_its_loss_settings_as_one_loss_config():
+    config = config_lib.Config(temperature=0.2, num_background=64, background="exact")
+    loss = config.loss
+    assert type(loss) is losses.LossConfig
+    assert (loss.temperature, loss.num_background, loss.background) == (0.2, 64, "exact")
+    assert loss == losses.LossConfig(temperature=0.2, num_background=64, background="exact")
+    # Every loss setting is a train flag: the flag set of a Config includes them.
+    names = {field.name for field in dataclasses.fields(config_lib.Config)}
+    assert {field.name for field in dataclasses.fields(losses.LossConfig)} <= names
+
+
+def test_safe_to_change_is_the_fields_marked_so():
+    assert list(workdir.SAFE_TO_CHANGE) == [
+        "workdir",
+        "epochs",
+        "eval_every",
+        "knn_k",
+        "knn_temperature",
+        "knn_features",
+        "strategy",
+        "tpu",
+        "cpu_devices",
+        "jit_compile",
+    ]
+    assert workdir.SAFE_TO_CHANGE["knn_k"] == "kNN monitor only"

@@ -1,6 +1,8 @@
 """invp_losses against a NumPy oracle written from the method (README, "The method, as
 implemented"), and against the authors' reference case (tests/data/golden/, see its README)."""
 
+import dataclasses
+import inspect
 import os
 
 import numpy as np
@@ -308,3 +310,33 @@ def test_bank_of_unknown_size_keeps_hard_negatives():
     np.testing.assert_allclose(instance.numpy(), want_instance, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(invariance.numpy(), want_invariance, rtol=1e-5, atol=1e-5)
 
+
+def test_loss_config_fields_are_the_keyword_arguments_of_invp_losses():
+    keywords = {
+        name
+        for name, parameter in inspect.signature(losses.invp_losses).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    fields = {field.name for field in dataclasses.fields(losses.LossConfig)}
+    assert fields == keywords - {"deduplicate"}  # the authors' mode: tests only, not a flag
+
+
+def test_loss_config_computes_invp_losses_with_its_settings():
+    v, indices, bank, graph = _random_case()
+    settings = dict(
+        temperature=0.2,
+        num_background=20,
+        num_layers=2,
+        num_positives=7,
+        background="exact",
+        positive_mode="knn",
+        num_knn_positives=0,  # 0: the default K, as invp_losses' None
+    )
+    config = losses.LossConfig(**settings)
+    got = config.losses(v.astype(np.float32), indices, bank.astype(np.float32), graph)
+    settings["num_knn_positives"] = None
+    want = oracle(v, indices, bank, graph, **settings)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.temperature = 0.1

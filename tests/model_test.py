@@ -24,7 +24,7 @@ def _model(options=OPTIONS, n=40):
         num_neighbors=2,
         memory_momentum=0.5,
         seed=1,
-        loss_options=options,
+        loss_config=losses.LossConfig(**options),
     )
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     return model

@@ -119,6 +119,24 @@ def positive_candidates(
     return tf.where(drop, tf.constant(propagation.PAD, tf.int32), nearest)
 
 
+def _hardest(embeddings, bank, members, temperature, num_positives):
+    """(s_ip [B, P], valid [B, P]) of H(i): the `num_positives` members of N(i) with the
+    lowest s_ij, or all of N(i) when it has no more (or num_positives is None).
+
+    s_ij from the members' bank rows, not gathered from [B, N] logits: a gather's gradient
+    would be one more dense [B, N] tensor to add up.
+    """
+    member_valid = members >= 0  # [B, S]
+    member_rows = tf.gather(bank, tf.maximum(members, 0))  # [B, S, D]
+    member_logits = tf.einsum("bd,bsd->bs", embeddings, member_rows) / temperature  # [B, S]
+    if num_positives is None or num_positives >= members.shape[1]:
+        return member_logits, member_valid
+    hard_logits, _, hard_valid = propagation.hardest_members(
+        member_logits, member_valid, num_positives
+    )
+    return hard_logits, hard_valid
+
+
 def invp_losses(
     embeddings,
     indices,
@@ -169,7 +187,6 @@ def invp_losses(
     bank = tf.stop_gradient(tf.cast(bank, tf.float32))  # [N, D]
     indices = tf.cast(indices, tf.int32)  # [B] i
     knn_graph = tf.cast(knn_graph, tf.int32)  # [N, k]
-
     # TopM(i) minus {i}: its logsumexp [B], and the set (M = N without hard negatives).
     top = topm.search(
         embeddings,
@@ -180,11 +197,9 @@ def invp_losses(
         method=background_search,
         keep_logits=positive_mode == "knn",  # the knn ablation ranks all of [B, N]
     )
-    # s_ii and the members' s_ij from their bank rows, not gathered from [B, N] logits: a
-    # gather's gradient would be one more dense [B, N] tensor to add up.
+    # s_ii from the bank row (a gather from [B, N] logits would add a dense [B, N] gradient).
     self_logit = tf.einsum("bd,bd->b", embeddings, tf.gather(bank, indices)) / temperature
-
-    # N(i): [B, S] bank rows padded with -1, and their s_ij [B, S].
+    # N(i): [B, S] bank rows padded with -1; H(i): the s_ip of its P hardest members [B, P].
     members = positive_candidates(
         top.logits,
         indices,
@@ -194,22 +209,12 @@ def invp_losses(
         num_knn_positives=num_knn_positives,
         deduplicate=deduplicate,
     )
-    member_valid = members >= 0
-    member_rows = tf.gather(bank, tf.maximum(members, 0))  # [B, S, D]
-    member_logits = tf.einsum("bd,bsd->bs", embeddings, member_rows) / temperature  # [B, S]
-
-    # H(i): the P members with the lowest s_ij (all of N(i) when |N(i)| <= P), [B, P].
-    if hard_positives and num_positives < members.shape[1]:
-        hard_logits, _, hard_valid = propagation.hardest_members(
-            member_logits, member_valid, num_positives
-        )
-    else:
-        hard_logits, hard_valid = member_logits, member_valid
+    num_hard = num_positives if hard_positives else None  # None: H(i) = N(i), the ablation
+    hard_logits, hard_valid = _hardest(embeddings, bank, members, temperature, num_hard)
     lse_positive = topm.masked_logsumexp(hard_logits, hard_valid)  # [B]
-
     # Eq. 4: L_ins = logsumexp over TopM(i) U {i} (a set: i counted once) - s_ii.
     instance = tf.reduce_logsumexp(tf.stack([top.lse, self_logit], axis=1), axis=1) - self_logit
-    # Eq. 5: the background B(i).
+    # Eq. 5: L_inv = logsumexp over the background B(i) - logsumexp over H(i).
     if background == "approx":
         lse_background = top.lse
     else:

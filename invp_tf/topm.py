@@ -14,9 +14,8 @@ The methods (`--background_search`):
   [B, N] is never held (`_exact_compact`).
 - "top_k": tf.math.top_k over the [B, N] similarities, the definition written out.
 - "sampled": every row at or above a threshold read off a strided sample of the bank,
-  count-corrected to M rows (`_sampled`); in chunks too from N >= 64 M.
-
-BENCHMARKS.md has their speeds and how close "sampled" comes to "exact".
+  count-corrected to M rows (`_sampled`); in chunks too from N >= 64 M. BENCHMARKS.md has
+  the speeds, and how close "sampled" comes to "exact".
 """
 
 import math
@@ -30,19 +29,13 @@ METHODS = ("exact", "sampled", "top_k")
 # The sampled search strides the bank rows so that the threshold is about the
 # _SAMPLED_RANK-th largest entry of the sample: M / stride = _SAMPLED_RANK.
 _SAMPLED_RANK = 128
-# From N >= _COMPACT_MIN_RATIO * M on (outside XLA, when the caller needs no [B, N]
-# logits), the sampled and the exact search never hold [B, N] similarities: they score the
-# bank in chunks of _CHUNK_ROWS rows and keep the entries above a threshold as a flat list
-# (about B * M of them, B * 1.4 M for the exact one's lower bound); the gradient gathers
-# the bank rows of TopM instead of a dense [B, N] x [N, D] matmul. (The one exception: a
-# batch in which the exact search's sample misled a row lists that row whole, N entries;
-# at four standard deviations that is rare.)
+# From N >= _COMPACT_MIN_RATIO * M (outside XLA, no [B, N] logits asked for) the sampled
+# and the exact search score the bank in chunks of _CHUNK_ROWS rows, keep the entries above
+# a threshold as flat lists (about B * M) and gather TopM's bank rows for the gradient.
 _COMPACT_MIN_RATIO = 64
 _CHUNK_ROWS = 16_384
-# The exact search brackets the M-th value from the sampled search's sample,
-# moves the bracket by _EXACT_INTERPOLATIONS exact counts (up to
-# _EXACT_EXTRA_INTERPOLATIONS more while a row is still outside reach), and resolves
-# the last rows with a top_k of _EXACT_CANDIDATES (see _exact_top_mask).
+# The exact search's bracket: interpolations, extra ones while a row is out of reach, and
+# the top_k that resolves the last rows (see _exact_bracket).
 _EXACT_INTERPOLATIONS = 3
 _EXACT_EXTRA_INTERPOLATIONS = 3
 _EXACT_CANDIDATES = 96
@@ -174,10 +167,9 @@ def _count_corrected(lse, count, target, threshold):
 def _sum_exp(logits, mask):
     """log sum_{mask} e^s per row ([B, N] -> [B]; MASKED for an empty row), in few passes.
 
-    tf.reduce_logsumexp over tf.where(mask, ...) makes about twice as many [B, N]
-    passes (its own max, and a softmax recomputed in the gradient). The shift is
-    the row max of all logits: |s| <= 1 / tau, so exp(s - shift) underflows only
-    when every masked entry sits more than 87 below it (tau < 0.023 at least).
+    Half the [B, N] passes of tf.reduce_logsumexp over tf.where(mask, ...). The shift is the
+    row max of all logits: exp(s - shift) underflows only when every masked entry sits more
+    than 87 below it (|s| <= 1 / tau: tau < 0.023 at least).
     """
     shift = tf.reduce_max(logits, axis=1, keepdims=True)  # [B, 1]
     exps = tf.where(mask, tf.exp(logits - shift), 0.0)  # [B, N]
@@ -199,9 +191,8 @@ def _count(mask):
 def _count_above(logits, threshold):
     """[B] int32 count of logits[b, :] > threshold[b] ([B, N] and [B] float32).
 
-    Summed as int8 in groups of up to 127 columns first: the same count as an
-    int32 sum, with a quarter of its memory traffic (each count is a pass over
-    all of [B, N]; the exact search takes 2 + _EXACT_INTERPOLATIONS of them).
+    Summed as int8 in groups of up to 127 columns first: the same count as an int32 sum,
+    with a quarter of its memory traffic (each count is a pass over all of [B, N]).
     """
     num_rows = logits.shape[1]
     group = max(d for d in range(1, 128) if num_rows % d == 0)
@@ -291,21 +282,13 @@ def _exact_top_mask(logits, num_background, excluded):
     That is the M largest s_bj and, among columns tied at the M-th value, the
     lower column indices (top_k's rule), found without a top_k over N.
 
-    On a machine without a GPU or TPU and outside XLA, the native kernel
-    `InvpTopMask` (invp_tf/top_mask.cc, built by invp_tf/kernels.py) finds it in
-    one pass per row. Elsewhere, or where the kernel cannot be built, TensorFlow
-    ops find the same set (tests/topm_test.py runs both): the
-    logits above hi of `_exact_bracket` are all in; the other need are the need
-    largest at or below hi, which a top_k of C over the row with the logits
-    above hi masked out gives in top_k's own order (value, then lower column).
-    The anchor's column excluded[b] is cleared in the same scatter.
-
-    When the bracket still missed in some row after every interpolation (need
-    outside 1..C: more than about C logits tie at the M-th value, as in a collapsed
-    or quantised bank, or the counts converged too slowly), the whole batch takes
-    tf.math.top_k over N instead
-    (tf.cond, so shapes stay static for XLA). Either way the set is a function
-    of the logits alone: the sample and the interpolation only decide the cost.
+    Without a GPU or TPU and outside XLA, the native kernel `InvpTopMask` finds it in one
+    pass per row. Elsewhere TensorFlow ops find the same set (tests/topm_test.py runs both):
+    the logits above hi of `_exact_bracket` are all in, and a top_k of C over the row with
+    those masked out gives the need others in top_k's own order (value, then lower column).
+    Where the bracket still missed (more than about C logits tie at the M-th value, or the
+    counts converged too slowly) the whole batch takes tf.math.top_k over N (a tf.cond, so
+    shapes stay static for XLA). Either way the set is a function of the logits alone.
 
     Args:
       logits: [B, N] float32 s_ij, static N > num_background.
@@ -370,11 +353,9 @@ def _in_xla_context():
 def _sampled_threshold(embeddings, bank, temperature, num_background):
     """(t_i [B], the bank row holding t_i [B]): about the M-th largest s_ij.
 
-    Read off every stride-th bank row: the sample's top M * (sample size / N)
-    entries end at t_i, a top-k over N / stride columns (M / stride =
-    _SAMPLED_RANK of them) instead of M over N. No gradient: the count correction
-    stands in for rows near t_i, not for this row (with its gradient, the
-    gradient of the trained-bank case in BENCHMARKS.md is 6x further from exact).
+    Read off every stride-th bank row: a top-k of _SAMPLED_RANK over N / stride columns
+    instead of M over N. No gradient: the count correction stands in for rows near t_i, not
+    for this row (with one, the gradient lands further from the exact search's).
     """
     stride, _, rank, _ = _sample_plan(num_background, bank.shape[0])
     sample = tf.matmul(embeddings, bank[::stride], transpose_b=True) / temperature
@@ -424,10 +405,8 @@ def _list_entries(embeddings, bank, threshold, temperature):
 
 
 def _attach_gradient(embeddings, bank, row, column, values, temperature):
-    """values (s_ij of listed entries, no gradient) with their gradient to embeddings.
-
-    The gradient gathers the C bank rows of the entries (one [C, D] pass) instead
-    of a dense [B, N] x [N, D] matmul, the cheaper the larger N / C.
+    """values (s_ij of listed entries, no gradient) with their gradient to embeddings: a
+    gather of the C entries' bank rows (one [C, D] pass), not a dense [B, N] x [N, D] matmul.
     """
 
     @tf.custom_gradient
@@ -474,18 +453,13 @@ def _in_columns(members, row, column, num_rows):
 def _exact_compact(embeddings, bank, anchors, temperature, num_background):
     """TopM as tf.math.top_k's set, found in bank chunks without holding [B, N].
 
-    1. lo: the sampled search's sample (every (M / 128)-th bank row), read four
-       standard deviations of its rank error below the M-th value, so that at
-       least M similarities lie above lo.
-    2. The s_ij > lo listed in chunks (`_list_entries`, about 1.4 M per row),
-       each row's in column order. A row with fewer than M (the sample misled)
-       is listed again whole (lo = -inf): the set never depends on the sample.
-    3. Each row's top M among its listed values (value, then lower column), but
-       column i: the native `InvpListedTop` on the flat lists where it runs; else
-       the values laid out densely ([B, most listed], -inf padded, in column order)
-       and tf.math.top_k taken there.
-    4. Only the M entries kept per row get a gradient (a [B * M, D] gather, as in
-       the sampled search).
+    1. lo: four standard deviations of the sample's rank error below the M-th value of
+       the sampled search's sample, so that at least M similarities lie above lo.
+    2. The s_ij > lo listed in chunks (`_list_entries`), each row's in column order. A
+       row with fewer than M (the sample misled) is listed again whole (lo = -inf).
+    3. Each row's top M among its listed values (value, then lower column), but column
+       i: the native `InvpListedTop`, or a tf.math.top_k over the values laid out densely.
+    4. Only the M entries kept per row get a gradient (a [B * M, D] gather).
 
     Args:
       embeddings: [B, D] unit rows. bank: [N, D], static N. anchors: [B] int32.

@@ -23,7 +23,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
-from invp_tf import evaluate
+from invp_tf import protocols
 from invp_tf import workdir as workdir_lib
 
 # Table 5's rows, in the paper's order, and what each changes (the flagfile says how).
@@ -63,9 +63,9 @@ def run_one(variant, seed, runs):
     if proc.returncode != 0:
         raise RuntimeError(f"training {workdir} failed (exit {proc.returncode})")
     print(f"[ablation] evaluate {variant} seed {seed}", flush=True)
-    knn = evaluate.evaluate(evaluate.make_settings(workdir, "knn", baselines=False))
-    linear = evaluate.evaluate(
-        evaluate.make_settings(workdir, "linear", block="stage4", baselines=False)
+    knn = protocols.evaluate(protocols.make_settings(workdir, "knn", baselines=False))
+    linear = protocols.evaluate(
+        protocols.make_settings(workdir, "linear", block="stage4", baselines=False)
     )
     rows = workdir_lib.read_metrics(workdir)
     purity = [r.get("purity_hard") for r in rows if r.get("purity_hard") is not None]
@@ -127,23 +127,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def write_table(output, text, command):
-    """Replaces the text between the ablation markers of `output` (appends them if absent)."""
-    path = os.path.join(report.REPO, output)
-    with open(path) as f:
-        content = f.read()
-    block = f"{BEGIN}\n{command}; {report.machine()}; updated {time.strftime('%Y-%m-%d')}\n\n"
-    block += f"{text}\n{END}"
-    if BEGIN in content and END in content:
-        head, rest = content.split(BEGIN, 1)
-        content = head + block + rest.split(END, 1)[1]
-    else:
-        content = content.rstrip("\n") + "\n\n## Ablation (Table 5, small scale)\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(content)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv):
     del argv
     unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
@@ -158,7 +141,9 @@ def main(argv):
             results.append(run_one(variant, seed, _RUNS.value))
             text = table(results)
             if _OUTPUT.value:
-                write_table(_OUTPUT.value, text, command)
+                report.write_block(
+                    _OUTPUT.value, BEGIN, END, text, command, "## Ablation (Table 5, small scale)"
+                )
     print(table(results))
 
 

@@ -46,9 +46,31 @@ def append_rows(output, rows):
         if end and not lines[end - 1].endswith("\n"):
             lines[end - 1] += "\n"
         lines[end:end] = new
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    _write(path, "".join(lines))
+
+
+def write_block(output, begin, end, text, command, heading):
+    """Replaces the block between the markers `begin` and `end` of `output` (relative to the
+    repo) by `text` under a line naming `command`, this machine and today's date; appends
+    `heading` and the block when the markers are absent."""
+    path = os.path.join(REPO, output)
+    with open(path) as f:
+        content = f.read()
+    block = f"{begin}\n{command}; {machine()}; updated {time.strftime('%Y-%m-%d')}\n\n"
+    block += f"{text}\n{end}"
+    if begin in content and end in content:
+        head, rest = content.split(begin, 1)
+        content = head + block + rest.split(end, 1)[1]
+    else:
+        content = content.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n"
+    _write(path, content)
+
+
+def _write(path, text):
+    """The library's one atomic write (a temporary file, then a rename)."""
+    from invp_tf import workdir  # pylint: disable=g-import-not-at-top  # TensorFlow: only here
+
+    workdir.write_atomically(path, text)
 
 
 def train_command(flagfile, workdir, *extra_flags):
@@ -86,11 +108,7 @@ def read_json(path, default=None):
 
 def write_json(path, value):
     """Writes `value` to `path` atomically (a temporary file, then a rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    _write(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
 def paired_difference(a, b):

@@ -30,7 +30,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
-from invp_tf import evaluate
+from invp_tf import protocols
 from invp_tf import workdir as workdir_lib
 
 _QUARTER = ["--rampup_epochs=10", "--num_layers=2", "--num_positives=10"]
@@ -116,11 +116,11 @@ def _commit():
 
 def _frozen(workdir, baselines):
     """kNN (embedding, stage4) and logistic regression (stage4) with all train labels."""
-    knn = evaluate.evaluate(
-        evaluate.make_settings(workdir, "knn", block="embedding,stage4", baselines=False)
+    knn = protocols.evaluate(
+        protocols.make_settings(workdir, "knn", block="embedding,stage4", baselines=False)
     )
-    linear = evaluate.evaluate(
-        evaluate.make_settings(workdir, "linear", block="stage4", baselines=baselines)
+    linear = protocols.evaluate(
+        protocols.make_settings(workdir, "linear", block="stage4", baselines=baselines)
     )
     results = {
         "knn_embedding": knn["results"]["embedding"]["top1"],
@@ -242,24 +242,6 @@ def table(study, dataset, arms, seeds):
     return "\n".join(lines)
 
 
-def write_section(output, dataset, text, command):
-    """Replaces the dataset's block between the study markers of `output`."""
-    path = os.path.join(report.REPO, output)
-    with open(path) as f:
-        content = f.read()
-    begin, end = f"{BEGIN[:-4]} {dataset} -->", f"{END[:-4]} {dataset} -->"
-    block = f"{begin}\n{command}; {report.machine()}; updated {time.strftime('%Y-%m-%d')}\n\n"
-    block += f"{text}\n{end}"
-    if begin in content and end in content:
-        head, rest = content.split(begin, 1)
-        content = head + block + rest.split(end, 1)[1]
-    else:
-        content = content.rstrip("\n") + f"\n\n### Study: {dataset}\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(content)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv):
     del argv
     unknown = [a for a in _ARMS.value if a not in ARMS]
@@ -278,7 +260,11 @@ def main(argv):
             run_one(_DATASET.value, arm, seed, _RUNS.value, study)
             text = table(study, _DATASET.value, _ARMS.value, _SEEDS.value)
             if _OUTPUT.value:
-                write_section(_OUTPUT.value, _DATASET.value, text, command)
+                dataset = _DATASET.value
+                begin, end = f"{BEGIN[:-4]} {dataset} -->", f"{END[:-4]} {dataset} -->"
+                report.write_block(
+                    _OUTPUT.value, begin, end, text, command, f"### Study: {dataset}"
+                )
     print(table(study, _DATASET.value, _ARMS.value, _SEEDS.value))
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import tensorflow as tf
 
 from invp_tf import augment
+from invp_tf import data
 from invp_tf import distribute
 from invp_tf import encoder
 from invp_tf import losses
@@ -60,9 +61,7 @@ class Config(losses.LossConfig):
         "Run directory: flags.txt, checkpoints, metrics, TensorBoard.",
         safe_to_change="the same folder, spelled another way",
     )
-    dataset: str = _field(
-        "fashion_mnist", "fashion_mnist | tfds:NAME (e.g. tfds:cifar10) | folder:/path/to/images."
-    )
+    dataset: str = _field("fashion_mnist", f"Dataset: {data.DATASET_FORMS}.")
     data_dir: str = _field(
         "", "IDX folder for fashion_mnist, tfds data_dir, or empty for defaults."
     )
@@ -113,17 +112,22 @@ class Config(losses.LossConfig):
         "momentum). PyTorch's coupled decay with momentum m acts about 1 / (1 - m) = 10x "
         "stronger: the paper's 1e-4 corresponds to about 1e-3 here.",
     )
-    eval_every: int = _field(
-        1,
-        "Run the kNN monitor every n epochs (and after the last).",
-        "when the kNN monitor runs; training does not read it",
-    )
     knn_k: int = _field(200, "Neighbours of the kNN monitor.", _MONITOR_ONLY)
     knn_temperature: float = _field(0.07, "Vote temperature of the kNN monitor.", _MONITOR_ONLY)
     knn_features: str = _field(
         "bank",
         "Train features of the kNN monitor: the bank, or fresh encoder features.",
         _MONITOR_ONLY,
+    )
+    eval_every: int = _field(
+        1,
+        "Run the kNN monitor every n epochs (and after the last).",
+        "when the kNN monitor runs; training does not read it",
+    )
+    jit_compile: bool = _field(
+        False,
+        "XLA-compile the train step.",
+        "XLA compiles the same step; results match up to round-off",
     )
     strategy: str = _field(
         "default",
@@ -140,11 +144,6 @@ class Config(losses.LossConfig):
         0,
         "Split the CPU into this many logical devices (0: no split); for mirrored on a CPU.",
         "where the same computation runs",
-    )
-    jit_compile: bool = _field(
-        False,
-        "XLA-compile the train step.",
-        "XLA compiles the same step; results match up to round-off",
     )
     sync_batchnorm: bool = _field(
         True,

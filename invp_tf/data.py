@@ -111,7 +111,7 @@ def load_source(
     """Opens one split of a dataset; all checks happen here, with one clear message.
 
     Args:
-      dataset: "fashion_mnist", "mnist", "tfds:NAME" or "folder:/path".
+      dataset: one of DATASET_FORMS (the module docstring says what each reads).
       split: "train" or "test". tfds: any split name; "test" falls back to "validation"
         when the dataset has no test split. folder: "val"/"validation" mean "test".
       data_dir: IDX: folder of the .gz files (default: the Debian package's folder);

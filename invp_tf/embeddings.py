@@ -171,7 +171,7 @@ def embed(
       model_dir: the export's version folder, BASE/NAME/VERSION.
       output: FILE.npy or FILE.tfrecord (FILE.ids.tsv is written beside it).
       images: a folder; every image below it is embedded (exclusive with `dataset`).
-      dataset: a `data.load_source` dataset string (fashion_mnist, tfds:NAME, folder:/path).
+      dataset: a `data.load_source` dataset string (`data.DATASET_FORMS`).
       split: the dataset split.
       data_dir: the dataset's data_dir (IDX folder, tfds data_dir).
       batch_size: images per call of the model.

@@ -83,8 +83,8 @@ class EvalConfig:
     protocol: str = _field("knn", "Evaluation protocol: " + ", ".join(PROTOCOLS) + ".")
     dataset: str | None = _field(
         None,
-        "Dataset to evaluate on (fashion_mnist, mnist, tfds:NAME, folder:/path); default: the "
-        "run's. finetune transfers to it.",
+        f"Dataset to evaluate on ({data.DATASET_FORMS}); default: the run's. finetune "
+        "transfers to it.",
     )
     data_dir: str | None = _field(
         None, "Data folder of --dataset; default: the run's when the dataset is the run's."
@@ -582,9 +582,6 @@ def evaluate(s):
     }
     output = s.output or os.path.join(out_dir, f"{s.protocol}.json")
     tf.io.gfile.makedirs(os.path.dirname(output) or ".")
-    tmp = output + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(report, indent=2) + "\n")
-    tf.io.gfile.rename(tmp, output, overwrite=True)
+    workdir_lib.write_atomically(output, json.dumps(report, indent=2) + "\n", "the report")
     report["output"] = output
     return report

@@ -76,7 +76,9 @@ def writing(path, what):
         raise WorkdirError(f"could not write {what} {path}: {_reason(e)}") from e
 
 
-def _write_atomically(path, text, what):
+def write_atomically(path, text, what="file"):
+    """Writes `text` to `path` (local or gs:// etc.) through a temporary file and a rename, so
+    that a reader never sees half of it; an I/O error becomes one WorkdirError line."""
     with writing(path, what):
         with tf.io.gfile.GFile(path + ".tmp", "w") as f:
             f.write(text)
@@ -291,13 +293,13 @@ def write_flags(workdir, config, changed=(), epoch=0, previous=None):
     config = dataclasses.replace(config, workdir=workdir)
     path = os.path.join(workdir, FLAGS_FILE)
     if previous is None:
-        _write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
+        write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
         _history(workdir, f"new run: {' '.join(config.flagfile_lines())}")
         return
     changed = [name for name in changed if name != "workdir"]
     if not changed:
         return
-    _write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
+    write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
     what = ", ".join(f"{_flag(config, n)} (was {_flag(previous, n)})" for n in changed)
     _history(workdir, f"resumed after epoch {epoch} with {what}")
 
@@ -588,7 +590,7 @@ def truncate_metrics(workdir, first_epoch):
     if not tf.io.gfile.exists(path):
         return
     rows = [row for row in read_metrics(workdir) if row["epoch"] < first_epoch]
-    _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows), "the metrics")
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows), "the metrics")
 
 
 def append_metrics(workdir, row):

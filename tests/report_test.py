@@ -30,3 +30,26 @@ def test_paired_speed_ratio_is_the_geometric_mean_of_time_ratios():
         (math.exp(logs.mean() - half), math.exp(logs.mean() + half))
     )
     assert report.paired_speed_ratio([1.0], [2.0]) == (2.0, None, None)
+
+
+def test_write_block_replaces_between_markers_and_appends_when_absent(tmp_path):
+    path = tmp_path / "BENCH.md"
+    path.write_text("# Bench\n\nprose\n")
+    begin, end = "<!-- t: begin -->", "<!-- t: end -->"
+    report.write_block(str(path), begin, end, "| a |", "cmd one", "## Table")
+    first = path.read_text()
+    assert first.startswith("# Bench\n\nprose\n\n## Table\n\n<!-- t: begin -->\ncmd one; ")
+    assert first.endswith("\n\n| a |\n<!-- t: end -->\n")
+    path.write_text(first + "\nafter\n")
+    report.write_block(str(path), begin, end, "| b |", "cmd two", "## Table")
+    second = path.read_text()
+    assert second.count(begin) == 1 and "| a |" not in second and "| b |" in second
+    assert second.endswith("<!-- t: end -->\n\nafter\n") and "cmd two; " in second
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCH.md"]  # no temporary left
+
+
+def test_write_json_round_trips(tmp_path):
+    path = str(tmp_path / "r.json")
+    report.write_json(path, {"b": [1, 2.5], "a": None})
+    assert report.read_json(path) == {"a": None, "b": [1, 2.5]}
+    assert report.read_json(str(tmp_path / "absent.json"), default=7) == 7

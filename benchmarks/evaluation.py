@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
-from invp_tf import evaluate
+from invp_tf import protocols
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The trained run to evaluate.")
 _PROTOCOLS = flags.DEFINE_list("protocols", ["knn", "linear", "semi"], "Protocols to run.")
@@ -40,11 +40,11 @@ def main(argv):
     rows = []
     for protocol in _PROTOCOLS.value:
         overrides = {"label_fraction": _LABEL_FRACTION.value} if protocol == "semi" else {}
-        settings = evaluate.make_settings(_WORKDIR.value, protocol, **overrides)
+        settings = protocols.make_settings(_WORKDIR.value, protocol, **overrides)
         start = time.time()
-        result = evaluate.evaluate(settings)
+        result = protocols.evaluate(settings)
         seconds = time.time() - start
-        print(evaluate.format_table(result))
+        print(protocols.format_table(result))
         flag = f" --label_fraction={_LABEL_FRACTION.value}" if protocol == "semi" else ""
         command = (
             f"`python -m invp_tf.evaluate --workdir={_WORKDIR.value} --protocol={protocol}{flag}`"

@@ -16,64 +16,42 @@ Figures are drawn on matplotlib's Agg canvas, so no display is needed. The figur
 `analysis.analyze`; this module is its command line.
 """
 
+import dataclasses
+
 from absl import app
-from absl import flags
 
 from invp_tf import analysis
 from invp_tf import command
 
-# The library's names, reachable here as before the figures moved to `analysis`.
-NUM_NEIGHBORS = analysis.NUM_NEIGHBORS
-NUM_SHOWN = analysis.NUM_SHOWN
-neighbor_similarities = analysis.neighbor_similarities
-easy_and_hard = analysis.easy_and_hard
-read_metrics = analysis.read_metrics
-graph_was_built = analysis.graph_was_built
-_graph = analysis._graph
-similarity_figure = analysis.similarity_figure
-positives_figure = analysis.positives_figure
-curves_figure = analysis.curves_figure
-write_index = analysis.write_index
-analyze = analysis.analyze
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeFlags:
+    """The flags of invp_tf.analyze: the arguments of `analysis.analyze`."""
+
+    workdir: str = command.field(
+        "", "Training run to analyze (flags.txt, checkpoints/, metrics.jsonl)."
+    )
+    output: str = command.field("", "Folder the PNGs and index.html are written to.")
+    compare: str = command.field("", "Optional second run (its --workdir) to compare with.")
+    num_anchors: int = command.field(6, "Anchors of positives.png.")
+    samples_per_class: int = command.field(100, "Test images per class of similarity.png.")
 
 
-def _define_flags(flag_values):
-    where = dict(flag_values=flag_values)
-    return {
-        "workdir": flags.DEFINE_string(
-            "workdir",
-            "",
-            "Training run to analyze (flags.txt, checkpoints/, metrics.jsonl).",
-            **where,
-        ),
-        "output": flags.DEFINE_string(
-            "output", "", "Folder the PNGs and index.html are written to.", **where
-        ),
-        "compare": flags.DEFINE_string(
-            "compare", "", "Optional second run (its --workdir) to compare with.", **where
-        ),
-        "num_anchors": flags.DEFINE_integer("num_anchors", 6, "Anchors of positives.png.", **where),
-        "samples_per_class": flags.DEFINE_integer(
-            "samples_per_class", 100, "Test images per class of similarity.png.", **where
-        ),
-    }
-
-
-_COMMAND = command.Flags(_define_flags)
+_COMMAND = command.Flags(lambda flag_values: command.define_fields(AnalyzeFlags, {}, flag_values))
 
 
 def main(argv):
     """Analyzes the run of the command line `argv` (see `command.parsed`)."""
-    values = _COMMAND.values(argv)
-    if not values["workdir"] or not values["output"]:
+    settings = AnalyzeFlags(**_COMMAND.values(argv))
+    if not settings.workdir or not settings.output:
         raise app.UsageError("--workdir and --output are required")
     with command.exits_on("invp_tf.analyze", ValueError, FileNotFoundError):
-        paths = analyze(
-            values["workdir"],
-            values["output"],
-            compare=values["compare"] or None,
-            num_anchors=values["num_anchors"],
-            samples_per_class=values["samples_per_class"],
+        paths = analysis.analyze(
+            settings.workdir,
+            settings.output,
+            compare=settings.compare or None,
+            num_anchors=settings.num_anchors,
+            samples_per_class=settings.samples_per_class,
         )
     print("\n".join(paths))
 

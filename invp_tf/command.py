@@ -1,8 +1,11 @@
-"""What the five commands (train, evaluate, export, embed, analyze) share: their flags' parsing.
+"""What the commands (train, evaluate, export, embed, analyze) share: their flags' parsing.
 
-Each command module defines its own absl flags (no library module defines any) and has a
-`main(argv)` that runs both under absl's `app.run` and in-process, e.g. from a test or a
-notebook: `export.main(["invp-export", "--workdir=runs/demo", "--export_dir=exported"])`.
+Every command module is built the same way: a frozen dataclass whose fields are its flags
+(`field`: default and help), the flags defined from it (`define_fields`, wrapped in `Flags`),
+and a `main(argv)` that turns the parsed values into that dataclass and makes one library
+call. No library module defines flags, and no command module re-exports library names.
+`main` runs both under absl's `app.run` and in-process, e.g. from a test or a notebook:
+`export.main(["invp-export", "--workdir=runs/demo", "--export_dir=exported"])`.
 """
 
 import contextlib
@@ -90,6 +93,30 @@ def define_fields(dataclass, choices, flag_values=flags.FLAGS):
             (kind,) = [t for t in typing.get_args(hints[name]) if t is not type(None)]
         holders[name] = _DEFINE[kind](name, default, help_text, flag_values=flag_values)
     return holders
+
+
+def field(default, help_text):
+    """A field of a command's flag dataclass: its flag's default and help (`define_fields`)."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+_WARNED = set()
+
+
+def define_deprecated_alias(old, new, flag_values=flags.FLAGS):
+    """--old as a deprecated spelling of --new: it sets --new and warns, once per process,
+    that it will go in the next release."""
+    flags.DEFINE_alias(old, new, flag_values=flag_values)
+    alias = flag_values[old]
+    parse = alias.parse
+
+    def parse_and_warn(argument):
+        if old not in _WARNED:
+            _WARNED.add(old)
+            logging.warning("--%s is deprecated and goes in the next release: use --%s", old, new)
+        parse(argument)
+
+    alias.parse = parse_and_warn
 
 
 class Flags:

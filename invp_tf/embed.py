@@ -21,66 +21,48 @@ atomically (temporary name, then rename):
                   (built by neighbors.build_search_index).
 """
 
+import dataclasses
 import json
-
-from absl import flags
 
 from invp_tf import command
 from invp_tf import data
 from invp_tf import embeddings
 
-# The library's names, reachable here as before the code moved to `embeddings`.
-OUTPUT_FORMATS = embeddings.OUTPUT_FORMATS
-OUTPUT_KEYS = embeddings.OUTPUT_KEYS
-EmbedError = embeddings.EmbedError
-Inputs = embeddings.Inputs
-folder_inputs = embeddings.folder_inputs
-dataset_inputs = embeddings.dataset_inputs
-load_model = embeddings.load_model
-embed = embeddings.embed
+
+@dataclasses.dataclass(frozen=True)
+class EmbedFlags:
+    """The flags of invp_tf.embed: the arguments of `embeddings.embed`."""
+
+    model: str | None = command.field(None, "Export version folder BASE/NAME/VERSION.")
+    output: str | None = command.field(None, "FILE.npy or FILE.tfrecord.")
+    images: str | None = command.field(None, "Folder: embed every image below it.")
+    dataset: str | None = command.field(None, f"Or a dataset: {data.DATASET_FORMS}.")
+    split: str = command.field("train", "Split of --dataset.")
+    data_dir: str = command.field("", "data_dir of --dataset (IDX, tfds).")
+    output_key: str = command.field("embedding", "Which output of the model to save.")
+    batch_size: int = command.field(256, "Images per model call.")
+    with_knn_index: bool = command.field(
+        False, "Also write a ScaNN index FILE.scann/ over the rows."
+    )
+    index_neighbors: int = command.field(10, "Default neighbours per query of the ScaNN index.")
 
 
-def _define_flags(flag_values):
-    where = dict(flag_values=flag_values)
-    return {
-        "model": flags.DEFINE_string(
-            "model", None, "Export version folder BASE/NAME/VERSION.", **where
-        ),
-        "images": flags.DEFINE_string(
-            "images", None, "Folder: embed every image below it.", **where
-        ),
-        "dataset": flags.DEFINE_string(
-            "dataset", None, f"Or a dataset: {data.DATASET_FORMS}.", **where
-        ),
-        "split": flags.DEFINE_string("split", "train", "Split of --dataset.", **where),
-        "data_dir": flags.DEFINE_string(
-            "data_dir", "", "data_dir of --dataset (IDX, tfds).", **where
-        ),
-        "output": flags.DEFINE_string("output", None, "FILE.npy or FILE.tfrecord.", **where),
-        "output_key": flags.DEFINE_enum(
-            "output_key", "embedding", OUTPUT_KEYS, "Which output of the model to save.", **where
-        ),
-        "batch_size": flags.DEFINE_integer("batch_size", 256, "Images per model call.", **where),
-        "with_knn_index": flags.DEFINE_bool(
-            "with_knn_index", False, "Also write a ScaNN index FILE.scann/ over the rows.", **where
-        ),
-        "index_neighbors": flags.DEFINE_integer(
-            "index_neighbors", 10, "Default neighbours per query of the ScaNN index.", **where
-        ),
-    }
-
-
-_COMMAND = command.Flags(_define_flags)
+_COMMAND = command.Flags(
+    lambda flag_values: command.define_fields(
+        EmbedFlags, {"output_key": embeddings.OUTPUT_KEYS}, flag_values
+    )
+)
 
 
 def main(argv):
     """Runs the embed of the command line `argv` (see `command.parsed`)."""
-    values = _COMMAND.values(argv)
-    errors = (ValueError, FileNotFoundError, ImportError, EmbedError)
+    settings = EmbedFlags(**_COMMAND.values(argv))
+    errors = (ValueError, FileNotFoundError, ImportError, embeddings.EmbedError)
     with command.exits_on("invp_tf.embed", *errors):
-        if not values["model"] or not values["output"]:
+        if not settings.model or not settings.output:
             raise ValueError("--model and --output are required")
-        summary = embed(values.pop("model"), values.pop("output"), **values)
+        values = dataclasses.asdict(settings)
+        summary = embeddings.embed(values.pop("model"), values.pop("output"), **values)
     print(json.dumps(summary))
 
 

@@ -6,36 +6,23 @@
     python -m invp_tf.evaluate --workdir=runs/demo --protocol=finetune --dataset=mnist
 
 Every field of `protocols.EvalConfig` is a flag (an enum where `protocols.CHOICES` lists its
-values; --k and --temperature are the deprecated spellings of --knn_k and --knn_temperature).
+values). --k and --temperature are deprecated spellings of --knn_k and --knn_temperature: they
+still work, warn once, and go in the next release.
 The encoder is rebuilt from the run's flags.txt and its latest checkpoint. Every protocol
 prints a table with raw-pixel baselines on the same split beside the result (weighted kNN
 and logistic regression on pixels), writes a JSON result (--output, default
 WORKDIR/eval/PROTOCOL.json) and TensorBoard scalars (WORKDIR/eval/tensorboard/PROTOCOL).
 """
 
-from absl import flags
-
 from invp_tf import command
 from invp_tf import protocols
 
-# The library's names, reachable here as before the protocols moved to `protocols`.
-EvalConfig = protocols.EvalConfig
-EvaluationError = protocols.EvaluationError
-PROTOCOLS = protocols.PROTOCOLS
-Splits = protocols.Splits
-evaluate = protocols.evaluate
-format_table = protocols.format_table
-make_settings = protocols.make_settings
-
-# Deprecated spellings kept as flag aliases: the same names as invp_tf.train's monitor.
-_FLAG_ALIASES = {"k": "knn_k", "temperature": "knn_temperature"}
-
 
 def _define_flags(flag_values):
-    """The flags of EvalConfig's fields and their aliases, in `flag_values`."""
-    holders = command.define_fields(EvalConfig, protocols.CHOICES, flag_values)
-    for alias, name in _FLAG_ALIASES.items():
-        flags.DEFINE_alias(alias, name, flag_values=flag_values)
+    """The flags of EvalConfig's fields, and the deprecated spellings --k and --temperature."""
+    holders = command.define_fields(protocols.EvalConfig, protocols.CHOICES, flag_values)
+    command.define_deprecated_alias("k", "knn_k", flag_values)
+    command.define_deprecated_alias("temperature", "knn_temperature", flag_values)
     return holders
 
 
@@ -46,8 +33,9 @@ def main(argv):
     """Runs the evaluation of the command line `argv` (see `command.parsed`)."""
     values = _COMMAND.values(argv)
     with command.exits_on("invp_tf.evaluate", ValueError, FileNotFoundError):
-        report = evaluate(make_settings(values.pop("workdir"), values.pop("protocol"), **values))
-    print(format_table(report))
+        settings = protocols.make_settings(values.pop("workdir"), values.pop("protocol"), **values)
+        report = protocols.evaluate(settings)
+    print(protocols.format_table(report))
     print(f"wrote {report['output']}")
 
 

@@ -10,81 +10,51 @@ the TF-Hub reusable SavedModel API and assets/invp_export.json; `saved_model` (t
 loader, then published atomically; the command prints its folder.
 """
 
-from absl import flags
+import dataclasses
 
 from invp_tf import command
 from invp_tf import saved_model
 
-# The library's names, reachable here as before the SavedModel code moved to `saved_model`.
-SIGNATURES = saved_model.SIGNATURES
-METADATA_FILE = saved_model.METADATA_FILE
-PIXEL_RANGE = saved_model.PIXEL_RANGE
-DEFAULT_MAX_IMAGE_PIXELS = saved_model.DEFAULT_MAX_IMAGE_PIXELS
-ExportError = saved_model.ExportError
-EncoderModule = saved_model.EncoderModule
-check_images = saved_model.check_images
-decode_images = saved_model.decode_images
-_header_pixels = saved_model._header_pixels
-save = saved_model.save
-run_signatures_tf1 = saved_model.run_signatures_tf1
-verify = saved_model.verify
-next_version = saved_model.next_version
-export_run = saved_model.export_run
+
+@dataclasses.dataclass(frozen=True)
+class ExportFlags:
+    """The flags of invp_tf.export: the arguments of `saved_model.export_run`."""
+
+    workdir: str | None = command.field(None, "Training run to export (latest checkpoint).")
+    export_dir: str | None = command.field(
+        None, "Base folder of the exports; the model goes to <it>/<model_name>/."
+    )
+    model_name: str = command.field("invp", "Model name: folder under export_dir.")
+    version: int = command.field(0, "Version number; 0 = the next free one.")
+    max_image_pixels: int = command.field(
+        saved_model.DEFAULT_MAX_IMAGE_PIXELS,
+        "Largest width x height serving_bytes decodes; larger images fail before decoding "
+        "(read from the file header). Stored in assets/invp_export.json.",
+    )
+    checkpoint: str | None = command.field(
+        None,
+        "Checkpoint to export (ckpt-N in the run's checkpoints/, or a path); default: the "
+        "newest readable one.",
+    )
+    l2_regularization: float | None = command.field(
+        None,
+        "Coefficient of the L2 penalty on kernels exported as regularization_losses (added to "
+        "the loss by hub.KerasLayer(trainable=True)); default: half the run's --weight_decay "
+        "(what SGD's decoupled decay pulled in training); 0: none.",
+    )
 
 
-def _define_flags(flag_values):
-    where = dict(flag_values=flag_values)
-    return {
-        "workdir": flags.DEFINE_string(
-            "workdir", None, "Training run to export (latest checkpoint).", **where
-        ),
-        "export_dir": flags.DEFINE_string(
-            "export_dir",
-            None,
-            "Base folder of the exports; the model goes to <it>/<model_name>/.",
-            **where,
-        ),
-        "model_name": flags.DEFINE_string(
-            "model_name", "invp", "Model name: folder under export_dir.", **where
-        ),
-        "version": flags.DEFINE_integer(
-            "version", 0, "Version number; 0 = the next free one.", **where
-        ),
-        "max_image_pixels": flags.DEFINE_integer(
-            "max_image_pixels",
-            DEFAULT_MAX_IMAGE_PIXELS,
-            "Largest width x height serving_bytes decodes; larger images fail before decoding "
-            "(read from the file header). Stored in assets/invp_export.json.",
-            **where,
-        ),
-        "checkpoint": flags.DEFINE_string(
-            "checkpoint",
-            None,
-            "Checkpoint to export (ckpt-N in the run's checkpoints/, or a path); default: the "
-            "newest readable one.",
-            **where,
-        ),
-        "l2_regularization": flags.DEFINE_float(
-            "l2_regularization",
-            None,
-            "Coefficient of the L2 penalty on kernels exported as regularization_losses (added to "
-            "the loss by hub.KerasLayer(trainable=True)); default: half the run's --weight_decay "
-            "(what SGD's decoupled decay pulled in training); 0: none.",
-            **where,
-        ),
-    }
-
-
-_COMMAND = command.Flags(_define_flags)
+_COMMAND = command.Flags(lambda flag_values: command.define_fields(ExportFlags, {}, flag_values))
 
 
 def main(argv):
     """Runs the export of the command line `argv` (see `command.parsed`)."""
-    values = _COMMAND.values(argv)
-    with command.exits_on("invp_tf.export", ValueError, FileNotFoundError, ExportError):
-        if not values["workdir"] or not values["export_dir"]:
+    settings = ExportFlags(**_COMMAND.values(argv))
+    errors = (ValueError, FileNotFoundError, saved_model.ExportError)
+    with command.exits_on("invp_tf.export", *errors):
+        if not settings.workdir or not settings.export_dir:
             raise ValueError("--workdir and --export_dir are required")
-        path = export_run(**values)
+        path = saved_model.export_run(**dataclasses.asdict(settings))
     print(path)
 
 

@@ -18,19 +18,7 @@ from absl import logging
 
 from invp_tf import command
 from invp_tf import config as config_lib
-from invp_tf import data  # noqa: F401 (train.data, .evaluation, .neighbors: for tests)
-from invp_tf import evaluation  # noqa: F401
-from invp_tf import neighbors  # noqa: F401
 from invp_tf import training
-
-# The library's names, reachable here as before the loop moved to `training`.
-train_and_evaluate = training.train_and_evaluate
-finished_message = training.finished_message
-FreshEmbeddings = training.FreshEmbeddings
-TrainingError = training.TrainingError
-Preempted = training.Preempted
-PREEMPTED_EXIT_CODE = training.PREEMPTED_EXIT_CODE
-
 
 _COMMAND = command.Flags(
     lambda flag_values: command.define_fields(config_lib.Config, config_lib.CHOICES, flag_values),
@@ -65,16 +53,17 @@ def main(argv):
     if not _flagfile_given(command_line):
         print(f"invp_tf.train: error: {NO_FLAGFILE}", file=sys.stderr)
         sys.exit(1)
-    message = finished_message(config.workdir, config.epochs)
+    message = training.finished_message(config.workdir, config.epochs)
     if message:
         print(message)
         return
     try:
-        with command.exits_on("invp_tf.train", ValueError, FileNotFoundError, TrainingError):
-            row = train_and_evaluate(config, config.workdir)
-    except Preempted as e:
+        errors = (ValueError, FileNotFoundError, training.TrainingError)
+        with command.exits_on("invp_tf.train", *errors):
+            row = training.train_and_evaluate(config, config.workdir)
+    except training.Preempted as e:
         print(f"invp_tf.train: {e}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(training.PREEMPTED_EXIT_CODE)
     except tf.errors.UnavailableError as e:
         # A multi-worker peer died without SIGTERM: its collectives abort here.
         logging.debug("stopped", exc_info=True)

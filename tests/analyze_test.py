@@ -15,7 +15,7 @@ from PIL import Image
 
 from invp_tf import analysis
 from invp_tf import analyze
-from invp_tf import train
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
     data_dir.mkdir()
     write_idx_dataset(data_dir, num_train=64, num_test=24, height=12, width=12)
     config = tiny_config(data_dir, root / "run", epochs=2, weight_decay=1e-4)
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     return config.workdir
 
 
@@ -54,7 +54,7 @@ def test_neighbor_similarities_hand_worked():
     # Four unit vectors in the plane; a, b are class 0 and c, d class 1.
     #   a.b = 0.8  a.c = 0.6  a.d = 0.0  b.c = 0.96  b.d = 0.6  c.d = 0.8
     points = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
-    same, other = analyze.neighbor_similarities(3 * points, [0, 0, 1, 1], k=2, chunk_size=3)
+    same, other = analysis.neighbor_similarities(3 * points, [0, 0, 1, 1], k=2, chunk_size=3)
     nan = np.nan
     np.testing.assert_allclose(same, [[0.8, nan], [0.8, nan], [0.8, nan], [0.8, nan]], atol=1e-6)
     np.testing.assert_allclose(other, [[0.6, 0.0], [0.96, 0.6], [0.96, 0.6], [0.6, 0.0]], atol=1e-6)
@@ -64,7 +64,7 @@ def test_neighbor_similarities_against_brute_force():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 4))
     labels = rng.integers(0, 3, size=30)
-    same, other = analyze.neighbor_similarities(x, labels, k=3, chunk_size=7)
+    same, other = analysis.neighbor_similarities(x, labels, k=3, chunk_size=7)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     for i in range(30):
         sims = x @ x[i]
@@ -78,10 +78,10 @@ def test_easy_and_hard_hand_worked():
     members = np.array([[5, 7, 2, -1, -1], [-1, -1, -1, -1, -1], [4, 1, 0, 3, -1]])
     # Padding similarities are junk on purpose: they must never be picked.
     sims = np.array([[0.1, 0.9, 0.5, 99, -99], [1, 2, 3, 4, 5], [0.3, 0.7, 0.2, 0.4, 99]])
-    easy, hard = analyze.easy_and_hard(members, sims, count=2)
+    easy, hard = analysis.easy_and_hard(members, sims, count=2)
     np.testing.assert_array_equal(easy, [[7, 2], [-1, -1], [1, 3]])
     np.testing.assert_array_equal(hard, [[5, 2], [-1, -1], [0, 4]])
-    easy, hard = analyze.easy_and_hard(members, sims, count=6)  # wider than S = 5
+    easy, hard = analysis.easy_and_hard(members, sims, count=6)  # wider than S = 5
     np.testing.assert_array_equal(easy[0], [7, 2, 5, -1, -1, -1])
     np.testing.assert_array_equal(hard[2], [0, 4, 3, 1, -1, -1])
 
@@ -90,9 +90,9 @@ def test_read_metrics_keeps_the_last_row_of_each_epoch(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"epoch": 0, "loss_ins": 3}\n{"epoch": 1, "loss_ins": 9}\n{"epoch": 1, "loss_ins": 2}\n'
     )
-    assert [r["loss_ins"] for r in analyze.read_metrics(str(tmp_path))] == [3, 2]
+    assert [r["loss_ins"] for r in analysis.read_metrics(str(tmp_path))] == [3, 2]
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        analyze.read_metrics(str(tmp_path / "absent"))
+        analysis.read_metrics(str(tmp_path / "absent"))
 
 
 def test_curves_handle_absent_keys_and_none(tmp_path):
@@ -102,14 +102,14 @@ def test_curves_handle_absent_keys_and_none(tmp_path):
         {"epoch": 2, "loss_ins": 5.0, "loss_inv": 2.5, "purity_hard": None, "mean_positives": 20},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _png(analyze.curves_figure(str(tmp_path), str(tmp_path), compare_workdir=str(tmp_path)))
+    _png(analysis.curves_figure(str(tmp_path), str(tmp_path), compare_workdir=str(tmp_path)))
 
 
 def test_each_figure_is_a_png(run, run_dir, tmp_path):
     paths = [
-        analyze.similarity_figure(run, str(tmp_path), samples_per_class=100, seed=0),
-        analyze.positives_figure(run, str(tmp_path), num_anchors=2, seed=0),
-        analyze.curves_figure(run_dir, str(tmp_path)),
+        analysis.similarity_figure(run, str(tmp_path), samples_per_class=100, seed=0),
+        analysis.positives_figure(run, str(tmp_path), num_anchors=2, seed=0),
+        analysis.curves_figure(run_dir, str(tmp_path)),
     ]
     assert [os.path.basename(p) for p in paths] == ["similarity.png", "positives.png", "curves.png"]
     for path in paths:
@@ -126,11 +126,11 @@ def test_positives_figure_shows_easiest_and_hardest(run, tmp_path, monkeypatch):
         seen.append((members, sims, easy, hard))
         return easy, hard
 
-    original = analyze.easy_and_hard
+    original = analysis.easy_and_hard
     monkeypatch.setattr(analysis, "easy_and_hard", spy)  # where positives_figure looks it up
-    analyze.positives_figure(run, str(tmp_path), num_anchors=3, seed=1)
+    analysis.positives_figure(run, str(tmp_path), num_anchors=3, seed=1)
     ((members, sims, easy, hard),) = seen
-    assert members.shape[0] == 3 and easy.shape == hard.shape == (3, analyze.NUM_SHOWN)
+    assert members.shape[0] == 3 and easy.shape == hard.shape == (3, analysis.NUM_SHOWN)
     for row in range(3):
         valid = members[row] >= 0
         by_member = dict(zip(members[row][valid], sims[row][valid], strict=True))
@@ -146,7 +146,7 @@ def test_positives_figure_shows_easiest_and_hardest(run, tmp_path, monkeypatch):
 
 def test_analyze_end_to_end_with_compare(run_dir, tmp_path):
     output = tmp_path / "out"
-    paths = analyze.analyze(run_dir, str(output), compare=run_dir, num_anchors=2)
+    paths = analysis.analyze(run_dir, str(output), compare=run_dir, num_anchors=2)
     assert [os.path.basename(p) for p in paths] == [
         "similarity.png",
         "positives.png",
@@ -163,19 +163,19 @@ def test_analyze_end_to_end_with_compare(run_dir, tmp_path):
     assert page.count("<figcaption>") == 3
     # Two panels side by side: twice as wide as a single-run figure.
     wide = _png(paths[0])
-    single = _png(analyze.similarity_figure(workdir_lib.load_run(run_dir), str(tmp_path)))
+    single = _png(analysis.similarity_figure(workdir_lib.load_run(run_dir), str(tmp_path)))
     assert wide.shape[1] > 1.5 * single.shape[1]
 
 
 def test_errors(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training run"):
-        analyze.analyze(str(tmp_path), str(tmp_path / "out"))
+        analysis.analyze(str(tmp_path), str(tmp_path / "out"))
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(ValueError, match="is an existing file"):
-        analyze.analyze(run_dir, str(a_file))
+        analysis.analyze(run_dir, str(a_file))
     with pytest.raises(ValueError, match="--num_anchors must be >= 1"):
-        analyze.analyze(run_dir, str(tmp_path / "out"), num_anchors=0)
+        analysis.analyze(run_dir, str(tmp_path / "out"), num_anchors=0)
 
 
 def test_unlabelled_test_split_is_refused(run, tmp_path):
@@ -189,7 +189,7 @@ def test_unlabelled_test_split_is_refused(run, tmp_path):
         run, config=dataclasses.replace(run.config, dataset=f"folder:{tmp_path / 'images'}")
     )
     with pytest.raises(ValueError, match="has no labels"):
-        analyze.similarity_figure(unlabelled, str(tmp_path))
+        analysis.similarity_figure(unlabelled, str(tmp_path))
 
 
 def test_cli_error_is_one_clear_line(tmp_path, capsys):
@@ -205,7 +205,7 @@ def test_cli_error_is_one_clear_line(tmp_path, capsys):
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs chromium")
 def test_index_renders_in_a_browser(run_dir, tmp_path):
     output = tmp_path / "out"
-    analyze.analyze(run_dir, str(output), num_anchors=2)
+    analysis.analyze(run_dir, str(output), num_anchors=2)
     shot = tmp_path / "shot.png"
     subprocess.run(
         [
@@ -231,12 +231,12 @@ def test_positives_of_a_knn_positives_run_come_from_a_real_graph(run_dir, tmp_pa
     # positives from the graph variable's initial zeros.
     config = workdir_lib.load_run(run_dir).config
     config = dataclasses.replace(config, workdir=str(tmp_path / "knn"), positive_mode="knn")
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     run = workdir_lib.load_run(config.workdir)
-    graph = analyze._graph(run)
-    assert analyze.graph_was_built(run)
+    graph = analysis._graph(run)
+    assert analysis.graph_was_built(run)
     assert not np.any(graph == np.arange(len(graph))[:, None])  # zeros: row 0 lists itself
     unbuilt = dataclasses.replace(run, knn_graph=np.zeros_like(run.knn_graph))
-    assert not analyze.graph_was_built(unbuilt)
-    rebuilt = analyze._graph(unbuilt)  # falls back to the final bank's graph
+    assert not analysis.graph_was_built(unbuilt)
+    rebuilt = analysis._graph(unbuilt)  # falls back to the final bank's graph
     assert not np.any(rebuilt == np.arange(len(rebuilt))[:, None])

@@ -56,13 +56,13 @@ def test_safe_to_change_is_the_fields_marked_so():
     assert list(workdir.SAFE_TO_CHANGE) == [
         "workdir",
         "epochs",
-        "eval_every",
         "knn_k",
         "knn_temperature",
         "knn_features",
+        "eval_every",
+        "jit_compile",
         "strategy",
         "tpu",
         "cpu_devices",
-        "jit_compile",
     ]
     assert workdir.SAFE_TO_CHANGE["knn_k"] == "kNN monitor only"

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from invp_tf import data
 from invp_tf import distribute
-from invp_tf import train
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
@@ -57,7 +57,7 @@ def _run(tiny_idx_dir, workdir, tf_strategy, **overrides):
         tiny_idx_dir, workdir, epochs=2, batch_size=16, learning_rate=0.002, **overrides
     )
     record = _Record(tf_strategy)
-    row = train.train_and_evaluate(config, config.workdir, [record], strategy=tf_strategy)
+    row = training.train_and_evaluate(config, config.workdir, [record], strategy=tf_strategy)
     return record, row
 
 
@@ -139,10 +139,10 @@ def test_train_pipeline_bad_sharding_is_named(tiny_idx_dir, kwargs, message):
 def test_batch_not_divisible_by_replicas(tiny_idx_dir, tmp_path, mirrored_strategy):
     config = tiny_config(tiny_idx_dir, tmp_path / "run", batch_size=15, strategy="mirrored")
     with pytest.raises(ValueError, match="--batch_size=15 does not split over the 2 replicas"):
-        train.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
+        training.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
     config = tiny_config(tiny_idx_dir, tmp_path / "run", strategy="mirrored", jit_compile=True)
     with pytest.raises(ValueError, match="--jit_compile does not work with --strategy=mirrored"):
-        train.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
+        training.train_and_evaluate(config, config.workdir, strategy=mirrored_strategy)
 
 
 def test_strategy_errors_are_named(monkeypatch):
@@ -294,7 +294,7 @@ def test_two_workers_train_resume_after_sigterm_and_restore_on_one(tmp_path):
     # on some CPUs (per-replica BatchNorm, or workers reading the same half, give
     # about 0.2).
     one = dataclasses.replace(config, workdir=str(tmp_path / "one"), strategy="default")
-    train.train_and_evaluate(one, one.workdir)
+    training.train_and_evaluate(one, one.workdir)
     one_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
     assert rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-4)
     # Measured on an AMD EPYC host: 0.006 max after epoch 1, 0.059 max and 0.007 mean
@@ -314,7 +314,9 @@ def test_two_workers_train_resume_after_sigterm_and_restore_on_one(tmp_path):
         time.sleep(0.05)
     cluster.processes[1].send_signal(signal.SIGTERM)
     codes = cluster.wait()
-    assert codes == [train.PREEMPTED_EXIT_CODE] * 2, cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    assert codes == [training.PREEMPTED_EXIT_CODE] * 2, (
+        cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    )
     assert "preempted: saved" in cluster.log(0)
     assert not (preempted / "checkpoints" / "ckpt-2.index").exists()
     cluster.start()
@@ -328,7 +330,7 @@ def test_two_workers_train_resume_after_sigterm_and_restore_on_one(tmp_path):
     run = workdir_lib.load_run(str(straight))
     assert run.epoch == 2
     resumed = dataclasses.replace(config, epochs=3, strategy="default")
-    row = train.train_and_evaluate(resumed, resumed.workdir)
+    row = training.train_and_evaluate(resumed, resumed.workdir)
     assert row["epoch"] == 2
 
 
@@ -353,13 +355,13 @@ def test_sigterm_on_one_device_saves_and_resumes_exactly(
                 os.kill(os.getpid(), signal.SIGTERM)
 
     straight = tiny_config(tiny_idx_dir, tmp_path / "straight", epochs=3)
-    train.train_and_evaluate(straight, straight.workdir)
+    training.train_and_evaluate(straight, straight.workdir)
     config = tiny_config(tiny_idx_dir, tmp_path / "preempted", epochs=3)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(train.Preempted, match=rf"saved .*ckpt-{saved_at} at step {saved_at};"):
-        train.train_and_evaluate(config, config.workdir, [_SigtermAt(signal_at)])
+    with pytest.raises(training.Preempted, match=rf"saved .*ckpt-{saved_at} at step {saved_at};"):
+        training.train_and_evaluate(config, config.workdir, [_SigtermAt(signal_at)])
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is given back
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     np.testing.assert_array_equal(_bank(tmp_path / "preempted"), _bank(tmp_path / "straight"))
     rows = [json.loads(line) for line in (tmp_path / "preempted" / "metrics.jsonl").open()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
@@ -378,7 +380,7 @@ def test_mixed_precision_keeps_the_similarity_path_float32(
     before = keras.config.dtype_policy().name
     config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=2, mixed_precision=True)
     record = _Record(tf.distribute.get_strategy())
-    row = train.train_and_evaluate(config, config.workdir, [record])
+    row = training.train_and_evaluate(config, config.workdir, [record])
     assert keras.config.dtype_policy().name == before  # the policy was only set for the build
     assert np.all(np.isfinite(record.losses)) and row["loss_inv"] is not None
     assert record.compute_dtype == policy.removeprefix("mixed_")  # the encoder's layers
@@ -414,7 +416,7 @@ def test_train_step_compiles_with_xla_and_static_shapes(tiny_idx_dir, tmp_path):
         assert spec.shape.is_fully_defined(), spec
     plain = tiny_config(tiny_idx_dir, tmp_path / "plain", epochs=2)
     jit = tiny_config(tiny_idx_dir, tmp_path / "jit", epochs=2, jit_compile=True)
-    rows = [train.train_and_evaluate(c, c.workdir) for c in (plain, jit)]
+    rows = [training.train_and_evaluate(c, c.workdir) for c in (plain, jit)]
     assert rows[1]["loss_inv"] is not None
     # The same step: XLA only reorders float arithmetic (and lowers the fused BatchNorm
     # to its own kernel; one layer agrees to 1e-5, tests/encoder_test.py). Over two

@@ -15,8 +15,9 @@ from PIL import Image
 
 from invp_tf import augment
 from invp_tf import embed
-from invp_tf import export
-from invp_tf import train
+from invp_tf import embeddings
+from invp_tf import saved_model
+from invp_tf import training
 from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
 
@@ -33,8 +34,12 @@ def model(tmp_path_factory):
     data_dir.mkdir()
     arrays = write_idx_dataset(data_dir, num_train=64, num_test=24, height=SIZE, width=SIZE)
     config = tiny_config(data_dir, root / "run", epochs=1)
-    train.train_and_evaluate(config, config.workdir)
-    return export.export_run(config.workdir, str(root / "models"), "invp"), data_dir, arrays["t10k"]
+    training.train_and_evaluate(config, config.workdir)
+    return (
+        saved_model.export_run(config.workdir, str(root / "models"), "invp"),
+        data_dir,
+        arrays["t10k"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def _read_tsv(path):
 def test_dataset_to_npy_equals_serving_default(model, signatures, tmp_path):
     path, data_dir, (images, labels) = model
     output = tmp_path / "test.npy"
-    summary = embed.embed(
+    summary = embeddings.embed(
         path,
         str(output),
         dataset="fashion_mnist",
@@ -78,7 +83,7 @@ def test_dataset_to_npy_equals_serving_default(model, signatures, tmp_path):
     assert [int(r[1]) for r in rows] == labels.tolist()
     assert sorted(os.listdir(tmp_path)) == ["test.ids.tsv", "test.npy"]  # no staging left
 
-    features = embed.embed(
+    features = embeddings.embed(
         path,
         str(tmp_path / "features.npy"),
         dataset="fashion_mnist",
@@ -114,7 +119,9 @@ def test_folder_to_tfrecord_equals_serving_bytes(model, signatures, tmp_path):
         _write_image(str(folder / name), pixels, fmt)
     (folder / "notes.txt").write_text("not an image, skipped")
     output = tmp_path / "photos.tfrecord"
-    summary = embed.embed(model[0], str(output), images=str(folder), batch_size=3, verbose=False)
+    summary = embeddings.embed(
+        model[0], str(output), images=str(folder), batch_size=3, verbose=False
+    )
     assert summary["num_images"] == 4 and summary["index"] is None
 
     spec = {
@@ -139,7 +146,7 @@ def test_knn_index_finds_each_row_itself(model, tmp_path):
     scann = pytest.importorskip("scann")
     path, data_dir, _ = model
     output = tmp_path / "train.npy"
-    summary = embed.embed(
+    summary = embeddings.embed(
         path,
         str(output),
         dataset="fashion_mnist",
@@ -167,8 +174,8 @@ def test_unreadable_image_is_named_and_nothing_is_written(model, tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
     (folder / "broken.png").write_bytes(buffer.getvalue()[:40])  # PNG signature, truncated
-    with pytest.raises(embed.EmbedError, match=f"unreadable image: {folder / 'broken.png'}"):
-        embed.embed(model[0], str(tmp_path / "out.npy"), images=str(folder), verbose=False)
+    with pytest.raises(embeddings.EmbedError, match=f"unreadable image: {folder / 'broken.png'}"):
+        embeddings.embed(model[0], str(tmp_path / "out.npy"), images=str(folder), verbose=False)
     assert sorted(os.listdir(tmp_path)) == ["photos"]
 
 
@@ -176,16 +183,16 @@ def test_bad_arguments(model, tmp_path):
     path = model[0]
     out = str(tmp_path / "out.npy")
     with pytest.raises(ValueError, match="exactly one of --images and --dataset"):
-        embed.embed(path, out)
+        embeddings.embed(path, out)
     with pytest.raises(ValueError, match="unknown dataset 'nonsense'"):
-        embed.embed(path, out, dataset="nonsense")
+        embeddings.embed(path, out, dataset="nonsense")
     with pytest.raises(ValueError, match=r"must end with \.npy or \.tfrecord"):
-        embed.embed(path, str(tmp_path / "out.csv"), dataset="fashion_mnist")
+        embeddings.embed(path, str(tmp_path / "out.csv"), dataset="fashion_mnist")
     with pytest.raises(FileNotFoundError, match="not a SavedModel"):
-        embed.embed(str(tmp_path), out, dataset="fashion_mnist")
+        embeddings.embed(str(tmp_path), out, dataset="fashion_mnist")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        embed.embed(path, out, images=str(tmp_path / "empty"))
+        embeddings.embed(path, out, images=str(tmp_path / "empty"))
 
 
 def test_cli_error_is_one_clear_line(model, tmp_path, capsys):

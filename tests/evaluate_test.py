@@ -1,6 +1,7 @@
 """invp_tf.evaluate end to end on one tiny trained run: every protocol, splits, bad input."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -10,7 +11,8 @@ import tensorflow as tf
 from invp_tf import data
 from invp_tf import evaluate
 from invp_tf import evaluation
-from invp_tf import train
+from invp_tf import protocols
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests import conftest
 
@@ -23,7 +25,7 @@ def tiny_run(tmp_path_factory):
     idx.mkdir()
     conftest.write_idx_dataset(idx, num_train=64, num_test=24, height=12, width=12)
     config = conftest.tiny_config(idx, root / "run", epochs=2)
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     return config
 
 
@@ -51,10 +53,10 @@ def _oracle_knn_top1(run, block, k, temperature):
 
 
 def test_knn_protocol_matches_numpy_oracle(tiny_run, tmp_path):
-    settings = evaluate.make_settings(
+    settings = protocols.make_settings(
         tiny_run.workdir, "knn", block="embedding,stage4", knn_k=5, output=str(tmp_path / "k.json")
     )
-    report = evaluate.evaluate(settings)
+    report = protocols.evaluate(settings)
     run = workdir_lib.load_run(tiny_run.workdir)
     for block in ("embedding", "stage4"):
         want = _oracle_knn_top1(run, block, 5, 0.07)
@@ -65,11 +67,11 @@ def test_knn_protocol_matches_numpy_oracle(tiny_run, tmp_path):
     assert set(report["baselines"]) == {"pixel_knn", "pixel_knn_tuned_k", "random_init_knn"}
     assert report["baselines"]["pixel_knn_tuned_k"]["k"] in evaluation.KNN_K_VALUES
     assert json.loads((tmp_path / "k.json").read_text())["results"] == report["results"]
-    assert "baseline pixel_knn" in evaluate.format_table(report)
+    assert "baseline pixel_knn" in protocols.format_table(report)
 
 
 def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
-    settings = evaluate.make_settings(
+    settings = protocols.make_settings(
         tiny_run.workdir,
         "linear",
         linear_solver="sgd",
@@ -77,7 +79,7 @@ def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
         batch_size=16,
         output=str(tmp_path / "l.json"),
     )
-    report = evaluate.evaluate(settings)
+    report = protocols.evaluate(settings)
     assert list(report["results"]) == list(evaluation.BLOCKS)
     for r in report["results"].values():
         assert 0 <= r["top1"] <= r["top5"] <= 1 and np.isfinite(r["train_loss"])
@@ -97,7 +99,7 @@ def test_linear_protocol_probes_every_block(tiny_run, tmp_path):
 
 
 def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path):
-    settings = evaluate.make_settings(
+    settings = protocols.make_settings(
         tiny_run.workdir,
         "semi",
         label_fraction=0.25,
@@ -105,7 +107,7 @@ def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path)
         batch_size=8,
         output=str(tmp_path / "s.json"),
     )
-    report = evaluate.evaluate(settings)
+    report = protocols.evaluate(settings)
     labels = data.labels_by_index(data.load_source("fashion_mnist", "train", tiny_run.data_dir))
     want = sum(max(1, round(0.25 * n)) for n in np.bincount(labels))
     assert report["train_split"]["labelled_used"] == want
@@ -139,14 +141,14 @@ def _image_folder(root, per_class=12):
 
 def test_finetune_transfers_to_a_folder_and_holds_out_a_disjoint_split(tiny_run, tmp_path):
     folder = _image_folder(tmp_path / "shapes")
-    splits = evaluate.Splits(
+    splits = protocols.Splits(
         f"folder:{folder}", None, train_examples=0, label_fraction=1.0, held_out=0.25, seed=0
     )
     assert splits.test_name == "held-out"
     assert not set(splits.train_rows) & set(splits.test_rows)
     assert len(splits.train_rows) + len(splits.test_rows) == 24
     np.testing.assert_array_equal(np.bincount(splits.train_labels[splits.test_rows]), [3, 3])
-    settings = evaluate.make_settings(
+    settings = protocols.make_settings(
         tiny_run.workdir,
         "finetune",
         dataset=f"folder:{folder}",
@@ -156,7 +158,7 @@ def test_finetune_transfers_to_a_folder_and_holds_out_a_disjoint_split(tiny_run,
         baselines=False,
         output=str(tmp_path / "f.json"),
     )
-    report = evaluate.evaluate(settings)
+    report = protocols.evaluate(settings)
     assert report["eval_split"] == {"name": "held-out", "examples": 6}
     assert report["train_split"]["labelled_used"] == 18
     assert 0 <= report["results"]["network"]["top1"] <= 1
@@ -176,16 +178,16 @@ def test_finetune_transfers_to_a_folder_and_holds_out_a_disjoint_split(tiny_run,
 )
 def test_bad_settings_are_named(tmp_path, overrides, message):
     protocol = overrides.pop("protocol")
-    with pytest.raises(evaluate.EvaluationError, match=message):
-        evaluate.evaluate(evaluate.make_settings(str(tmp_path), protocol, **overrides))
+    with pytest.raises(protocols.EvaluationError, match=message):
+        protocols.evaluate(protocols.make_settings(str(tmp_path), protocol, **overrides))
 
 
 def test_workdir_without_checkpoint_is_refused(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training run: no flags.txt"):
-        evaluate.evaluate(evaluate.make_settings(str(tmp_path), "knn"))
+        protocols.evaluate(protocols.make_settings(str(tmp_path), "knn"))
     (tmp_path / "flags.txt").write_text((open(os.path.join(tiny_run.workdir, "flags.txt")).read()))
     with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
-        evaluate.evaluate(evaluate.make_settings(str(tmp_path), "knn"))
+        protocols.evaluate(protocols.make_settings(str(tmp_path), "knn"))
 
 
 def test_cli_error_is_one_clear_line(tmp_path, capsys):
@@ -196,3 +198,16 @@ def test_cli_error_is_one_clear_line(tmp_path, capsys):
         "invp_tf.evaluate: error: --block=conv9: no block named 'conv9'; valid blocks: "
         "stem, stage1, stage2, stage3, stage4, embedding or 'all'"
     )
+
+
+def test_deprecated_spellings_still_work_and_warn_once(caplog):
+    argv = ["invp-evaluate", "--workdir=w", "--temperature=0.5", "--k=7"]
+    with caplog.at_level(logging.WARNING):
+        values = evaluate._COMMAND.values(argv)
+        again = evaluate._COMMAND.values(argv)
+    assert (values["knn_temperature"], values["knn_k"]) == (0.5, 7) and again == values
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warned == [
+        "--temperature is deprecated and goes in the next release: use --knn_temperature",
+        "--k is deprecated and goes in the next release: use --knn_k",
+    ]

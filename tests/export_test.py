@@ -19,10 +19,10 @@ import tensorflow as tf
 from PIL import Image
 
 from invp_tf import augment
-from invp_tf import embed
+from invp_tf import embeddings
 from invp_tf import export
 from invp_tf import saved_model
-from invp_tf import train
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests.conftest import tiny_config
 from tests.conftest import write_idx_dataset
@@ -47,9 +47,9 @@ def exported(tmp_path_factory):
     data_dir.mkdir()
     write_idx_dataset(data_dir, num_train=64, num_test=24, height=SIZE, width=SIZE)
     config = tiny_config(data_dir, root / "run", epochs=1, head="mlp_bn")
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     base = str(root / "models")
-    path = export.export_run(config.workdir, base, "invp")
+    path = saved_model.export_run(config.workdir, base, "invp")
     return Exported(path, base, workdir_lib.load_run(config.workdir))
 
 
@@ -85,7 +85,7 @@ def test_layout_metadata_and_versions(exported):
     assert tf.saved_model.contains_saved_model(exported.path)
     # Nothing but numeric version folders: TF Serving would try to load anything else.
     assert os.listdir(os.path.join(exported.base, "invp")) == ["1"]
-    with open(os.path.join(exported.path, "assets", export.METADATA_FILE)) as f:
+    with open(os.path.join(exported.path, "assets", saved_model.METADATA_FILE)) as f:
         metadata = json.load(f)
     config = exported.run.config
     assert metadata["image_size"] == SIZE
@@ -96,9 +96,9 @@ def test_layout_metadata_and_versions(exported):
     with open(os.path.join(exported.path, "assets", "flags.txt")) as f:
         assert f"--image_size={SIZE}" in f.read()
     with pytest.raises(ValueError, match="already exists"):
-        export.export_run(config.workdir, exported.base, "invp", version=1)
-    assert export.next_version(os.path.join(exported.base, "invp")) == 2
-    assert export.next_version(os.path.join(exported.base, "absent")) == 1
+        saved_model.export_run(config.workdir, exported.base, "invp", version=1)
+    assert saved_model.next_version(os.path.join(exported.base, "invp")) == 2
+    assert saved_model.next_version(os.path.join(exported.base, "absent")) == 1
 
 
 def test_saved_model_cli_runs_both_signatures_like_the_encoder(exported, tmp_path):
@@ -190,7 +190,7 @@ def test_checks_survive_the_tf1_loader(exported):
     }
     for problem, images in bad.items():
         with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(problem)):
-            export.run_signatures_tf1(exported.path, {"serving_default": {"images": images}})
+            saved_model.run_signatures_tf1(exported.path, {"serving_default": {"images": images}})
 
 
 @pytest.mark.parametrize(
@@ -366,38 +366,38 @@ def test_export_dir_on_another_file_system(exported, tmp_path):
     """export_dir goes through tf.io.gfile (gs://, s3://...); TF's in-memory ram:// file system
     stands in for them here."""
     base = f"ram://export_test/{tmp_path.name}"
-    path = export.export_run(exported.run.config.workdir, base, "invp")
+    path = saved_model.export_run(exported.run.config.workdir, base, "invp")
     assert path == f"{base}/invp/1"
     assert tf.io.gfile.listdir(f"{base}/invp") == ["1"]  # the staging folder is gone
-    assert export.next_version(f"{base}/invp") == 2
+    assert saved_model.next_version(f"{base}/invp") == 2
     images = _images(2, seed=5)
     loaded = tf.saved_model.load(path)
     _assert_close(loaded.signatures["serving_default"](images=tf.constant(images)),
                   _expected(exported.run.encoder, images))  # fmt: skip
-    with tf.io.gfile.GFile(f"{path}/assets/{export.METADATA_FILE}") as f:
+    with tf.io.gfile.GFile(f"{path}/assets/{saved_model.METADATA_FILE}") as f:
         assert json.load(f)["image_size"] == SIZE
-    assert embed.load_model(path)[1]["image_size"] == SIZE  # invp_tf.embed --model=gs://...
+    assert embeddings.load_model(path)[1]["image_size"] == SIZE  # invp_tf.embed --model=gs://...
     assert not os.path.exists("ram:")
 
 
 def test_verify_catches_keras_variables_in_the_hub_lists(exported, tmp_path):
     """The trap: lists of Keras Variables load in TF2 but not in the TF1 loader."""
     encoder = exported.run.encoder
-    module = export.EncoderModule(encoder, SIZE)
+    module = saved_model.EncoderModule(encoder, SIZE)
     module.variables = list(encoder.variables)
     module.trainable_variables = list(encoder.trainable_variables)
-    export.save(module, str(tmp_path / "trap"))
-    with pytest.raises(export.ExportError, match="TF1"):
-        export.verify(str(tmp_path / "trap"), encoder, SIZE)
+    saved_model.save(module, str(tmp_path / "trap"))
+    with pytest.raises(saved_model.ExportError, match="TF1"):
+        saved_model.verify(str(tmp_path / "trap"), encoder, SIZE)
 
 
 def test_failed_export_publishes_nothing(exported, monkeypatch):
     def fail(*args, **kwargs):
-        raise export.ExportError("simulated crash after writing")
+        raise saved_model.ExportError("simulated crash after writing")
 
     monkeypatch.setattr(saved_model, "verify", fail)  # where export_run looks it up
-    with pytest.raises(export.ExportError, match="simulated"):
-        export.export_run(exported.run.config.workdir, exported.base, "crashed")
+    with pytest.raises(saved_model.ExportError, match="simulated"):
+        saved_model.export_run(exported.run.config.workdir, exported.base, "crashed")
     assert os.listdir(os.path.join(exported.base, "crashed")) == []  # no version, no staging
 
 
@@ -405,7 +405,7 @@ def test_export_refuses_a_workdir_without_checkpoint(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
     with pytest.raises(FileNotFoundError, match="no flags.txt"):
-        export.export_run(str(workdir), str(tmp_path / "models"), "invp")
+        saved_model.export_run(str(workdir), str(tmp_path / "models"), "invp")
     (workdir / "flags.txt").write_text("\n".join(tiny_config(tmp_path, workdir).flagfile_lines()))
     with pytest.raises(SystemExit) as stopped:
         export.main(["invp-export", f"--workdir={workdir}", f"--export_dir={tmp_path / 'models'}"])

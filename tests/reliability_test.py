@@ -24,10 +24,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from invp_tf import analysis
 from invp_tf import data
-from invp_tf import evaluate
-from invp_tf import export
+from invp_tf import protocols
+from invp_tf import saved_model
 from invp_tf import train
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests import conftest
 from tests.conftest import tiny_config
@@ -44,10 +46,12 @@ def runs(tmp_path_factory):
     data_dir.mkdir()
     write_idx_dataset(data_dir, num_train=64, num_test=24, height=12, width=12)
     straight = tiny_config(data_dir, root / "straight", epochs=2)
-    train.train_and_evaluate(straight, straight.workdir)
+    training.train_and_evaluate(straight, straight.workdir)
     halfway = tiny_config(data_dir, root / "halfway", epochs=2)
     with pytest.raises(conftest.Interrupt):
-        train.train_and_evaluate(halfway, halfway.workdir, callbacks=[conftest.InterruptAt(1, 1)])
+        training.train_and_evaluate(
+            halfway, halfway.workdir, callbacks=[conftest.InterruptAt(1, 1)]
+        )
     return straight, halfway
 
 
@@ -105,14 +109,14 @@ def test_changed_model_flags_stop_before_anything_is_written(runs, tmp_path):
     before = _file_hashes(run.workdir)
     changed = dataclasses.replace(run, head="linear", embedding_dim=32, encoder="resnet18")
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        train.train_and_evaluate(changed, changed.workdir)
+        training.train_and_evaluate(changed, changed.workdir)
     assert str(error.value) == (
         f"--encoder=resnet18 --head=linear --embedding_dim=32 differ from the run in "
         f"{run.workdir} (--encoder=resnet18_cifar --head=mlp --embedding_dim=16 in flags.txt): "
         "a checkpoint cannot continue with another model, data, bank or optimizer; rerun with "
         "the run's values or use a new --workdir (a rerun may change only --epochs, "
-        "--eval_every, --knn_k, --knn_temperature, --knn_features, --strategy, --tpu, "
-        "--cpu_devices, --jit_compile)"
+        "--knn_k, --knn_temperature, --knn_features, --eval_every, --jit_compile, "
+        "--strategy, --tpu, --cpu_devices)"
     )
     assert _file_hashes(run.workdir) == before  # flags.txt, checkpoints, metrics untouched
     # Evaluation and export still see the trained model.
@@ -133,7 +137,7 @@ def test_changed_training_flags_stop_too(runs, tmp_path, overrides, listed):
     before = _file_hashes(run.workdir)
     changed = dataclasses.replace(run, epochs=3, **overrides)
     with pytest.raises(workdir_lib.WorkdirError, match="^" + listed + " from the run in"):
-        train.train_and_evaluate(changed, changed.workdir)
+        training.train_and_evaluate(changed, changed.workdir)
     assert _file_hashes(run.workdir) == before
 
 
@@ -143,7 +147,7 @@ def test_safe_flag_changes_are_accepted_and_recorded(runs, tmp_path):
     with open(os.path.join(run.workdir, "flags.txt")) as f:
         assert "--knn_k=10" in f.read()
     rerun = dataclasses.replace(run, knn_k=5, eval_every=2)
-    train.train_and_evaluate(rerun, rerun.workdir)
+    training.train_and_evaluate(rerun, rerun.workdir)
     with open(os.path.join(run.workdir, "flags.txt")) as f:
         flags_text = f.read()
     assert "--knn_k=5" in flags_text and "--eval_every=2" in flags_text
@@ -173,7 +177,7 @@ def test_lost_checkpoint_state_file_resumes_exactly(runs, tmp_path, caplog, dama
         with open(state, "w") as f:
             f.write('model_checkpoint_path: "ckpt-1"\x00\x17 garbage {{{')
     with caplog.at_level(logging.WARNING):
-        train.train_and_evaluate(run, run.workdir)
+        training.train_and_evaluate(run, run.workdir)
     problem = "garbled or stale" if damage == "garbled" else "missing"
     assert f"{state} is {problem}; rebuilt it from the checkpoint files (newest: ckpt-1)." in (
         caplog.text
@@ -189,7 +193,7 @@ def test_torn_metrics_line_is_dropped_and_the_epoch_reruns(runs, tmp_path, caplo
     with open(metrics, "a") as f:
         f.write('{"epoch": 1, "loss": 7.12, "loss_ins": 4.9')  # a crash during the append
     with caplog.at_level(logging.WARNING):
-        train.train_and_evaluate(run, run.workdir)
+        training.train_and_evaluate(run, run.workdir)
     assert f"{metrics} line 2 is incomplete (a crash while it was written); dropped" in caplog.text
     assert _epochs(run.workdir) == [0, 1]
     _assert_bitwise_equal(straight.workdir, run.workdir)
@@ -204,7 +208,7 @@ def test_unreadable_metrics_line_is_named(runs, tmp_path):
     with open(metrics, "w") as f:
         f.write(row[:40] + "\n" + row)
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        train.train_and_evaluate(run, run.workdir)
+        training.train_and_evaluate(run, run.workdir)
     assert str(error.value).startswith(f"{metrics} line 1 is unreadable (")
     assert str(error.value).endswith("); fix or delete that line and rerun")
 
@@ -235,7 +239,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(runs, tmp_path
     )
     # Training redoes epoch 1 from ckpt-1 and ends where the uninterrupted run ended.
     with caplog.at_level(logging.WARNING):
-        train.train_and_evaluate(run, run.workdir)
+        training.train_and_evaluate(run, run.workdir)
     corrupt = os.path.join(_checkpoints(run.workdir), "corrupt")
     assert f"Moved the unreadable ckpt-2 to {corrupt}." in caplog.text
     assert sorted(os.listdir(corrupt)) == ["ckpt-2.data-00000-of-00001", "ckpt-2.index"]
@@ -252,7 +256,7 @@ def test_all_checkpoints_corrupt_stop_in_one_line(runs, tmp_path):
         f.write(b"not an index")
     before = _file_hashes(run.workdir)
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        train.train_and_evaluate(run, run.workdir)
+        training.train_and_evaluate(run, run.workdir)
     message = str(error.value)
     assert message.startswith(f"no checkpoint of {run.workdir} can be restored: ckpt-2 (")
     assert "ckpt-1 (" in message and "\n" not in message
@@ -274,10 +278,10 @@ def test_evaluate_and_export_refuse_a_checkpoint_that_does_not_match_flags(runs,
         "--width_multiplier=0.0625): "
     )
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        evaluate.evaluate(evaluate.make_settings(run.workdir, "knn", baselines=False))
+        protocols.evaluate(protocols.make_settings(run.workdir, "knn", baselines=False))
     assert str(error.value).startswith(expected)
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        export.export_run(run.workdir, str(tmp_path / "models"), "invp")
+        saved_model.export_run(run.workdir, str(tmp_path / "models"), "invp")
     assert str(error.value).startswith(expected)
     assert not os.path.exists(tmp_path / "models" / "invp" / "1")
     with open(flagfile, "w") as f:
@@ -312,7 +316,7 @@ def test_disk_full_during_a_save_keeps_the_last_good_checkpoint(runs, tmp_path, 
     with monkeypatch.context() as patch:
         patch.setattr(tf.train.CheckpointManager, "save", full_disk)
         with pytest.raises(workdir_lib.WorkdirError) as error:
-            train.train_and_evaluate(run, run.workdir)
+            training.train_and_evaluate(run, run.workdir)
     assert tf.train.CheckpointManager.save is save
     assert str(error.value) == (
         f"could not write checkpoint {checkpoints}/ckpt-2: No space left on device; the last "
@@ -324,7 +328,7 @@ def test_disk_full_during_a_save_keeps_the_last_good_checkpoint(runs, tmp_path, 
         "ckpt-1.index",
     ]
     assert _epochs(run.workdir) == [0, 1]  # the row of the unsaved epoch; dropped on rerun
-    train.train_and_evaluate(run, run.workdir)
+    training.train_and_evaluate(run, run.workdir)
     assert _epochs(run.workdir) == [0, 1]
     _assert_bitwise_equal(straight.workdir, run.workdir)
 
@@ -340,7 +344,7 @@ def test_full_disk_on_metrics_is_one_line(runs, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(tf.io.gfile, "rename", no_space)
         with pytest.raises(workdir_lib.WorkdirError) as error:
-            train.train_and_evaluate(run, run.workdir)
+            training.train_and_evaluate(run, run.workdir)
     assert str(error.value) == f"could not write the metrics {metrics}: No space left on device"
     assert _epochs(run.workdir) == [0]
 
@@ -406,7 +410,7 @@ def test_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_ov
         before = _file_hashes(run.workdir)
         second = dataclasses.replace(run, learning_rate=0.5)
         with pytest.raises(workdir_lib.WorkdirError) as error:
-            train.train_and_evaluate(second, second.workdir)
+            training.train_and_evaluate(second, second.workdir)
         assert str(error.value) == (
             f"{run.workdir} is in use by another training: pid {first.pid} on host "
             f"{socket.gethostname()} ({lock}); wait for it to end or stop it, or train into "
@@ -418,7 +422,7 @@ def test_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_ov
         first.wait()
     assert os.path.exists(lock)
     with caplog.at_level(logging.WARNING):
-        train.train_and_evaluate(run, run.workdir)
+        training.train_and_evaluate(run, run.workdir)
     assert f"Taking over {lock}: its process (pid {first.pid} on" in caplog.text
     assert not os.path.exists(lock)  # released on exit
     assert _epochs(run.workdir) == [0, 1]
@@ -455,7 +459,7 @@ def test_workdir_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch,
 def test_refused_flags_leave_no_workdir(tiny_idx_dir, tmp_path):
     config = tiny_config(tiny_idx_dir, tmp_path / "run", num_background=65)
     with pytest.raises(ValueError, match="--num_background=65 exceeds"):
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
     assert not os.path.exists(config.workdir)
 
 
@@ -486,7 +490,7 @@ def test_symlink_loop_lists_each_image_once(tmp_path, caplog):
 def test_image_size_below_the_minimum_is_refused(tiny_idx_dir, tmp_path):
     config = tiny_config(tiny_idx_dir, tmp_path / "run", image_size=1)
     with pytest.raises(ValueError) as error:
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
     assert str(error.value) == (
         "--image_size=1 must be >= 8 (smaller crops leave the encoder nothing to see)"
     )
@@ -511,9 +515,9 @@ def _png_header_only(width, height):
 
 def test_serving_empty_batches_give_empty_outputs(runs, tmp_path):
     straight, _ = runs
-    path = export.export_run(straight.workdir, str(tmp_path / "models"), "invp")
+    path = saved_model.export_run(straight.workdir, str(tmp_path / "models"), "invp")
     # Through the TF1 loader of saved_model_cli and TF Serving.
-    empty = export.run_signatures_tf1(
+    empty = saved_model.run_signatures_tf1(
         path,
         {
             "serving_default": {"images": np.zeros([0, 12, 12, 3], np.float32)},
@@ -547,22 +551,22 @@ def test_serving_empty_batches_give_empty_outputs(runs, tmp_path):
 
 def test_serving_bytes_refuses_images_above_the_pixel_limit(runs, tmp_path):
     straight, _ = runs
-    path = export.export_run(
+    path = saved_model.export_run(
         straight.workdir, str(tmp_path / "models"), "invp", max_image_pixels=1000
     )
-    with open(os.path.join(path, "assets", export.METADATA_FILE)) as f:
+    with open(os.path.join(path, "assets", saved_model.METADATA_FILE)) as f:
         metadata = json.load(f)
     assert metadata["max_image_pixels"] == 1000 and metadata["checkpoint"] == "ckpt-2"
     # Within the limit: decoded; above it: refused from the header, before decoding.
     small = tf.io.encode_png(np.zeros([20, 50, 3], np.uint8)).numpy()
-    ok = export.run_signatures_tf1(
+    ok = saved_model.run_signatures_tf1(
         path, {"serving_bytes": {"image_bytes": np.array([small], dtype=object)}}
     )
     assert ok["serving_bytes"]["embedding"].shape == (1, 16)
     jpeg = tf.io.encode_jpeg(np.zeros([30, 40, 3], np.uint8)).numpy()
     for huge, pixels in [(_png_header_only(100_000, 100_000), 10**10), (jpeg, 1200)]:
         with pytest.raises(tf.errors.InvalidArgumentError) as error:
-            export.run_signatures_tf1(
+            saved_model.run_signatures_tf1(
                 path, {"serving_bytes": {"image_bytes": np.array([small, huge], dtype=object)}}
             )
         assert (
@@ -577,16 +581,15 @@ def test_header_pixels_of_each_format(fmt):
 
     buffer = io.BytesIO()
     Image.fromarray(np.zeros([23, 37, 3], np.uint8)).save(buffer, format=fmt)
-    assert int(export._header_pixels(tf.constant(buffer.getvalue()))) == 23 * 37
+    assert int(saved_model._header_pixels(tf.constant(buffer.getvalue()))) == 23 * 37
 
 
 def test_analyze_reads_a_run_with_a_torn_metrics_line(runs, tmp_path, caplog):
-    from invp_tf import analyze
 
     _, halfway = runs
     run = _copy(halfway, tmp_path)
     with open(os.path.join(run.workdir, "metrics.jsonl"), "a") as f:
         f.write('{"epoch": 1, "lo')
     with caplog.at_level(logging.WARNING):
-        assert [row["epoch"] for row in analyze.read_metrics(run.workdir)] == [0]
+        assert [row["epoch"] for row in analysis.read_metrics(run.workdir)] == [0]
     assert "line 2 is incomplete (a crash while it was written); dropped" in caplog.text

@@ -15,7 +15,11 @@ import tensorflow as tf
 from absl import flags
 
 from invp_tf import config as config_lib
+from invp_tf import data
+from invp_tf import evaluation
+from invp_tf import neighbors
 from invp_tf import train
+from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests import conftest
 from tests.conftest import tiny_config
@@ -47,7 +51,7 @@ def _rows(workdir):
 
 def test_end_to_end_artifacts(tiny_idx_dir, tmp_path):
     config = tiny_config(tiny_idx_dir, tmp_path / "run")
-    last = train.train_and_evaluate(config, config.workdir)
+    last = training.train_and_evaluate(config, config.workdir)
     rows = _rows(config.workdir)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for key in ("loss_ins", "loss_inv", "knn_top1", "graph_seconds", "images_per_second"):
@@ -77,14 +81,14 @@ def test_instance_only_run_monitors_a_graph_its_loss_never_reads(
     tiny_idx_dir, tmp_path, monkeypatch
 ):
     config = tiny_config(tiny_idx_dir, tmp_path / "monitored", lambda_inv=0.0, epochs=2)
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     rows = _rows(config.workdir)
     assert all(r["loss_inv"] is None and 0 <= r["purity_neighbors"] <= 1 for r in rows)
     # The same run with a graph of zeros trains to the same state: the loss ignores it.
     zeros = lambda bank, k, method: np.zeros((len(bank), k), np.int32)  # noqa: E731
-    monkeypatch.setattr(train.neighbors, "build_knn_graph", zeros)
+    monkeypatch.setattr(neighbors, "build_knn_graph", zeros)
     blind = dataclasses.replace(config, workdir=str(tmp_path / "blind"))
-    train.train_and_evaluate(blind, blind.workdir)
+    training.train_and_evaluate(blind, blind.workdir)
     weights_a, bank_a, _ = _restored_state(config.workdir)
     weights_b, bank_b, _ = _restored_state(blind.workdir)
     np.testing.assert_array_equal(bank_b, bank_a)
@@ -93,23 +97,22 @@ def test_instance_only_run_monitors_a_graph_its_loss_never_reads(
 
 
 def test_graph_from_fresh_features(tiny_idx_dir, tmp_path):
-    from invp_tf import neighbors
 
     config = tiny_config(tiny_idx_dir, tmp_path / "fresh", graph_features="fresh", epochs=2)
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     rows = _rows(config.workdir)
     for row in rows:  # both graphs' purity on the same epoch
         assert 0 <= row["purity_neighbors"] <= 1 and 0 <= row["purity_neighbors_bank_graph"] <= 1
     # The checkpointed graph (built before the last epoch) is the exact kNN graph of the
     # encoder's embeddings as they were then: rebuild that state and compare.
     run = workdir_lib.load_run(config.workdir)
-    source = train.data.load_source("fashion_mnist", "train", config.data_dir)
+    source = data.load_source("fashion_mnist", "train", config.data_dir)
     previous = tf.train.Checkpoint(encoder=run.encoder)
     path = os.path.join(config.workdir, "checkpoints", "ckpt-1")
     previous.restore(path).expect_partial()
-    infer = train.evaluation.inference_function(run.encoder)
+    infer = evaluation.inference_function(run.encoder)
     steps = tf.Variable(0, dtype=tf.int64)
-    embeddings = train.FreshEmbeddings(infer, source, config, steps)()
+    embeddings = training.FreshEmbeddings(infer, source, config, steps)()
     want = neighbors.build_knn_graph(embeddings, config.num_neighbors, "brute_force")
     np.testing.assert_array_equal(run.knn_graph, want)
     assert not np.array_equal(run.knn_graph, neighbors.build_knn_graph(run.bank, 2, "brute_force"))
@@ -120,7 +123,7 @@ def test_workdir_on_another_file_system(tiny_idx_dir, tmp_path):
     file system stands in for them here."""
     workdir = f"ram://train_test/{tmp_path.name}/run"
     config = tiny_config(tiny_idx_dir, workdir, epochs=1)
-    row = train.train_and_evaluate(config, workdir)
+    row = training.train_and_evaluate(config, workdir)
     assert sorted(tf.io.gfile.listdir(workdir)) == [
         "checkpoints", "flags.txt", "flags_history.txt", "metrics.jsonl", "tensorboard"
     ]  # fmt: skip
@@ -128,20 +131,22 @@ def test_workdir_on_another_file_system(tiny_idx_dir, tmp_path):
         assert [json.loads(line) for line in f] == [row]
     assert config_lib.Config.from_flagfile(os.path.join(workdir, "flags.txt")) == config
     assert tf.io.gfile.glob(os.path.join(workdir, "tensorboard", "events.out.*"))
-    assert train.finished_message(workdir, 1).startswith(f"{workdir} is finished: 1/1 epochs")
+    assert training.finished_message(workdir, 1).startswith(f"{workdir} is finished: 1/1 epochs")
     assert not os.path.exists("ram:")  # nothing went to a local folder named after the scheme
 
 
 def test_interrupted_run_resumes_exactly(tiny_idx_dir, tmp_path):
     straight = tiny_config(tiny_idx_dir, tmp_path / "straight")
-    train.train_and_evaluate(straight, straight.workdir)
+    training.train_and_evaluate(straight, straight.workdir)
 
     resumed = tiny_config(tiny_idx_dir, tmp_path / "resumed")
     with pytest.raises(conftest.Interrupt):
         # Dies during epoch 1 (after the graph was first built for it).
-        train.train_and_evaluate(resumed, resumed.workdir, callbacks=[conftest.InterruptAt(1, 1)])
+        training.train_and_evaluate(
+            resumed, resumed.workdir, callbacks=[conftest.InterruptAt(1, 1)]
+        )
     assert [r["epoch"] for r in _rows(resumed.workdir)] == [0]
-    train.train_and_evaluate(resumed, resumed.workdir)
+    training.train_and_evaluate(resumed, resumed.workdir)
 
     _assert_same_state(straight.workdir, resumed.workdir)
     losses_a = [r["loss"] for r in _rows(straight.workdir)]
@@ -165,8 +170,8 @@ class _PoisonWeightsAt(keras.callbacks.Callback):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_idx_dir, tmp_path):
     config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=2)
-    with pytest.raises(train.TrainingError, match="loss became nan.*epoch 1.*ckpt-1"):
-        train.train_and_evaluate(config, config.workdir, callbacks=[_PoisonWeightsAt(1)])
+    with pytest.raises(training.TrainingError, match="loss became nan.*epoch 1.*ckpt-1"):
+        training.train_and_evaluate(config, config.workdir, callbacks=[_PoisonWeightsAt(1)])
     checkpoints = os.path.join(config.workdir, "checkpoints")
     assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-1")
     assert [r["epoch"] for r in _rows(config.workdir)] == [0]
@@ -191,13 +196,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_idx_dir, tmp_path):
 def test_bad_flags_are_named(tiny_idx_dir, tmp_path, overrides, message):
     config = tiny_config(tiny_idx_dir, tmp_path / "run", **overrides)
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
 
 
 def test_missing_data_dir(tmp_path):
     config = tiny_config(tmp_path / "absent", tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="absent"):
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
 
 
 def test_empty_and_unreadable_image_folders(tmp_path):
@@ -205,7 +210,7 @@ def test_empty_and_unreadable_image_folders(tmp_path):
     empty.mkdir()
     config = tiny_config("", tmp_path / "run", dataset=f"folder:{empty}")
     with pytest.raises(ValueError, match="empty"):
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -222,7 +227,7 @@ def test_empty_and_unreadable_image_folders(tmp_path):
         knn_method="brute_force",
     )
     with pytest.raises(ValueError, match="unreadable image: .*07.png"):
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
 
 
 def test_flagfile_round_trip(tmp_path):
@@ -284,7 +289,7 @@ def test_rerun_of_a_finished_run_says_so_in_one_line(
     per-step loss and learning rate in TensorBoard."""
     config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=2)
     with caplog.at_level("INFO", logger="absl"):
-        train.train_and_evaluate(config, config.workdir)
+        training.train_and_evaluate(config, config.workdir)
     logs = [record.getMessage() for record in caplog.records]
     for line in [
         "epoch 1/2: training 4 steps ...",
@@ -304,7 +309,7 @@ def test_rerun_of_a_finished_run_says_so_in_one_line(
     assert scalars["loss"] == [1, 2]  # the per-epoch scalars stay
 
     rows = _rows(config.workdir)
-    assert train.train_and_evaluate(config, config.workdir) == rows[-1]  # not {}
+    assert training.train_and_evaluate(config, config.workdir) == rows[-1]  # not {}
     capsys.readouterr()
     _main([f"--flagfile={config.workdir}/flags.txt"], monkeypatch)
     out = capsys.readouterr().out.strip().splitlines()
@@ -315,7 +320,7 @@ def test_rerun_of_a_finished_run_says_so_in_one_line(
         f"python -m invp_tf.export --workdir={config.workdir} --export_dir=exported"
     ]
     assert _rows(config.workdir) == rows
-    assert train.finished_message(config.workdir, 3) is None  # more epochs asked: not finished
+    assert training.finished_message(config.workdir, 3) is None  # more epochs asked: not finished
 
 
 @pytest.mark.slow
@@ -375,8 +380,8 @@ class _StopAt(keras.callbacks.Callback):
 
 def test_epoch_stopped_by_a_callback_is_not_saved(tiny_idx_dir, tmp_path):
     config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=1)
-    with pytest.raises(train.TrainingError, match="epoch 0 stopped after 2 of 4 steps"):
-        train.train_and_evaluate(config, config.workdir, callbacks=[_StopAt()])
+    with pytest.raises(training.TrainingError, match="epoch 0 stopped after 2 of 4 steps"):
+        training.train_and_evaluate(config, config.workdir, callbacks=[_StopAt()])
     assert tf.train.latest_checkpoint(os.path.join(config.workdir, "checkpoints")) is None
 
 
@@ -385,7 +390,7 @@ def test_background_search_flag_reaches_the_loss(tiny_idx_dir, tmp_path):
     rows = {}
     for mode in ("exact", "sampled"):
         config = tiny_config(tiny_idx_dir, tmp_path / mode, epochs=2, background_search=mode)
-        rows[mode] = train.train_and_evaluate(config, config.workdir)
+        rows[mode] = training.train_and_evaluate(config, config.workdir)
     assert rows["exact"]["loss_inv"] != rows["sampled"]["loss_inv"]
     assert abs(rows["exact"]["loss_inv"] - rows["sampled"]["loss_inv"]) < 0.5
 
@@ -393,7 +398,7 @@ def test_background_search_flag_reaches_the_loss(tiny_idx_dir, tmp_path):
 def test_checkpoint_without_step_counter_resumes(tiny_idx_dir, tmp_path, monkeypatch):
     """Runs checkpointed before `step` was saved (older versions) resume exactly."""
     straight = tiny_config(tiny_idx_dir, tmp_path / "straight", epochs=2)
-    train.train_and_evaluate(straight, straight.workdir)
+    training.train_and_evaluate(straight, straight.workdir)
     legacy = tiny_config(tiny_idx_dir, tmp_path / "legacy", epochs=2)
     checkpoint = tf.train.Checkpoint
 
@@ -402,8 +407,8 @@ def test_checkpoint_without_step_counter_resumes(tiny_idx_dir, tmp_path, monkeyp
 
     with monkeypatch.context() as patch, pytest.raises(conftest.Interrupt):
         patch.setattr(tf.train, "Checkpoint", without_step)
-        train.train_and_evaluate(legacy, legacy.workdir, callbacks=[conftest.InterruptAt(1, 1)])
+        training.train_and_evaluate(legacy, legacy.workdir, callbacks=[conftest.InterruptAt(1, 1)])
     saved = tf.train.list_variables(str(tmp_path / "legacy" / "checkpoints" / "ckpt-1"))
     assert not any(name.startswith("step/") for name, _ in saved)
-    train.train_and_evaluate(legacy, legacy.workdir)
+    training.train_and_evaluate(legacy, legacy.workdir)
     _assert_same_state(straight.workdir, legacy.workdir)

@@ -38,6 +38,7 @@ from benchmarks import report
 from invp_tf import config as config_lib
 from invp_tf import data
 from invp_tf import distribute
+from invp_tf import model as model_lib
 from invp_tf import training
 from invp_tf import workdir as workdir_lib
 
@@ -59,7 +60,7 @@ def step_seconds(config, num_examples, steps, trained=None):
     keras.utils.set_random_seed(config.seed)
     policy = distribute.precision_policy(tf.distribute.get_strategy(), config.mixed_precision)
     with distribute.dtype_policy(policy):
-        model = training.model_from_config(config, num_examples)
+        model = model_lib.model_from_config(config, num_examples)
     model.compile(
         optimizer=keras.optimizers.SGD(
             0.01, momentum=config.optimizer_momentum, weight_decay=config.weight_decay or None

@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from invp_tf import data
+
 # Blocks a probe can read: global-average-pooled stage outputs of the backbone
 # (stage4 pooled is the encoder's "features") and the L2-normalised embedding.
 BLOCKS = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding")
@@ -82,6 +84,28 @@ def knn_classify(
         chunk_size=chunk_size,
     )
     return np.argmax(scores, axis=1).astype(np.int32)
+
+
+def knn_monitor(config, infer, train_features, test_source, train_labels):
+    """Weighted kNN top-1 on the test split; None when it has no labels.
+
+    train_features: [N, D] the bank or fresh embeddings of the training images, by index.
+    """
+    if test_source is None or not test_source.num_classes:
+        return None
+    pipeline = data.eval_pipeline(
+        test_source, batch_size=max(config.batch_size, 256), image_size=config.image_size
+    )
+    test_features, _, test_labels = extract_embeddings(infer, pipeline)
+    predictions = knn_classify(
+        train_features,
+        train_labels,
+        test_features,
+        k=config.knn_k,
+        temperature=config.knn_temperature,
+        num_classes=test_source.num_classes,
+    )
+    return float(np.mean(predictions == test_labels))
 
 
 def top_k_accuracy(scores, labels, k=1):
@@ -261,8 +285,8 @@ def train_linear_probes(
 ):
     """Trains one BatchNorm-free linear classifier per feature block, all on the same batches.
 
-    Long (about 85 lines of code): the probes of all blocks share one tf.function step and
-    one epoch loop, so that every block sees the same batches.
+    The probes of all blocks share one tf.function step and one epoch loop, so that every
+    block sees the same batches.
 
     The paper's protocol on frozen features: softmax regression with SGD (momentum,
     coupled L2 weight decay), a step schedule (x0.1 at 60% and 80% of the epochs), zero
@@ -294,10 +318,7 @@ def train_linear_probes(
         [learning_rate, learning_rate * 0.1, learning_rate * 0.01],
     )
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
-    stats = {}
-    for name in names:
-        x = train_features[name].astype(np.float64)
-        stats[name] = (x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32))
+    stats = {name: _mean_and_std(train_features[name]) for name in names}
     train = {
         name: tf.constant(((train_features[name] - m) / s).astype(np.float32))
         for name, (m, s) in stats.items()
@@ -326,10 +347,7 @@ def train_linear_probes(
         return losses
 
     rng = np.random.default_rng(seed)
-    bar = None
-    if progress:
-        stateful = [f"loss_{name}" for name in names]  # show the epoch's value, not a running mean
-        bar = keras.utils.Progbar(epochs, unit_name="epoch", stateful_metrics=stateful)
+    bar = _epoch_bar(epochs, names) if progress else None
     epoch_loss = {name: float("nan") for name in names}
     for epoch in range(epochs):
         order = rng.permutation(n)
@@ -352,6 +370,18 @@ def train_linear_probes(
         results[name] = top_k_accuracies(logits, np.asarray(test_labels))
         results[name]["train_loss"] = epoch_loss[name]
     return results
+
+
+def _epoch_bar(epochs, names):
+    """A progress bar over epochs showing each block's epoch loss (not a running mean)."""
+    stateful = [f"loss_{name}" for name in names]
+    return keras.utils.Progbar(epochs, unit_name="epoch", stateful_metrics=stateful)
+
+
+def _mean_and_std(features):
+    """(mean [F], std + 1e-6 [F]) float32 of [N, F] features, summed in float64."""
+    x = features.astype(np.float64)
+    return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
 
 
 class Classifier(keras.Model):

@@ -1,15 +1,67 @@
 """InvPModel: the train step wiring of encoder, losses, memory bank and graph.
 
 The loss math lives in `losses`, the bank state change in `memory_bank`, the
-graph rebuild in `neighbors` (called between epochs by `train`). This module
-only wires them: forward, loss, optimizer step, then the bank update.
+graph rebuild in `neighbors` (called between epochs by `training`). This module
+only wires them: forward, loss, optimizer step, then the bank update; and builds a
+run's encoder and model from its `config.Config`.
 """
 
 import keras
 import tensorflow as tf
 
+from invp_tf import encoder as encoder_lib
 from invp_tf import losses
 from invp_tf import memory_bank
+
+
+def encoder_from_config(config, sync_batchnorm=False):
+    """The run's encoder, variables built (weights still to be restored).
+
+    sync_batchnorm: global-batch BatchNorm statistics (training under several
+    replicas); inference, evaluation and export never need it.
+    """
+    return encoder_lib.build_encoder(
+        config.encoder,
+        head=config.head,
+        embedding_dim=config.embedding_dim,
+        width_multiplier=config.width_multiplier,
+        sync_batchnorm=sync_batchnorm,
+        image_size=config.image_size,
+    )
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """Keras schedule over optimizer steps: optional linear warm-up, then
+    cosine to 0, step (/10 at --lr_decay_epochs) or constant."""
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else config.learning_rate,
+            decay_steps=max(total - warmup, 1),
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    if config.lr_schedule == "step":
+        boundaries = [e * steps_per_epoch for e in config.lr_decay_epoch_list]
+        values = [config.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    # Constant, but still a schedule: a float learning rate becomes an optimizer
+    # variable, which would change the checkpoint layout between schedules.
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, 1, alpha=1.0)
+
+
+def model_from_config(config, num_examples, sync_batchnorm=False):
+    """The uncompiled InvPModel of `config` over a bank of `num_examples` rows."""
+    return InvPModel(
+        encoder_from_config(config, sync_batchnorm=sync_batchnorm),
+        num_examples,
+        embedding_dim=config.embedding_dim,
+        num_neighbors=config.num_neighbors,
+        memory_momentum=config.memory_momentum,
+        seed=config.seed,
+        loss_config=config.loss,
+    )
 
 
 class InvPModel(keras.Model):
@@ -114,7 +166,7 @@ class InvPModel(keras.Model):
         in_use = tf.cast(self.invariance_weight > 0.0, tf.float32)
         self.invariance_tracker.update_state(in_use * tf.reduce_mean(invariance))
         results = {m.name: m.result() for m in self.metrics}
-        results["step_loss"] = loss  # this step's, for TensorBoard (train._StepSummaries)
+        results["step_loss"] = loss  # this step's, for TensorBoard (rundir.RunDir.step_summaries)
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras averages step outputs over workers with reduce(MEAN, axis=0),
             # which fails on scalars: give them that axis (the result is a scalar).

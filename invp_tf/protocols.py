@@ -23,6 +23,7 @@ from absl import logging
 from invp_tf import augment
 from invp_tf import data
 from invp_tf import evaluation
+from invp_tf import model as model_lib
 from invp_tf import workdir as workdir_lib
 
 PROTOCOLS = ("knn", "linear", "semi", "finetune")
@@ -298,7 +299,7 @@ def _with_baseline_features(fn, s, config):
     pixels = evaluation.pixel_function()
     keras.utils.set_random_seed(s.seed)
     scratch = evaluation.block_feature_function(
-        workdir_lib.encoder_from_config(config), (RANDOM_INIT_BLOCK,)
+        model_lib.encoder_from_config(config), (RANDOM_INIT_BLOCK,)
     )
 
     def features(images):
@@ -484,7 +485,7 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         # What pretraining adds: the same architecture and protocol from a random init.
         logging.info("baseline: fine-tuning a randomly initialised encoder the same way")
         keras.utils.set_random_seed(s.seed)
-        scratch = workdir_lib.encoder_from_config(run.config)
+        scratch = model_lib.encoder_from_config(run.config)
         board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "random_init"))
         baselines["random_init_network"], _ = tune(scratch, callbacks=[board])
     return {"network": result}, baselines

@@ -5,7 +5,8 @@ The epoch boundary is one loop of named steps (`_train`):
     build -> for each epoch: rebuild graph -> fit epoch -> monitor -> log -> checkpoint
 
 `_build` sets everything up once (strategy, data, model, restore, callbacks, monitors),
-each part a named helper; the loop reads the result, a `_Training`. No absl flags here:
+each part a named helper; the loop reads the result, a `_Training`. The run folder is one
+object, a `rundir.RunDir` (open, restore, append a row, save, close). No absl flags here:
 `invp_tf.train` is the command that turns flags into a `config.Config`.
 """
 
@@ -34,6 +35,7 @@ from invp_tf import evaluation
 from invp_tf import model as model_lib
 from invp_tf import neighbors
 from invp_tf import propagation
+from invp_tf import rundir
 from invp_tf import workdir as workdir_lib
 
 # The purity monitor measures at most this many anchors (a fixed random sample).
@@ -48,27 +50,6 @@ class TrainingError(RuntimeError):
 
 class Preempted(RuntimeError):
     """A worker got SIGTERM: every worker saved the same mid-epoch checkpoint and stopped."""
-
-
-def learning_rate_schedule(config, steps_per_epoch):
-    """Keras schedule over optimizer steps: optional linear warm-up, then
-    cosine to 0, step (/10 at --lr_decay_epochs) or constant."""
-    total = config.epochs * steps_per_epoch
-    warmup = config.warmup_epochs * steps_per_epoch
-    if config.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else config.learning_rate,
-            decay_steps=max(total - warmup, 1),
-            warmup_target=config.learning_rate if warmup else None,
-            warmup_steps=warmup,
-        )
-    if config.lr_schedule == "step":
-        boundaries = [e * steps_per_epoch for e in config.lr_decay_epoch_list]
-        values = [config.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
-        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-    # Constant, but still a schedule: a float learning rate becomes an optimizer
-    # variable, which would change the checkpoint layout between schedules.
-    return keras.optimizers.schedules.CosineDecay(config.learning_rate, 1, alpha=1.0)
 
 
 class FreshEmbeddings:
@@ -93,28 +74,6 @@ class FreshEmbeddings:
             features, index, _ = evaluation.extract_embeddings(self._infer, pipeline)
             self._cache = (steps, features[np.argsort(index)])
         return self._cache[1]
-
-
-def knn_monitor(config, infer, train_features, test_source, train_labels):
-    """Weighted kNN top-1 on the test split; None when it has no labels.
-
-    train_features: [N, D] the bank or fresh embeddings of the training images, by index.
-    """
-    if test_source is None or not test_source.num_classes:
-        return None
-    pipeline = data.eval_pipeline(
-        test_source, batch_size=max(config.batch_size, 256), image_size=config.image_size
-    )
-    test_features, _, test_labels = evaluation.extract_embeddings(infer, pipeline)
-    predictions = evaluation.knn_classify(
-        train_features,
-        train_labels,
-        test_features,
-        k=config.knn_k,
-        temperature=config.knn_temperature,
-        num_classes=test_source.num_classes,
-    )
-    return float(np.mean(predictions == test_labels))
 
 
 def graph_monitor(config, graph, rows, bank, train_labels, anchors, seed):
@@ -201,26 +160,6 @@ class _Progress:
             finish,
             f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min",
         )
-
-
-class _StepSummaries(keras.callbacks.Callback):
-    """TensorBoard scalars of the step every `every` steps: `step/loss` (that step's loss, not
-    the epoch's running mean) and `step/learning_rate`, at the global step."""
-
-    def __init__(self, writer, steps, every):
-        super().__init__()
-        self.writer, self.steps, self.every = writer, steps, every
-
-    def on_train_begin(self, logs=None):
-        self.step = int(self.steps.numpy())  # counted on the host from here: no device read
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step % self.every or not logs or "step_loss" not in logs:
-            return
-        with self.writer.as_default(step=self.step):
-            tf.summary.scalar("step/loss", tf.reduce_mean(logs["step_loss"]))
-            tf.summary.scalar("step/learning_rate", self.model.optimizer.learning_rate)
 
 
 class _SaveIfPreempted(keras.callbacks.Callback):
@@ -320,7 +259,7 @@ def _train(config, workdir, callbacks, strategy, on_exit):
             checkpoint_seconds=checkpoint_seconds,
         )
         row = _metrics_row(t, epoch, fit, graph, knn_top1, uses_invariance, seconds)
-        _log_row(t, epoch, row)
+        t.run_dir.append(row)
         checkpoint_seconds = _checkpoint(t, epoch)
         logging.info("epoch %d/%d metrics: %s", epoch + 1, config.epochs, json.dumps(row))
         t.progress.epoch_done(epoch, row)
@@ -406,7 +345,7 @@ def _fit_epoch(t, epoch, skip_steps, callbacks):
         if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
             raise TrainingError(
                 f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for "
-                f"this epoch, the last good checkpoint is {t.manager.latest_checkpoint} "
+                f"this epoch, the last good checkpoint is {t.run_dir.manager.latest_checkpoint} "
                 "(lower --learning_rate or raise --temperature)"
             )
     steps = int(t.model.steps.numpy())
@@ -427,7 +366,7 @@ def _monitor(t, epoch):
         return None, None
     start = t.progress.begin(epoch, "kNN monitor")
     train_features = t.fresh() if config.knn_features == "fresh" else None
-    knn_top1 = knn_monitor(
+    knn_top1 = evaluation.knn_monitor(
         config,
         t.infer,
         t.model.memory_bank.bank.numpy() if train_features is None else train_features,
@@ -458,22 +397,11 @@ def _metrics_row(t, epoch, fit, graph, knn_top1, uses_invariance, seconds):
     }
 
 
-def _log_row(t, epoch, row):
-    """Appends the row to metrics.jsonl and its numbers to TensorBoard (chief only)."""
-    if not t.chief:
-        return
-    workdir_lib.append_metrics(t.workdir, row)
-    with t.writer.as_default(step=epoch + 1):
-        for name, value in row.items():
-            if name != "epoch" and value is not None:
-                tf.summary.scalar(name, value)
-
-
 def _checkpoint(t, epoch):
     """Saves the state after `epoch` as ckpt-(epoch + 1); returns the seconds it took."""
     t.epoch_counter.assign(epoch + 1)
     start = time.perf_counter()
-    t.save(epoch + 1)
+    t.run_dir.save(epoch + 1)
     return t.progress.end(epoch, "checkpoint", start)
 
 
@@ -486,7 +414,7 @@ class _Training:
     """Everything the epoch loop reads, built once by `_build`."""
 
     config: config_lib.Config
-    workdir: str
+    run_dir: rundir.RunDir  # the run folder: metrics rows, checkpoints, TensorBoard
     strategy: tf.distribute.Strategy
     chief: bool
     train_source: data.Source
@@ -497,15 +425,12 @@ class _Training:
     model: model_lib.InvPModel
     optimizer: keras.optimizers.Optimizer  # a LossScaleOptimizer under mixed_float16
     epoch_counter: tf.Variable
-    manager: tf.train.CheckpointManager  # the chief's checkpoints, which every worker reads
-    save: Callable  # save(number): writes ckpt-number (workers other than the chief: scratch)
     infer: Callable
     fresh: FreshEmbeddings
     first_epoch: int
     done_steps: int  # steps of first_epoch already done: > 0 only after a preemption save
     fit_callbacks: list
     verbose: object
-    writer: object  # the chief's TensorBoard writer
     train_labels: np.ndarray | None  # [N] by index, for the monitors only
     purity_anchors: np.ndarray
     progress: _Progress
@@ -521,10 +446,11 @@ def _build(config, workdir, strategy, on_exit):
     train_source, test_source = _load_data(config, workdir, strategy)
     num_examples = train_source.num_examples
     # A rerun may change only flags that keep the model, data, bank and optimizer state.
-    changed, previous_flags = _prepare_workdir(config, workdir, chief, on_exit)
+    run_dir = on_exit.enter_context(rundir.RunDir.open(config, workdir, chief))
     steps_per_epoch = num_examples // config.batch_size
     model, epoch_counter = _build_model(config, strategy, num_examples, steps_per_epoch)
-    checkpoint = workdir_lib.training_checkpoint(
+    resumed_from = run_dir.restore(
+        strategy,
         encoder=model.encoder,
         optimizer=model.optimizer,
         bank=model.memory_bank,
@@ -532,12 +458,6 @@ def _build(config, workdir, strategy, on_exit):
         epoch=epoch_counter,
         step=model.steps,
     )
-    resumed_from = _restore(model, checkpoint, workdir, chief)
-    if resumed_from and chief:  # the run's record changes only once its state is back
-        workdir_lib.write_flags(
-            workdir, config, changed, int(epoch_counter.numpy()), previous_flags
-        )
-    manager, save = _checkpoint_managers(checkpoint, workdir, strategy, chief)
     infer = evaluation.inference_function(model.encoder)
     fresh = FreshEmbeddings(infer, train_source, config, model.steps)
     if not resumed_from and config.bank_init == "encoder":
@@ -552,18 +472,15 @@ def _build(config, workdir, strategy, on_exit):
         )
     fit_callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        *_preemption_callbacks(strategy, model, manager, save),
+        *_preemption_callbacks(strategy, model, run_dir.manager, run_dir.save),
     ]
-    if chief:
-        workdir_lib.truncate_metrics(workdir, first_epoch)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
     train_labels, purity_anchors = _monitor_labels(config, train_source)
     if chief:  # about 10 points per epoch, at least every 50 steps
         every = max(1, min(50, steps_per_epoch // 10))
-        fit_callbacks.append(_StepSummaries(writer, model.steps, every))
+        fit_callbacks.append(run_dir.step_summaries(model.steps, every))
     return _Training(
         config=config,
-        workdir=workdir,
+        run_dir=run_dir,
         strategy=strategy,
         chief=chief,
         train_source=train_source,
@@ -574,15 +491,12 @@ def _build(config, workdir, strategy, on_exit):
         model=model,
         optimizer=model.optimizer,
         epoch_counter=epoch_counter,
-        manager=manager,
-        save=save,
         infer=infer,
         fresh=fresh,
         first_epoch=first_epoch,
         done_steps=int(model.steps.numpy()) - first_epoch * steps_per_epoch,
         fit_callbacks=fit_callbacks,
         verbose=("auto" if sys.stdout.isatty() else 2) if chief else 0,  # the chief's is enough
-        writer=writer,
         train_labels=train_labels,
         purity_anchors=purity_anchors,
         progress=_Progress(first_epoch, config.epochs),
@@ -592,7 +506,7 @@ def _build(config, workdir, strategy, on_exit):
 def _load_data(config, workdir, strategy):
     """The train and test sources, after every check that needs no write (nothing is
     written to the workdir before the flags are checked)."""
-    workdir_lib.check_workdir(workdir)
+    rundir.RunDir.check(workdir)
     keras.utils.set_random_seed(config.seed)
     data_dir = config.data_dir or None
     train_source = data.load_source(config.dataset, "train", data_dir, config.train_examples)
@@ -613,42 +527,12 @@ def _load_data(config, workdir, strategy):
     return train_source, test_source
 
 
-def _prepare_workdir(config, workdir, chief, on_exit):
-    """Takes the run's lock (chief), checks a rerun's flag changes, writes a new run's flags.
-
-    Returns (the changed flags, the run's previous config or None).
-    """
-    if chief:  # one training per run; a second one stops here naming the first
-        on_exit.enter_context(workdir_lib.lock(workdir))
-    changed = workdir_lib.flag_changes(workdir, config)
-    previous_flags = workdir_lib.read_flags(workdir)
-    if chief:
-        workdir_lib.prepare(workdir)  # removes partial saves of earlier crashes
-        workdir_lib.repair_checkpoint_state(workdir)
-        if not workdir_lib.checkpoint_paths(workdir):  # a new run (or one without a checkpoint)
-            workdir_lib.write_flags(workdir, config)
-    return changed, previous_flags
-
-
 def view_from_config(config):
     """The training view of `config`: fn(image, seed, image_size) (augment.RECIPES)."""
     view = augment.get_view(config.augment)
     if config.augment == "crop_flip":
         view = functools.partial(view, scale=(config.crop_scale, 1.0))
     return view
-
-
-def model_from_config(config, num_examples, sync_batchnorm=False):
-    """The uncompiled InvPModel of `config` over a bank of `num_examples` rows."""
-    return model_lib.InvPModel(
-        workdir_lib.encoder_from_config(config, sync_batchnorm=sync_batchnorm),
-        num_examples,
-        embedding_dim=config.embedding_dim,
-        num_neighbors=config.num_neighbors,
-        memory_momentum=config.memory_momentum,
-        seed=config.seed,
-        loss_config=config.loss,
-    )
 
 
 def _build_model(config, strategy, num_examples, steps_per_epoch):
@@ -658,11 +542,13 @@ def _build_model(config, strategy, num_examples, steps_per_epoch):
     # Every variable (weights, optimizer slots, bank, graph, counters) is created
     # under the strategy: mirrored on every replica and worker.
     with strategy.scope(), distribute.dtype_policy(policy):
-        model = model_from_config(config, num_examples, config.sync_batchnorm and replicas > 1)
+        model = model_lib.model_from_config(
+            config, num_examples, config.sync_batchnorm and replicas > 1
+        )
         encoder = model.encoder
         model.compile(
             optimizer=keras.optimizers.SGD(
-                learning_rate_schedule(config, steps_per_epoch),
+                model_lib.learning_rate_schedule(config, steps_per_epoch),
                 momentum=config.optimizer_momentum,
                 weight_decay=config.weight_decay or None,
             ),
@@ -671,49 +557,6 @@ def _build_model(config, strategy, num_examples, steps_per_epoch):
         model.optimizer.build(encoder.trainable_variables)  # so a restore fills its slots
         epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     return model, epoch_counter
-
-
-def _restore(model, checkpoint, workdir, chief):
-    """Restores the newest readable checkpoint (a corrupt one is named and set aside).
-
-    Returns the path restored, None for a new run.
-    """
-
-    def restore(path):
-        if workdir_lib.read_counter(tf.train.load_checkpoint(path), "step") is not None:
-            checkpoint.restore(path).assert_existing_objects_matched()
-        else:  # written before steps were counted apart: every step was applied then
-            parts = {name: getattr(checkpoint, name) for name in workdir_lib.CHECKPOINT_PARTS}
-            del parts["step"]
-            workdir_lib.training_checkpoint(**parts).restore(path).assert_existing_objects_matched()
-            model.steps.assign(model.optimizer.iterations)
-
-    # Before the managers read the checkpoint list.
-    return workdir_lib.restore_newest(workdir, restore, set_aside=chief)
-
-
-def _checkpoint_managers(checkpoint, workdir, strategy, chief):
-    """(the manager of the run's checkpoints, save(number)).
-
-    CheckpointManager writes the data files first and then replaces the small `checkpoint`
-    index file, so a crash mid-save leaves the previous one valid. Every worker reads the
-    chief's checkpoints; the others write scratch copies.
-    """
-    checkpoint_dir = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
-    write_manager = manager
-    if not chief:
-        write_manager = tf.train.CheckpointManager(
-            checkpoint, distribute.checkpoint_directory(strategy, checkpoint_dir), max_to_keep=1
-        )
-
-    def save(number):
-        path = workdir_lib.save_checkpoint(write_manager, number)
-        if not chief:
-            tf.io.gfile.rmtree(write_manager.directory)
-        return path
-
-    return manager, save
 
 
 def _preemption_callbacks(strategy, model, manager, save):

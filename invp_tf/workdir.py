@@ -1,7 +1,7 @@
-"""A run's work directory, owned here: flags and their history, checkpoints, metrics, lock.
+"""A run's work directory: its files, their formats, and the readers of a run.
 
-`train` writes runs; the analysis, evaluation and export entry points read them
-through `load_run`, so none of them has to import train's flags.
+Training writes a run through `rundir.RunDir`; the analysis, evaluation and export entry
+points read it through `load_run`, so none of them has to import train's flags.
 
 What lives in `--workdir` (names below):
   - flags.txt: the run's flags (rewritten only after a successful restore);
@@ -16,11 +16,9 @@ file and what is wrong; nothing of a finished epoch is ever dropped silently.
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import re
-import socket
 
 import keras
 import numpy as np
@@ -29,7 +27,7 @@ from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from invp_tf import config as config_lib
-from invp_tf import encoder as encoder_lib
+from invp_tf import model as model_lib
 
 FLAGS_FILE = "flags.txt"
 HISTORY_FILE = "flags_history.txt"
@@ -41,15 +39,6 @@ LOCK_FILE = "train.lock"
 # graph (`checkpoint_parts`), never by matching the strings of variable keys.
 CHECKPOINT_PARTS = ("encoder", "optimizer", "bank", "graph", "epoch", "step")
 
-# Flags a rerun may change, with why; any other difference stops the rerun before anything is
-# written (it would change the model, the data, the bank or the optimizer state, so the
-# checkpoint could not continue the same run).
-SAFE_TO_CHANGE = {
-    field.name: field.metadata["safe_to_change"]
-    for field in dataclasses.fields(config_lib.Config)
-    if "safe_to_change" in field.metadata
-}
-
 
 class WorkdirError(ValueError):
     """A run directory problem, in one line naming the file and what to do.
@@ -58,7 +47,7 @@ class WorkdirError(ValueError):
     """
 
 
-def _reason(error):
+def reason(error):
     """The short cause of an I/O error: 'No space left on device', 'File too large'..."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
@@ -73,7 +62,7 @@ def writing(path, what):
     try:
         yield
     except (OSError, tf.errors.OpError) as e:
-        raise WorkdirError(f"could not write {what} {path}: {_reason(e)}") from e
+        raise WorkdirError(f"could not write {what} {path}: {reason(e)}") from e
 
 
 def write_atomically(path, text, what="file"):
@@ -85,144 +74,8 @@ def write_atomically(path, text, what="file"):
         tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
-# ---------------------------------------------------------------------------
-# The directory itself.
-
-
-def _is_local(path):
+def is_local(path):
     return "://" not in path
-
-
-def check_workdir(workdir):
-    """Raises WorkdirError when `workdir` cannot hold a run (a file, unwritable); writes nothing."""
-    if not workdir:
-        raise WorkdirError("--workdir is required")
-    if not _is_local(workdir):
-        return  # gs:// and the like: their errors come with the first write
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise WorkdirError(f"--workdir={workdir} is a file, not a folder")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise WorkdirError(f"--workdir={workdir} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == path else f"cannot be created in {existing}"
-        raise WorkdirError(f"--workdir={workdir} {what} (permission denied)")
-
-
-def prepare(workdir):
-    """Creates `workdir` and removes leftovers of crashed saves (chief, under the lock)."""
-    with writing(workdir, "the run folder"):
-        tf.io.gfile.makedirs(os.path.join(workdir, CHECKPOINT_DIR))
-    for stale in tf.io.gfile.glob(os.path.join(workdir, CHECKPOINT_DIR, "*_temp*")):
-        # A save that died midway (crash, full disk): CheckpointManager never reuses it.
-        logging.warning("Removing %s, left by a checkpoint save that did not finish.", stale)
-        with writing(stale, "(removing) the partial checkpoint"):
-            if tf.io.gfile.isdir(stale):
-                tf.io.gfile.rmtree(stale)
-            else:
-                tf.io.gfile.remove(stale)
-
-
-# ---------------------------------------------------------------------------
-# One writer per run.
-
-
-def _process_start(pid):
-    """The start time of process `pid` (Linux clock ticks), '' when unknown, None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        return None
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return ""
-
-
-def _read_lock(path):
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            return json.loads(f.read())
-    except (tf.errors.NotFoundError, FileNotFoundError):
-        return None
-    except (ValueError, OSError, tf.errors.OpError):
-        return {}  # torn by a crash while it was written
-
-
-@contextlib.contextmanager
-def lock(workdir):
-    """Holds `workdir/train.lock` (pid, host) while the block runs; one training per run.
-
-    A lock of a process that is gone (same host, pid not running, or running since another
-    time) is taken over with a warning; a live holder stops this training with its pid and host.
-    """
-    with writing(workdir, "the run folder"):
-        tf.io.gfile.makedirs(workdir)
-    path = os.path.join(workdir, LOCK_FILE)
-    pid, host = os.getpid(), socket.gethostname()
-    record = {"pid": pid, "host": host, "start": _process_start(pid) or ""}
-    text = json.dumps(record) + "\n"
-    for _ in range(3):
-        if _is_local(path):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise WorkdirError(f"could not write the lock file {path}: {_reason(e)}") from e
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                break
-        elif not tf.io.gfile.exists(path):  # no exclusive create on object stores
-            with writing(path, "the lock file"):
-                with tf.io.gfile.GFile(path, "w") as f:
-                    f.write(text)
-            break
-        holder = _read_lock(path)
-        if holder is None:
-            continue  # released meanwhile
-        start = holder.get("start")
-        alive = None
-        if holder.get("host") == host and isinstance(holder.get("pid"), int):
-            now = _process_start(holder["pid"])
-            alive = now is not None and (not start or not now or now == start)
-        if alive is None and holder:
-            raise WorkdirError(
-                f"{workdir} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
-                f"({path}); wait for that training to end, or delete the lock file if it is "
-                "gone"
-            )
-        if alive:
-            raise WorkdirError(
-                f"{workdir} is in use by another training: pid {holder['pid']} on host {host} "
-                f"({path}); wait for it to end or stop it, or train into another --workdir"
-            )
-        logging.warning(
-            "Taking over %s: its process (pid %s on %s) is gone.",
-            path,
-            holder.get("pid"),
-            holder.get("host"),
-        )
-        with contextlib.suppress(tf.errors.NotFoundError, FileNotFoundError):
-            tf.io.gfile.remove(path)
-    else:
-        raise WorkdirError(f"could not take the lock file {path}; rerun the same command")
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(tf.errors.OpError, OSError):
-            if (_read_lock(path) or {}).get("pid") == pid:
-                tf.io.gfile.remove(path)
 
 
 # ---------------------------------------------------------------------------
@@ -238,70 +91,6 @@ def read_flags(workdir):
         return config_lib.Config.from_flagfile(path)
     except ValueError as e:
         raise WorkdirError(f"{path} is unreadable: {e}") from e
-
-
-def _flag(config, name):
-    value = getattr(config, name)
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no{name}"
-    return f"--{name}={value}"
-
-
-def flag_changes(workdir, config):
-    """Names of the flags of `config` that differ from the run's flags.txt; [] for a new run.
-
-    Raises:
-      WorkdirError: a flag outside SAFE_TO_CHANGE differs and the run has a checkpoint, listing
-        every such flag with the run's value. Nothing is written.
-    """
-    saved = read_flags(workdir)
-    if saved is None:
-        return []
-    changed = [
-        field.name
-        for field in dataclasses.fields(config_lib.Config)
-        if field.name != "workdir" and getattr(saved, field.name) != getattr(config, field.name)
-    ]
-    refused = [name for name in changed if name not in SAFE_TO_CHANGE]
-    if refused and checkpoint_paths(workdir):
-        given = " ".join(_flag(config, name) for name in refused)
-        theirs = " ".join(_flag(saved, name) for name in refused)
-        safe = ", ".join(f"--{name}" for name in SAFE_TO_CHANGE if name != "workdir")
-        verb = "differs" if len(refused) == 1 else "differ"
-        raise WorkdirError(
-            f"{given} {verb} from the run in {workdir} ({theirs} in {FLAGS_FILE}): a checkpoint "
-            f"cannot continue with another model, data, bank or optimizer; rerun with the run's "
-            f"values or use a new --workdir (a rerun may change only {safe})"
-        )
-    return changed
-
-
-def _history(workdir, line):
-    path = os.path.join(workdir, HISTORY_FILE)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with writing(path, "the flag history"):
-        with tf.io.gfile.GFile(path, "a") as f:
-            f.write(f"{stamp} {line}\n")
-
-
-def write_flags(workdir, config, changed=(), epoch=0, previous=None):
-    """Writes flags.txt (atomically) and appends what changed to flags_history.txt.
-
-    Call it for a new run before training, and for a resumed run only after its checkpoint
-    restored: a rerun that fails before never alters the run's record.
-    """
-    config = dataclasses.replace(config, workdir=workdir)
-    path = os.path.join(workdir, FLAGS_FILE)
-    if previous is None:
-        write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
-        _history(workdir, f"new run: {' '.join(config.flagfile_lines())}")
-        return
-    changed = [name for name in changed if name != "workdir"]
-    if not changed:
-        return
-    write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
-    what = ", ".join(f"{_flag(config, n)} (was {_flag(previous, n)})" for n in changed)
-    _history(workdir, f"resumed after epoch {epoch} with {what}")
 
 
 # ---------------------------------------------------------------------------
@@ -523,26 +312,6 @@ def _set_aside(workdir, paths):
     repair_checkpoint_state(workdir)
 
 
-def save_checkpoint(manager, number):
-    """manager.save(number); a failed write (full disk) removes its partial files and says so."""
-    path = os.path.join(manager.directory, f"ckpt-{number}")
-    previous = manager.latest_checkpoint
-    try:
-        return manager.save(checkpoint_number=number)
-    except (OSError, tf.errors.OpError) as e:
-        for partial in tf.io.gfile.glob(path + "_temp*") + tf.io.gfile.glob(path + ".*"):
-            with contextlib.suppress(tf.errors.OpError, OSError):
-                if tf.io.gfile.isdir(partial):
-                    tf.io.gfile.rmtree(partial)
-                else:
-                    tf.io.gfile.remove(partial)
-        kept = f"the last good checkpoint {previous} is intact" if previous else "no checkpoint yet"
-        raise WorkdirError(
-            f"could not write checkpoint {path}: {_reason(e)}; {kept}; free space and rerun the "
-            "same command"
-        ) from e
-
-
 # ---------------------------------------------------------------------------
 # metrics.jsonl.
 
@@ -584,40 +353,8 @@ def read_metrics(workdir):
     return rows
 
 
-def truncate_metrics(workdir, first_epoch):
-    """Keeps the rows of epochs < first_epoch (later ones were written before a crash)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not tf.io.gfile.exists(path):
-        return
-    rows = [row for row in read_metrics(workdir) if row["epoch"] < first_epoch]
-    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows), "the metrics")
-
-
-def append_metrics(workdir, row):
-    path = os.path.join(workdir, METRICS_FILE)
-    with writing(path, f"the metrics row of epoch {row['epoch']} to"):
-        with tf.io.gfile.GFile(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 # ---------------------------------------------------------------------------
 # Reading a run.
-
-
-def encoder_from_config(config, sync_batchnorm=False):
-    """The run's encoder, variables built (weights still to be restored).
-
-    sync_batchnorm: global-batch BatchNorm statistics (training under several
-    replicas); inference, evaluation and export never need it.
-    """
-    return encoder_lib.build_encoder(
-        config.encoder,
-        head=config.head,
-        embedding_dim=config.embedding_dim,
-        width_multiplier=config.width_multiplier,
-        sync_batchnorm=sync_batchnorm,
-        image_size=config.image_size,
-    )
 
 
 @dataclasses.dataclass
@@ -649,7 +386,7 @@ def load_run(workdir, checkpoint=None):
     if not checkpoint and not checkpoint_paths(workdir):
         raise FileNotFoundError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
     config = read_flags(workdir)
-    encoder = encoder_from_config(config)
+    encoder = model_lib.encoder_from_config(config)
     epoch = tf.Variable(0, dtype=tf.int64)
     loaded = {}
 

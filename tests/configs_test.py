@@ -10,8 +10,8 @@ from absl import flags
 
 from invp_tf import config as config_lib
 from invp_tf import losses
+from invp_tf import rundir
 from invp_tf import train
-from invp_tf import workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.flags")))
@@ -53,7 +53,7 @@ def test_config_holds_its_loss_settings_as_one_loss_config():
 
 
 def test_safe_to_change_is_the_fields_marked_so():
-    assert list(workdir.SAFE_TO_CHANGE) == [
+    assert list(rundir.SAFE_TO_CHANGE) == [
         "workdir",
         "epochs",
         "knn_k",
@@ -65,4 +65,4 @@ def test_safe_to_change_is_the_fields_marked_so():
         "tpu",
         "cpu_devices",
     ]
-    assert workdir.SAFE_TO_CHANGE["knn_k"] == "kNN monitor only"
+    assert rundir.SAFE_TO_CHANGE["knn_k"] == "kNN monitor only"

@@ -27,6 +27,7 @@ import tensorflow as tf
 from invp_tf import analysis
 from invp_tf import data
 from invp_tf import protocols
+from invp_tf import rundir
 from invp_tf import saved_model
 from invp_tf import train
 from invp_tf import training
@@ -442,17 +443,17 @@ def test_workdir_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch,
         f"invp_tf.train: error: --workdir={path} is a file, not a folder"
     )
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        workdir_lib.check_workdir(str(path / "run"))
+        rundir.RunDir.check(str(path / "run"))
     assert str(error.value) == f"--workdir={path}/run cannot be created: {path} is a file"
     # Permissions (tests run as root here, so os.access stands in for a read-only folder).
     monkeypatch.setattr(os, "access", lambda *args: False)
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        workdir_lib.check_workdir(str(tmp_path / "new" / "run"))
+        rundir.RunDir.check(str(tmp_path / "new" / "run"))
     assert str(error.value) == (
         f"--workdir={tmp_path}/new/run cannot be created in {tmp_path} (permission denied)"
     )
     with pytest.raises(workdir_lib.WorkdirError) as error:
-        workdir_lib.check_workdir(str(tmp_path))
+        rundir.RunDir.check(str(tmp_path))
     assert str(error.value) == f"--workdir={tmp_path} is not writable (permission denied)"
 
 

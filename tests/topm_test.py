@@ -2,6 +2,8 @@
 method and path (dense, chunked, native kernel, TensorFlow ops, XLA) against tf.math.top_k's
 set, and the losses each gives against the oracle of tests/losses_test.py."""
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -40,7 +42,8 @@ def test_search_is_the_top_m_set_and_its_logsumexp(method, m, compact, monkeypat
         [[3, -1, 7], [-1, -1, -1], [anchors[2], 5, 9], [0, 1, 2], [59, 58, -1], [10, 11, 12]],
         np.int32,
     )
-    top = topm.search(
+    search = functools.partial(
+        topm.search,
         tf.constant(v),
         tf.constant(bank, tf.float32),
         tf.constant(anchors, tf.int32),
@@ -48,20 +51,13 @@ def test_search_is_the_top_m_set_and_its_logsumexp(method, m, compact, monkeypat
         num_background=m,
         method=method,
     )
+    top = search()
     want_lse, want_rest = _numpy_topm(v, bank, anchors, m or len(bank), columns, 0.2)
     np.testing.assert_allclose(top.lse.numpy(), want_lse, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(top.lse_without(columns).numpy(), want_rest, rtol=1e-5, atol=1e-5)
     chunked = compact and method != "top_k" and m is not None and m < len(bank)
     assert (top.logits is None) == chunked
-    kept = topm.search(
-        tf.constant(v),
-        tf.constant(bank, tf.float32),
-        tf.constant(anchors, tf.int32),
-        temperature=0.2,
-        num_background=m,
-        method=method,
-        keep_logits=True,
-    )
+    kept = search(keep_logits=True)
     np.testing.assert_allclose(kept.logits.numpy(), v @ bank.T / 0.2, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,425 @@
+"""RunDir: the run folder of one training, as one object.
+
+Training speaks to its --workdir through a RunDir alone, in a handful of calls:
+
+    RunDir.check(workdir)                          # before anything else: can it hold a run?
+    run_dir = RunDir.open(config, workdir, chief)  # lock, the run's identity, repair, flags
+    run_dir.restore(strategy, **parts)             # the newest readable checkpoint, if any
+    run_dir.append(row); run_dir.save(epoch)       # every epoch: metrics row, then checkpoint
+    run_dir.close()                                # the lock released (or `with RunDir.open`)
+
+The files' formats and the readers that evaluation, export and analysis use are
+`workdir` (flags.txt, checkpoints and their named parts, metrics.jsonl). Workers other than
+the chief take no lock and write only scratch checkpoints, which they delete again.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import socket
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from invp_tf import config as config_lib
+from invp_tf import distribute
+from invp_tf import workdir as workdir_lib
+
+# Flags a rerun may change (Config fields marked safe_to_change), with why; any other
+# difference stops the rerun before anything is written (it would change the model, the
+# data, the bank or the optimizer state, so the checkpoint could not continue the same run).
+SAFE_TO_CHANGE = {
+    field.name: field.metadata["safe_to_change"]
+    for field in dataclasses.fields(config_lib.Config)
+    if "safe_to_change" in field.metadata
+}
+
+
+class RunDir:
+    """The run folder of one training (module docstring): opened, restored, appended, saved.
+
+    Attributes:
+      path: the folder (--workdir).
+      manager: the CheckpointManager of the chief's checkpoints (after `restore`), which
+        every worker reads (the preemption handler too).
+      writer: the chief's TensorBoard writer (after `restore`); None on other workers.
+    """
+
+    def __init__(self, path, config, chief):
+        self.path, self.config, self.chief = path, config, chief
+        self.manager = self.writer = None
+        self._changed, self._previous = [], None
+        self._write_manager = None
+        self._exit = contextlib.ExitStack()
+
+    @staticmethod
+    def check(workdir):
+        """Raises WorkdirError when `workdir` cannot hold a run (a file, unwritable); writes
+        nothing."""
+        if not workdir:
+            raise workdir_lib.WorkdirError("--workdir is required")
+        if not workdir_lib.is_local(workdir):
+            return  # gs:// and the like: their errors come with the first write
+        path = os.path.abspath(workdir)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise workdir_lib.WorkdirError(f"--workdir={workdir} is a file, not a folder")
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise workdir_lib.WorkdirError(
+                f"--workdir={workdir} cannot be created: {existing} is a file"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not writable" if existing == path else f"cannot be created in {existing}"
+            raise workdir_lib.WorkdirError(f"--workdir={workdir} {what} (permission denied)")
+
+    @classmethod
+    def open(cls, config, workdir, chief=True):
+        """Takes the run's lock (chief), checks a rerun's flag changes against flags.txt (the
+        run's identity), removes partial saves and repairs the checkpoint state (chief), and
+        writes a new run's flags.
+
+        Raises:
+          WorkdirError: the run is in use, or a flag outside SAFE_TO_CHANGE differs from a
+            run with a checkpoint; nothing is written then.
+        """
+        run_dir = cls(workdir, config, chief)
+        try:
+            if chief:  # one training per run; a second one stops here naming the first
+                run_dir._exit.enter_context(_lock(workdir))
+            run_dir._changed = _flag_changes(workdir, config)
+            run_dir._previous = workdir_lib.read_flags(workdir)
+            if chief:
+                _prepare(workdir)  # removes partial saves of earlier crashes
+                workdir_lib.repair_checkpoint_state(workdir)
+                if not workdir_lib.checkpoint_paths(workdir):  # a new run (or no checkpoint yet)
+                    _write_flags(workdir, config)
+        except BaseException:
+            run_dir.close()
+            raise
+        return run_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def restore(self, strategy, **parts):
+        """Restores the newest readable checkpoint into `parts` (every name of
+        workdir.CHECKPOINT_PARTS; a corrupt checkpoint is named and set aside), records a
+        rerun's flag changes once the state is back, and readies the checkpoint saves,
+        metrics.jsonl (rows of epochs not in the checkpoint dropped) and TensorBoard.
+
+        Returns:
+          The path restored; None for a new run.
+        """
+        checkpoint = workdir_lib.training_checkpoint(**parts)
+
+        def restore(path):
+            if workdir_lib.read_counter(tf.train.load_checkpoint(path), "step") is not None:
+                checkpoint.restore(path).assert_existing_objects_matched()
+            else:  # written before steps were counted apart: every step was applied then
+                older = {name: part for name, part in parts.items() if name != "step"}
+                workdir_lib.training_checkpoint(**older).restore(
+                    path
+                ).assert_existing_objects_matched()
+                parts["step"].assign(parts["optimizer"].iterations)
+
+        # Before the managers read the checkpoint list.
+        path = workdir_lib.restore_newest(self.path, restore, set_aside=self.chief)
+        epoch = int(parts["epoch"].numpy())
+        if path and self.chief:  # the run's record changes only once its state is back
+            _write_flags(self.path, self.config, self._changed, epoch, self._previous)
+        # CheckpointManager writes the data files first and then replaces the small
+        # `checkpoint` index file, so a crash mid-save leaves the previous one valid. Every
+        # worker reads the chief's checkpoints; the others write scratch copies.
+        checkpoint_dir = os.path.join(self.path, workdir_lib.CHECKPOINT_DIR)
+        self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
+        self._write_manager = self.manager
+        if not self.chief:
+            scratch = distribute.checkpoint_directory(strategy, checkpoint_dir)
+            self._write_manager = tf.train.CheckpointManager(checkpoint, scratch, max_to_keep=1)
+        if self.chief:
+            _truncate_metrics(self.path, epoch)
+            self.writer = tf.summary.create_file_writer(os.path.join(self.path, "tensorboard"))
+        return path
+
+    def save(self, number):
+        """Writes checkpoint ckpt-`number` (other workers: a scratch copy); returns its path."""
+        path = _save_checkpoint(self._write_manager, number)
+        if not self.chief:
+            tf.io.gfile.rmtree(self._write_manager.directory)
+        return path
+
+    def append(self, row):
+        """Appends an epoch's row to metrics.jsonl and its numbers to TensorBoard (chief)."""
+        if not self.chief:
+            return
+        _append_metrics(self.path, row)
+        with self.writer.as_default(step=row["epoch"] + 1):
+            for name, value in row.items():
+                if name != "epoch" and value is not None:
+                    tf.summary.scalar(name, value)
+
+    def step_summaries(self, steps, every):
+        """A Keras callback writing each `every`-th step's loss and learning rate to
+        TensorBoard at the global step (`steps`, the model's step counter); chief only."""
+        return _StepSummaries(self.writer, steps, every)
+
+    def close(self):
+        """Releases the run's lock (the chief's); safe to call twice."""
+        self._exit.close()
+
+
+class _StepSummaries(keras.callbacks.Callback):
+    """TensorBoard scalars of the step every `every` steps: `step/loss` (that step's loss, not
+    the epoch's running mean) and `step/learning_rate`, at the global step."""
+
+    def __init__(self, writer, steps, every):
+        super().__init__()
+        self.writer, self.steps, self.every = writer, steps, every
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.steps.numpy())  # counted on the host from here: no device read
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every or not logs or "step_loss" not in logs:
+            return
+        with self.writer.as_default(step=self.step):
+            tf.summary.scalar("step/loss", tf.reduce_mean(logs["step_loss"]))
+            tf.summary.scalar("step/learning_rate", self.model.optimizer.learning_rate)
+
+
+# ---------------------------------------------------------------------------
+# One writer per run: train.lock.
+
+
+def _process_start(pid):
+    """The start time of process `pid` (Linux clock ticks), '' when unknown, None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def _read_lock(path):
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.loads(f.read())
+    except (tf.errors.NotFoundError, FileNotFoundError):
+        return None
+    except (ValueError, OSError, tf.errors.OpError):
+        return {}  # torn by a crash while it was written
+
+
+@contextlib.contextmanager
+def _lock(workdir):
+    """Holds `workdir/train.lock` (pid, host) while the block runs; one training per run.
+
+    A lock of a process that is gone (same host, pid not running, or running since another
+    time) is taken over with a warning; a live holder stops this training with its pid and host.
+    """
+    with workdir_lib.writing(workdir, "the run folder"):
+        tf.io.gfile.makedirs(workdir)
+    path = os.path.join(workdir, workdir_lib.LOCK_FILE)
+    pid, host = os.getpid(), socket.gethostname()
+    record = {"pid": pid, "host": host, "start": _process_start(pid) or ""}
+    text = json.dumps(record) + "\n"
+    for _ in range(3):
+        if workdir_lib.is_local(path):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise workdir_lib.WorkdirError(
+                    f"could not write the lock file {path}: {workdir_lib.reason(e)}"
+                ) from e
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                break
+        elif not tf.io.gfile.exists(path):  # no exclusive create on object stores
+            with workdir_lib.writing(path, "the lock file"):
+                with tf.io.gfile.GFile(path, "w") as f:
+                    f.write(text)
+            break
+        holder = _read_lock(path)
+        if holder is None:
+            continue  # released meanwhile
+        start = holder.get("start")
+        alive = None
+        if holder.get("host") == host and isinstance(holder.get("pid"), int):
+            now = _process_start(holder["pid"])
+            alive = now is not None and (not start or not now or now == start)
+        if alive is None and holder:
+            raise workdir_lib.WorkdirError(
+                f"{workdir} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
+                f"({path}); wait for that training to end, or delete the lock file if it is "
+                "gone"
+            )
+        if alive:
+            raise workdir_lib.WorkdirError(
+                f"{workdir} is in use by another training: pid {holder['pid']} on host {host} "
+                f"({path}); wait for it to end or stop it, or train into another --workdir"
+            )
+        logging.warning(
+            "Taking over %s: its process (pid %s on %s) is gone.",
+            path,
+            holder.get("pid"),
+            holder.get("host"),
+        )
+        with contextlib.suppress(tf.errors.NotFoundError, FileNotFoundError):
+            tf.io.gfile.remove(path)
+    else:
+        raise workdir_lib.WorkdirError(
+            f"could not take the lock file {path}; rerun the same command"
+        )
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(tf.errors.OpError, OSError):
+            if (_read_lock(path) or {}).get("pid") == pid:
+                tf.io.gfile.remove(path)
+
+
+def _prepare(workdir):
+    """Creates `workdir` and removes leftovers of crashed saves (chief, under the lock)."""
+    with workdir_lib.writing(workdir, "the run folder"):
+        tf.io.gfile.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
+    for stale in tf.io.gfile.glob(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR, "*_temp*")):
+        # A save that died midway (crash, full disk): CheckpointManager never reuses it.
+        logging.warning("Removing %s, left by a checkpoint save that did not finish.", stale)
+        with workdir_lib.writing(stale, "(removing) the partial checkpoint"):
+            if tf.io.gfile.isdir(stale):
+                tf.io.gfile.rmtree(stale)
+            else:
+                tf.io.gfile.remove(stale)
+
+
+# ---------------------------------------------------------------------------
+# flags.txt and its history.
+
+
+def _flag(config, name):
+    value = getattr(config, name)
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    return f"--{name}={value}"
+
+
+def _flag_changes(workdir, config):
+    """Names of the flags of `config` that differ from the run's flags.txt; [] for a new run.
+
+    Raises:
+      WorkdirError: a flag outside SAFE_TO_CHANGE differs and the run has a checkpoint,
+        listing every such flag with the run's value. Nothing is written.
+    """
+    saved = workdir_lib.read_flags(workdir)
+    if saved is None:
+        return []
+    changed = [
+        field.name
+        for field in dataclasses.fields(config_lib.Config)
+        if field.name != "workdir" and getattr(saved, field.name) != getattr(config, field.name)
+    ]
+    refused = [name for name in changed if name not in SAFE_TO_CHANGE]
+    if refused and workdir_lib.checkpoint_paths(workdir):
+        given = " ".join(_flag(config, name) for name in refused)
+        theirs = " ".join(_flag(saved, name) for name in refused)
+        safe = ", ".join(f"--{name}" for name in SAFE_TO_CHANGE if name != "workdir")
+        verb = "differs" if len(refused) == 1 else "differ"
+        raise workdir_lib.WorkdirError(
+            f"{given} {verb} from the run in {workdir} ({theirs} in {workdir_lib.FLAGS_FILE}): a "
+            f"checkpoint cannot continue with another model, data, bank or optimizer; rerun with "
+            f"the run's values or use a new --workdir (a rerun may change only {safe})"
+        )
+    return changed
+
+
+def _history(workdir, line):
+    path = os.path.join(workdir, workdir_lib.HISTORY_FILE)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with workdir_lib.writing(path, "the flag history"):
+        with tf.io.gfile.GFile(path, "a") as f:
+            f.write(f"{stamp} {line}\n")
+
+
+def _write_flags(workdir, config, changed=(), epoch=0, previous=None):
+    """Writes flags.txt (atomically) and appends what changed to flags_history.txt.
+
+    Call it for a new run before training, and for a resumed run only after its checkpoint
+    restored: a rerun that fails before never alters the run's record.
+    """
+    config = dataclasses.replace(config, workdir=workdir)
+    path = os.path.join(workdir, workdir_lib.FLAGS_FILE)
+    if previous is None:
+        workdir_lib.write_atomically(
+            path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags"
+        )
+        _history(workdir, f"new run: {' '.join(config.flagfile_lines())}")
+        return
+    changed = [name for name in changed if name != "workdir"]
+    if not changed:
+        return
+    workdir_lib.write_atomically(path, "\n".join(config.flagfile_lines()) + "\n", "the run's flags")
+    what = ", ".join(f"{_flag(config, n)} (was {_flag(previous, n)})" for n in changed)
+    _history(workdir, f"resumed after epoch {epoch} with {what}")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint saves and metrics.jsonl.
+
+
+def _save_checkpoint(manager, number):
+    """manager.save(number); a failed write (full disk) removes its partial files and says so."""
+    path = os.path.join(manager.directory, f"ckpt-{number}")
+    previous = manager.latest_checkpoint
+    try:
+        return manager.save(checkpoint_number=number)
+    except (OSError, tf.errors.OpError) as e:
+        for partial in tf.io.gfile.glob(path + "_temp*") + tf.io.gfile.glob(path + ".*"):
+            with contextlib.suppress(tf.errors.OpError, OSError):
+                if tf.io.gfile.isdir(partial):
+                    tf.io.gfile.rmtree(partial)
+                else:
+                    tf.io.gfile.remove(partial)
+        kept = f"the last good checkpoint {previous} is intact" if previous else "no checkpoint yet"
+        raise workdir_lib.WorkdirError(
+            f"could not write checkpoint {path}: {workdir_lib.reason(e)}; {kept}; free space and "
+            "rerun the same command"
+        ) from e
+
+
+def _truncate_metrics(workdir, first_epoch):
+    """Keeps the rows of epochs < first_epoch (later ones were written before a crash)."""
+    path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    rows = [row for row in workdir_lib.read_metrics(workdir) if row["epoch"] < first_epoch]
+    workdir_lib.write_atomically(
+        path, "".join(json.dumps(row) + "\n" for row in rows), "the metrics"
+    )
+
+
+def _append_metrics(workdir, row):
+    path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    with workdir_lib.writing(path, f"the metrics row of epoch {row['epoch']} to"):
+        with tf.io.gfile.GFile(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

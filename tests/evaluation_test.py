@@ -74,11 +74,11 @@ def test_block_features_are_the_encoders_own_outputs():
     out = evaluation.block_feature_function(encoder)(images)
     assert list(out) == list(evaluation.BLOCKS)
     direct = encoder(images, training=False)
-    np.testing.assert_allclose(out["embedding"], direct["embedding"], atol=1e-6)
-    np.testing.assert_allclose(out["stage4"], direct["features"], atol=1e-6)
-    maps = encoder.stage_outputs(images, training=False)
     # Graph vs eager convolutions may take different oneDNN kernels (seen under load):
     # float32 round-off of about 1e-6, not a different computation.
+    np.testing.assert_allclose(out["embedding"], direct["embedding"], atol=1e-6)
+    np.testing.assert_allclose(out["stage4"], direct["features"], rtol=1e-5, atol=1e-5)
+    maps = encoder.stage_outputs(images, training=False)
     for block in ("stem", "stage1", "stage2", "stage3"):
         np.testing.assert_allclose(
             out[block], np.mean(maps[block], axis=(1, 2)), rtol=1e-5, atol=1e-5

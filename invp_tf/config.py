@@ -31,6 +31,7 @@ CHOICES = {
     "graph_features": ("bank", "fresh"),
     "bank_init": ("random", "encoder"),
     "strategy": distribute.STRATEGIES,
+    "normalization": tuple(encoder.NORMALIZATIONS),
 }
 
 # Smallest --image_size: a crop of 8x8 pixels still has structure after the encoder's stem.
@@ -65,6 +66,19 @@ class Config:
     head: str = _field(
         "linear",
         "Projection head: linear (tau 0.07), mlp (tau 0.2) or mlp_bn (mlp with BatchNorm).",
+    )
+    stem_width: int = _field(
+        0,
+        "Channels of the stem conv (0: 64 x --width_multiplier). The authors' width scales the "
+        "stages only: their checkpoints import with 64.",
+    )
+    head_hidden_dim: int = _field(
+        0, "Width of the hidden layer of the mlp heads (0: the pooled feature size F)."
+    )
+    normalization: str = _field(
+        "imagenet",
+        "Mean/std the encoder standardises its [0, 1] input images with (exports apply it "
+        "too): imagenet, or cifar (the authors' CIFAR models).",
     )
     embedding_dim: int = _field(128, "Dimension D of the embedding and the memory bank.")
     temperature: float = _field(0.07, "Softmax temperature tau.")

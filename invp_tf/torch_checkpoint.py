@@ -23,7 +23,6 @@ import collections
 import dataclasses
 import hashlib
 import io
-import mmap
 import os
 import pickle
 import re

@@ -258,6 +258,11 @@ def import_checkpoint(settings):
     workdir_lib.write_flags(settings.workdir, config)
     path = _write_checkpoint(config, settings.workdir, encoder, bank, graph, epoch)
     record["run_checkpoint"] = os.path.basename(path)
+    # An empty metrics.jsonl: no epoch ran here (analyze draws "no metrics yet").
+    metrics = os.path.join(settings.workdir, workdir_lib.METRICS_FILE)
+    with workdir_lib.writing(metrics, "the metrics"):
+        with tf.io.gfile.GFile(metrics, "w") as f:
+            f.write("")
     target = os.path.join(settings.workdir, IMPORT_FILE)
     with workdir_lib.writing(target, "the import record"):
         with tf.io.gfile.GFile(target, "w") as f:

@@ -175,6 +175,28 @@ def _check_new_run(workdir):
         )
 
 
+def _bank_variable(bank, rows=1 << 14):
+    """A [N, D] float32 variable holding `bank` (a memory-mapped view of the checkpoint), with
+    one copy of it in memory: the zeros it starts from are adopted by the variable (traced
+    together, the fill's buffer has no other user), then the rows are copied in place chunk by
+    chunk, each chunk's file pages released after it."""
+    variable = tf.Variable(
+        tf.zeros([0, bank.shape[1]]), shape=[None, bank.shape[1]], trainable=False, name="bank"
+    )
+    tf.function(lambda: variable.assign(tf.zeros(bank.shape)))()
+    for start, piece in torch_checkpoint.row_chunks(bank, rows):
+        # In place: the op writes the variable's buffer directly (`variable[a:b].assign` would
+        # read the variable first, and the read's reference makes the write copy all of it).
+        tf.raw_ops.ResourceStridedSliceAssign(
+            ref=variable.handle,
+            begin=[start, 0],
+            end=[start + piece.shape[0], bank.shape[1]],
+            strides=[1, 1],
+            value=piece.astype(np.float32, copy=False),
+        )
+    return variable
+
+
 def _write_checkpoint(config, workdir, encoder, bank, graph, epoch):
     """checkpoints/ckpt-EPOCH with the parts and object names of a training checkpoint."""
     num_rows = int(bank.shape[0])
@@ -187,16 +209,14 @@ def _write_checkpoint(config, workdir, encoder, bank, graph, epoch):
     optimizer.build(encoder.trainable_variables)
     optimizer.iterations.assign(steps)
     # MemoryBank's object layout (a module whose `bank` is the [N, D] variable), without its
-    # random initial rows: the bank is the checkpoint's, written once into the variable.
+    # random initial rows: the bank is the checkpoint's.
     bank_module = tf.Module(name="memory_bank")
-    bank_module.bank = tf.Variable(
-        np.asarray(bank, np.float32), trainable=False, name="bank"
-    )  # [N, D]
+    bank_module.bank = _bank_variable(bank)  # [N, D]
     parts = workdir_lib.training_checkpoint(
         encoder=encoder,
         optimizer=optimizer,
         bank=bank_module,
-        graph=tf.Variable(np.asarray(graph, np.int32), trainable=False, name="knn_graph"),
+        graph=tf.Variable(graph, trainable=False, name="knn_graph"),
         epoch=tf.Variable(epoch, dtype=tf.int64, trainable=False, name="epoch"),
         step=tf.Variable(steps, dtype=tf.int64, trainable=False, name="steps"),
     )
@@ -229,10 +249,17 @@ def import_checkpoint(settings):
     _check_new_run(settings.workdir)
     obj, file_format = torch_checkpoint.load(settings.checkpoint)
     state = torch_checkpoint.resnet_state(obj, settings.checkpoint)
+    del obj  # the tensors are views of the file: each storage is unmapped with its last view
     config = _run_config(settings, state)
     bank, graph, bank_origin = _bank_and_graph(settings, state, config)
-    encoder = workdir_lib.encoder_from_config(config)
+    graph = np.array(graph, np.int32)  # [N, k], a copy: the file's int64 pages are released
+    state.neigh = None
+    # Variables do not depend on the image size: the build pass runs on the smallest images
+    # the stem takes, not a 224-px forward pass.
+    build_size = config_lib.MIN_IMAGE_SIZE if config.encoder.endswith("_cifar") else 32
+    encoder = workdir_lib.encoder_from_config(dataclasses.replace(config, image_size=build_size))
     assign(encoder, state)
+    state.weights.clear()  # their file pages go with the views
     epoch = state.epoch or 0
     record = {
         "file": os.path.basename(settings.checkpoint),

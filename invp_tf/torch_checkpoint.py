@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import hashlib
 import io
+import mmap
 import os
 import pickle
 import re
@@ -831,3 +832,23 @@ def resnet_state(obj, path=""):
         memory_banks=bank if isinstance(bank, np.ndarray) else None,
         neigh=graph if isinstance(graph, np.ndarray) else None,
     )
+
+
+def row_chunks(array, rows):
+    """Yields (start, copy of array[start:start + rows]) over axis 0; for a memory-mapped
+    array the file's pages of each chunk are released after it (a large bank is read once,
+    never resident whole)."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    backing = getattr(base, "_mmap", None)  # numpy keeps the mmap.mmap of a memmap here
+    for start in range(0, array.shape[0], rows):
+        piece = np.array(array[start : start + rows])
+        yield start, piece
+        if backing is not None and piece.size and array.flags.c_contiguous:
+            first = array[start : start + rows]
+            begin = first.ctypes.data - np.frombuffer(backing, np.uint8, count=1).ctypes.data
+            end = begin + first.nbytes
+            page = mmap.PAGESIZE
+            aligned = begin - begin % page
+            backing.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)

@@ -10,7 +10,9 @@ rows [rows, 128] float32 and a graph [rows, 4] int64 (ImageNet's 1.28M by defaul
 runs `python -m invp_tf.import_checkpoint` on it in a child process and reports its wall
 seconds, CPU seconds and peak resident memory (the child's ru_maxrss, from wait4) against the
 file's size, beside the peak of a child that only imports the same modules (TensorFlow's own
-share). Prints one BENCHMARKS.md row. The files go to --directory and are deleted afterwards.
+share), and the peak private (anonymous) memory of both, sampled every 20 ms from /proc:
+RSS also counts pages mapped from files, TensorFlow's libraries and the checkpoint's storages.
+Prints one BENCHMARKS.md row. The files go to --directory and are deleted afterwards.
 """
 
 import datetime
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -69,19 +72,43 @@ def write_checkpoint(path, manifest, rows, file_format, seed=0):
     )
 
 
+def _sample_private_memory(pid, peak, interval=0.02):
+    """Keeps peak["anon"] = the largest RssAnon (private memory, bytes) of process `pid` seen
+    every `interval` seconds: RSS also counts file pages mapped from disk (TensorFlow's shared
+    libraries, the memory-mapped checkpoint), which the kernel can drop and processes share."""
+    path = f"/proc/{pid}/status"
+    while True:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        peak["anon"] = max(peak.get("anon", 0), int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            return
+        if peak.get("done"):
+            return
+        time.sleep(interval)
+
+
 def _measured(command):
-    """(wall seconds, CPU seconds, peak RSS bytes, output) of a child process."""
+    """(wall seconds, CPU seconds, peak RSS bytes, sampled peak private bytes, output) of a
+    child process."""
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    peak = {}
+    sampler = threading.Thread(target=_sample_private_memory, args=(process.pid, peak))
+    sampler.start()
     output = process.stdout.read()
+    peak["done"] = True
+    sampler.join()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     if process.returncode:
         raise RuntimeError(f"{command} failed:\n{output[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, peak["anon"], output
 
 
 def main(argv):
@@ -94,7 +121,8 @@ def main(argv):
         write_seconds = time.perf_counter() - start
         size = path.stat().st_size
         workdir = folder / "run"
-        wall, cpu, peak, output = _measured(
+        load_before = os.getloadavg()[0]
+        wall, cpu, peak, private, output = _measured(
             [
                 sys.executable,
                 "-m",
@@ -104,23 +132,41 @@ def main(argv):
             ]
         )
         code = "import invp_tf.import_checkpoint, invp_tf.pretrained, tensorflow as tf; tf.zeros(1)"
-        _, _, baseline, _ = _measured([sys.executable, "-c", code])
+        _, _, baseline, baseline_private, _ = _measured([sys.executable, "-c", code])
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
         lines = [line for line in output.splitlines() if line.startswith(("imported", "bank"))]
         print("\n".join(lines))
         print(f"file written in {write_seconds:.1f} s")
-        print(
-            "| date | commit | file | format | file size | wall s | CPU s | peak RSS | peak / "
-            "file | RSS of the imports alone |"
+        command = " ".join(["python -m benchmarks.import_checkpoint", *sys.argv[1:]])
+        cpu_name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if "model name" in line
+            ),
+            "unknown CPU",
         )
-        print(
-            f"| {datetime.date.today()} | {commit} | {_MANIFEST.value}, bank {_ROWS.value} x 128 "
-            f"f32, graph {_ROWS.value} x 4 i64 | {_FORMAT.value} | {size / 1e6:.0f} MB | "
-            f"{wall:.1f} | {cpu:.1f} | {peak / 1e6:.0f} MB | {peak / size:.2f} | "
-            f"{baseline / 1e6:.0f} MB |"
+        machine = (
+            f"{os.cpu_count()} cores, {cpu_name}, no GPU, shared (load avg {load_before:.1f} "
+            f"before / {os.getloadavg()[0]:.1f} after)"
         )
+        contents = (
+            f"{_FORMAT.value} format: {_MANIFEST.value} weights, bank {_ROWS.value} x 128 "
+            f"float32, graph {_ROWS.value} x 4 int64"
+        )
+        memory = (
+            f"peak RSS {peak / 1e6:.0f} MB ({peak / size:.2f}x the file; the same modules alone "
+            f"{baseline / 1e6:.0f} MB), peak private memory {private / 1e6:.0f} MB "
+            f"({private / size:.2f}x; modules alone {baseline_private / 1e6:.0f} MB)"
+        )
+        result = (
+            f"file {size / 1e6:.0f} MB ({contents}), written in {write_seconds:.0f} s: import "
+            f"{wall:.1f} s wall, {cpu:.1f} s CPU; {memory}"
+        )
+        what = f"invp-import, full-size ResNet-50 (at {commit})"
+        print(f"| {datetime.date.today()} | {what} | `{command}` | {machine} | {result} |")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -221,6 +221,8 @@ class Config:
             (self.num_positives >= 1, f"--num_positives={self.num_positives} must be >= 1"),
             (self.num_knn_positives >= 0, f"--num_knn_positives={self.num_knn_positives} < 0"),
             (self.embedding_dim >= 1, f"--embedding_dim={self.embedding_dim} must be >= 1"),
+            (self.stem_width >= 0, f"--stem_width={self.stem_width} must be >= 0"),
+            (self.head_hidden_dim >= 0, f"--head_hidden_dim={self.head_hidden_dim} must be >= 0"),
             (
                 self.image_size >= MIN_IMAGE_SIZE,
                 f"--image_size={self.image_size} must be >= {MIN_IMAGE_SIZE} (smaller crops "

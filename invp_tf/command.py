@@ -1,4 +1,4 @@
-"""What the five commands (train, evaluate, export, embed, analyze) share: their flags' parsing.
+"""What the commands (train, evaluate, export, embed, analyze, import) share: their flags' parsing.
 
 Each command module defines its own absl flags (no library module defines any) and has a
 `main(argv)` that runs both under absl's `app.run` and in-process, e.g. from a test or a

@@ -36,6 +36,10 @@ import numpy as np
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 FORMATS = ("zip", "legacy")
+# Storages of this many bytes or more are memory-mapped (a bank of 1.28M rows costs memory
+# only when copied); smaller ones are read, so that a checkpoint of a thousand small tensors
+# does not hold a thousand file descriptors.
+MAPPED_BYTES = 1 << 20
 
 # torch storage class -> element dtype (little-endian unless the file says otherwise).
 STORAGE_DTYPES = {
@@ -186,14 +190,17 @@ def _unpickle(path, data, storage, unpickler=None):
 
 
 def _mapped(path, offset, dtype, numel, file_size, what):
-    """[numel] of `dtype` at byte `offset` of the file, memory-mapped (read-only)."""
+    """[numel] of `dtype` at byte `offset` of the file (read-only): memory-mapped from
+    MAPPED_BYTES on (each map holds a file descriptor), read below."""
     end = offset + numel * dtype.itemsize
     if end > file_size:
         raise CheckpointError(
             f"{path}: truncated: {what} ends at byte {end}, the file has {file_size} bytes"
         )
-    if numel == 0:
-        return np.zeros([0], dtype)
+    if numel * dtype.itemsize < MAPPED_BYTES:
+        array = np.fromfile(path, dtype=dtype, count=numel, offset=offset)
+        array.flags.writeable = False
+        return array
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(numel,))
 
 

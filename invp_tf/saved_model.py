@@ -388,9 +388,11 @@ def verify(path, encoder, image_size, seed=0):
     pixels = rng.integers(0, 256, size=(image_size + 7, 2 * image_size + 3, 3), dtype=np.uint8)
     png = tf.io.encode_png(pixels).numpy()
     expected = {
-        "serving_default": encoder(images, training=False),
-        "serving_bytes": encoder(augment.eval_view(pixels, image_size)[None], training=False),
+        "serving_default": dict(encoder(images, training=False)),
+        "serving_bytes": dict(encoder(augment.eval_view(pixels, image_size)[None], training=False)),
     }
+    for outputs in expected.values():
+        outputs["projection"] = encoder.head(outputs["features"], training=False)
     feeds = {
         "serving_default": {"images": images},
         "serving_bytes": {"image_bytes": np.array([png], dtype=object)},
@@ -403,8 +405,8 @@ def verify(path, encoder, image_size, seed=0):
             f"the export does not run in the TF1 (TF Serving) loader: {detail}"
         ) from e
     for name, outputs in expected.items():
-        for key in ("embedding", "features"):
-            want = outputs[key].numpy()
+        for key in ("embedding", "features", "projection"):
+            want = np.asarray(outputs[key], np.float32)
             diff = float(np.max(np.abs(results[name][key] - want)) / max(1, np.max(np.abs(want))))
             if not diff <= _VERIFY_TOLERANCE:
                 raise ExportError(f"{name}/{key} differs from the encoder by {diff:.3g} (relative)")

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from invp_tf import config as config_lib
+from invp_tf import encoder as encoder_lib
 from invp_tf import memory_bank
 from invp_tf import neighbors
 from invp_tf import torch_checkpoint
@@ -31,7 +32,8 @@ IMPORT_FILE = "imported.json"
 _STEM_IMAGE_SIZE = {"imagenet": 224, "cifar": 32}
 # The paper's temperature for each head (section 1 of the design).
 _HEAD_TEMPERATURE = {"linear": 0.07, "mlp": 0.2}
-NORMALIZATION_CHOICES = ("auto", "imagenet", "cifar")
+# --normalization: auto (the stem's, see torch_checkpoint) or one of the encoder's.
+NORMALIZATION_CHOICES = ("auto", *encoder_lib.NORMALIZATIONS)
 
 
 def _field(default, help_text):
@@ -244,7 +246,8 @@ def import_checkpoint(settings):
         raise ImportCheckpointError("--checkpoint and --workdir are required")
     if settings.normalization not in NORMALIZATION_CHOICES:
         raise ImportCheckpointError(
-            f"--normalization={settings.normalization} is not one of auto, imagenet, cifar"
+            f"--normalization={settings.normalization} is not one of "
+            f"{', '.join(NORMALIZATION_CHOICES)}"
         )
     _check_new_run(settings.workdir)
     obj, file_format = torch_checkpoint.load(settings.checkpoint)

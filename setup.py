@@ -60,6 +60,7 @@ setuptools.setup(
             "invp-export=invp_tf.export:run",
             "invp-embed=invp_tf.embed:run",
             "invp-analyze=invp_tf.analyze:run",
+            "invp-import=invp_tf.import_checkpoint:run",
         ],
     },
 )

@@ -1,4 +1,4 @@
-"""What the commands (train, evaluate, export, embed, analyze) share: their flags' parsing.
+"""What the commands (train, evaluate, export, embed, analyze, import) share: their flags.
 
 Every command module is built the same way: a frozen dataclass whose fields are its flags
 (`field`: default and help), the flags defined from it (`define_fields`, wrapped in `Flags`),

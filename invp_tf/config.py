@@ -32,6 +32,7 @@ CHOICES = {
     "graph_features": ("bank", "fresh"),
     "bank_init": ("random", "encoder"),
     "strategy": distribute.STRATEGIES,
+    "normalization": tuple(encoder.NORMALIZATIONS),
 }
 
 _MONITOR_ONLY = "kNN monitor only"
@@ -82,6 +83,19 @@ class Config(losses.LossConfig):
     head: str = _field(
         "linear",
         "Projection head: linear (tau 0.07), mlp (tau 0.2) or mlp_bn (mlp with BatchNorm).",
+    )
+    stem_width: int = _field(
+        0,
+        "Channels of the stem conv (0: 64 x --width_multiplier). The authors' width scales the "
+        "stages only: their checkpoints import with 64.",
+    )
+    head_hidden_dim: int = _field(
+        0, "Width of the hidden layer of the mlp heads (0: the pooled feature size F)."
+    )
+    normalization: str = _field(
+        "imagenet",
+        "Mean/std the encoder standardises its [0, 1] input images with (exports apply it "
+        "too): imagenet, or cifar (the authors' CIFAR models).",
     )
     embedding_dim: int = _field(128, "Dimension D of the embedding and the memory bank.")
     num_neighbors: int = _field(4, "k of the kNN graph over the bank.")
@@ -234,6 +248,8 @@ class Config(losses.LossConfig):
             (self.num_positives >= 1, f"--num_positives={self.num_positives} must be >= 1"),
             (self.num_knn_positives >= 0, f"--num_knn_positives={self.num_knn_positives} < 0"),
             (self.embedding_dim >= 1, f"--embedding_dim={self.embedding_dim} must be >= 1"),
+            (self.stem_width >= 0, f"--stem_width={self.stem_width} must be >= 0"),
+            (self.head_hidden_dim >= 0, f"--head_hidden_dim={self.head_hidden_dim} must be >= 0"),
             (
                 self.image_size >= MIN_IMAGE_SIZE,
                 f"--image_size={self.image_size} must be >= {MIN_IMAGE_SIZE} (smaller crops "

@@ -13,8 +13,9 @@ the statistics Keras's layer would compute) and stride-1 convolutions pad inside
 Weight decay is deliberately absent from the layers: the optimizer applies decoupled weight
 decay, so no layer carries a kernel_regularizer.
 
-The encoder takes float images in [0, 1] and normalises them itself (ImageNet mean/std), so an
-exported model needs no separate preprocessing.
+The encoder takes float images in [0, 1] and normalises them itself (ImageNet mean/std by
+default; `normalization` picks another mean/std, e.g. CIFAR's for the authors' CIFAR models), so
+an exported model needs no separate preprocessing.
 """
 
 import collections
@@ -28,6 +29,12 @@ HEADS = ("linear", "mlp", "mlp_bn")
 # ImageNet statistics, as used by torchvision's transforms.Normalize.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The input normalisations an encoder applies to images in [0, 1]: name -> (mean, std). "cifar"
+# is the authors' CIFAR-10 statistics (their datasets/cifar.py, for models/resnet_cifar.py).
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
 
 # name -> (block type, blocks per stage, stem).
 _ARCHITECTURES = {
@@ -262,11 +269,18 @@ class Backbone(keras.layers.Layer):
         architecture: one of BACKBONES.
         width_multiplier: scales every stage's channels (rounded, at least 1).
         zero_init_residual: zero-init the last BN gamma of every residual block.
+        stem_width: channels of the stem conv; 0: 64 scaled by width_multiplier. The authors'
+            `width` scales the stages only (their stem keeps 64).
         **kwargs: passed to keras.layers.Layer (name, dtype, ...).
     """
 
     def __init__(
-        self, architecture="resnet50", width_multiplier=1.0, zero_init_residual=False, **kwargs
+        self,
+        architecture="resnet50",
+        width_multiplier=1.0,
+        zero_init_residual=False,
+        stem_width=0,
+        **kwargs,
     ):
         if architecture not in _ARCHITECTURES:
             raise ValueError(f"Unknown backbone {architecture!r}; valid backbones: {BACKBONES}.")
@@ -276,7 +290,7 @@ class Backbone(keras.layers.Layer):
         self.width_multiplier = float(width_multiplier)
         block_type, depths, stem = _ARCHITECTURES[architecture]
         self.stem_type = stem
-        stem_width = _scaled(64, width_multiplier)
+        stem_width = int(stem_width) or _scaled(64, width_multiplier)
         if stem == "imagenet":
             # 7x7/2 conv, BN, ReLU, 3x3/2 maxpool: /4 spatially.
             self.stem_conv = _Conv(stem_width, 7, 2, name="stem_conv")
@@ -349,22 +363,25 @@ class ProjectionHead(keras.layers.Layer):
             all pointing the same way, which speeds up short runs).
         feature_dim: F, the input size (the width of the hidden layer of "mlp").
         embedding_dim: D.
+        hidden_dim: width of the hidden layer of "mlp" and "mlp_bn"; 0: F. The authors' ImageNet
+            MLP head is 2048 wide whatever F.
         **kwargs: passed to keras.layers.Layer.
     """
 
-    def __init__(self, head, feature_dim, embedding_dim, **kwargs):
+    def __init__(self, head, feature_dim, embedding_dim, hidden_dim=0, **kwargs):
         if head not in HEADS:
             raise ValueError(f"Unknown head {head!r}; valid heads: {HEADS}.")
         kwargs.setdefault("name", "head")
         super().__init__(**kwargs)
         self.hidden = self.hidden_norm = None
+        hidden_dim = int(hidden_dim) or feature_dim
         if head == "mlp":
             self.hidden = keras.layers.Dense(
-                feature_dim, activation="relu", kernel_initializer=_dense_initializer(), name="fc1"
+                hidden_dim, activation="relu", kernel_initializer=_dense_initializer(), name="fc1"
             )
         elif head == "mlp_bn":
             self.hidden = keras.layers.Dense(
-                feature_dim, use_bias=False, kernel_initializer=_dense_initializer(), name="fc1"
+                hidden_dim, use_bias=False, kernel_initializer=_dense_initializer(), name="fc1"
             )
             self.hidden_norm = _batch_norm("fc1_bn")
         self.out = keras.layers.Dense(
@@ -392,6 +409,9 @@ class Encoder(keras.Model):
         sync_batchnorm: in training, every BatchNormalization normalises with the
             statistics of the global batch (an all-reduce over the replicas of a
             tf.distribute strategy; the same as False on one device).
+        stem_width: channels of the stem conv; 0: 64 scaled by width_multiplier.
+        head_hidden_dim: width of the hidden layer of the mlp heads; 0: F.
+        normalization: the mean/std of NORMALIZATIONS applied to the [0, 1] images.
         **kwargs: passed to keras.Model (name, dtype, ...).
     """
 
@@ -403,12 +423,19 @@ class Encoder(keras.Model):
         width_multiplier: float = 1.0,
         zero_init_residual: bool = False,
         sync_batchnorm: bool = False,
+        stem_width: int = 0,
+        head_hidden_dim: int = 0,
+        normalization: str = "imagenet",
         **kwargs,
     ):
         if backbone not in BACKBONES:
             raise ValueError(f"Unknown backbone {backbone!r}; valid backbones: {BACKBONES}.")
         if head not in HEADS:
             raise ValueError(f"Unknown head {head!r}; valid heads: {HEADS}.")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Unknown normalization {normalization!r}; valid: {tuple(NORMALIZATIONS)}."
+            )
         kwargs.setdefault("name", "encoder")
         super().__init__(**kwargs)
         self.backbone_name = backbone
@@ -416,8 +443,13 @@ class Encoder(keras.Model):
         self.embedding_dim = int(embedding_dim)
         self.width_multiplier = float(width_multiplier)
         self.zero_init_residual = bool(zero_init_residual)
-        self.backbone = Backbone(backbone, width_multiplier, zero_init_residual)
-        self.head = ProjectionHead(head, self.backbone.feature_dim, self.embedding_dim)
+        self.stem_width = int(stem_width)
+        self.head_hidden_dim = int(head_hidden_dim)
+        self.normalization = normalization
+        self.backbone = Backbone(backbone, width_multiplier, zero_init_residual, self.stem_width)
+        self.head = ProjectionHead(
+            head, self.backbone.feature_dim, self.embedding_dim, self.head_hidden_dim
+        )
         self.sync_batchnorm = bool(sync_batchnorm)
         # Set on the built layers rather than threaded through every block: the
         # flag only changes how training-mode statistics are reduced.
@@ -431,10 +463,12 @@ class Encoder(keras.Model):
         return self.backbone.feature_dim
 
     def _normalise(self, images):
-        # [B,H,W,3] in [0,1] -> ImageNet-standardised, float32 (layers cast to compute dtype).
+        # [B,H,W,3] in [0,1] -> standardised (ImageNet's mean/std by default), float32 (layers
+        # cast to compute dtype).
         images = keras.ops.cast(images, "float32")
-        mean = keras.ops.convert_to_tensor(IMAGENET_MEAN, "float32")
-        std = keras.ops.convert_to_tensor(IMAGENET_STD, "float32")
+        mean, std = NORMALIZATIONS[self.normalization]
+        mean = keras.ops.convert_to_tensor(mean, "float32")
+        std = keras.ops.convert_to_tensor(std, "float32")
         return (images - mean) / std
 
     def stage_outputs(self, images, training=False):
@@ -479,6 +513,9 @@ class Encoder(keras.Model):
             width_multiplier=self.width_multiplier,
             zero_init_residual=self.zero_init_residual,
             sync_batchnorm=self.sync_batchnorm,
+            stem_width=self.stem_width,
+            head_hidden_dim=self.head_hidden_dim,
+            normalization=self.normalization,
         )
         return config
 
@@ -496,6 +533,9 @@ def build_encoder(
     zero_init_residual: bool = False,
     sync_batchnorm: bool = False,
     image_size: int | None = None,
+    stem_width: int = 0,
+    head_hidden_dim: int = 0,
+    normalization: str = "imagenet",
 ) -> Encoder:
     """Builds an Encoder, creating its variables when image_size is given.
 
@@ -508,6 +548,9 @@ def build_encoder(
         sync_batchnorm: global-batch BatchNorm statistics across replicas (see Encoder).
         image_size: if set, the encoder is called on zeros [1,image_size,image_size,3] so that
             its variables exist (needed before restoring a checkpoint or counting params).
+        stem_width: channels of the stem conv; 0: 64 scaled by width_multiplier.
+        head_hidden_dim: width of the hidden layer of the mlp heads; 0: F.
+        normalization: the input mean/std, a key of NORMALIZATIONS.
 
     Returns:
         The Encoder.
@@ -522,6 +565,9 @@ def build_encoder(
         width_multiplier=width_multiplier,
         zero_init_residual=zero_init_residual,
         sync_batchnorm=sync_batchnorm,
+        stem_width=stem_width,
+        head_hidden_dim=head_hidden_dim,
+        normalization=normalization,
     )
     if image_size is not None:
         encoder(tf.zeros([1, image_size, image_size, 3]), training=False)

@@ -27,6 +27,9 @@ def encoder_from_config(config, sync_batchnorm=False):
         width_multiplier=config.width_multiplier,
         sync_batchnorm=sync_batchnorm,
         image_size=config.image_size,
+        stem_width=config.stem_width,
+        head_hidden_dim=config.head_hidden_dim,
+        normalization=config.normalization,
     )
 
 

@@ -3,7 +3,8 @@
 `export_run(workdir, export_dir, model_name)` writes `EXPORT_DIR/MODEL_NAME/<version>/` (the
 next free version unless `version` is given) holding:
   - signature `serving_default`: images float32 [None, S, S, 3] in [0, 1]
-    -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone};
+    -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone,
+    "projection": [None, D] the head's output before the L2 normalisation};
   - signature `serving_bytes`: image_bytes string [None] (encoded JPEG/PNG/GIF/BMP)
     -> the same outputs, after the training-time `augment.eval_view` resize/crop; an image
     above --max_image_pixels (width x height, read from its header) fails before decoding;
@@ -13,9 +14,12 @@ next free version unless `version` is given) holding:
     traced for training True and False, so BatchNorm trains under
     `hub.KerasLayer(trainable=True)`; `variables`,
     `trainable_variables`, `regularization_losses`; and `serve` (images -> outputs), the
-    default endpoint of `keras.layers.TFSMLayer`;
-  - assets/invp_export.json (image_size, dims, source run and checkpoint, max_image_pixels)
-    and assets/flags.txt (the recipe).
+    default endpoint of `keras.layers.TFSMLayer`; `stage_outputs` (images -> every stage's
+    feature map);
+  - assets/invp_export.json (image_size, dims, normalisation, source run and checkpoint,
+    max_image_pixels, the import's origin), assets/flags.txt (the recipe), the model card
+    (`model_card`: README.md, assets/MODEL_CARD.md, Kaggle's model-metadata.json) and, for a run
+    imported from PyTorch, assets/imported.json.
 
 The traps this module avoids (measured on TF 2.20): Keras 3 `model.export()` has no callable
 object, so hub cannot fine-tune it; lists of Keras `Variable`s load in Python but break the
@@ -34,6 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 from invp_tf import augment
+from invp_tf import model_card
+from invp_tf import pretrained
 from invp_tf import workdir as workdir_lib
 
 SIGNATURES = ("serving_default", "serving_bytes")
@@ -225,6 +231,8 @@ class EncoderModule(tf.Module):
       metadata_path: optional JSON file saved as the asset `invp_export.json`.
       flags_path: optional flags.txt of the run, saved as the asset `flags.txt`.
       max_image_pixels: largest width x height `serving_bytes` decodes.
+      card_path: optional model card, saved as the asset `MODEL_CARD.md`.
+      origin_path: optional imported.json of a run imported from PyTorch (asset).
     """
 
     # tf.Module defines these as read-only properties that collect every variable reachable
@@ -240,6 +248,8 @@ class EncoderModule(tf.Module):
         metadata_path=None,
         flags_path=None,
         max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+        card_path=None,
+        origin_path=None,
     ):
         super().__init__(name="invp_encoder")
         self._held = _Untracked(encoder)
@@ -256,6 +266,10 @@ class EncoderModule(tf.Module):
             self.metadata = tf.saved_model.Asset(metadata_path)
         if flags_path:
             self.flags = tf.saved_model.Asset(flags_path)
+        if card_path:
+            self.model_card = tf.saved_model.Asset(card_path)
+        if origin_path:
+            self.origin = tf.saved_model.Asset(origin_path)
 
     def _outputs(self, images, training):
         images = check_images(images, self._image_size)
@@ -287,11 +301,19 @@ class EncoderModule(tf.Module):
         empty = {
             "embedding": tf.zeros([0, encoder.embedding_dim]),
             "features": tf.zeros([0, encoder.feature_dim]),
+            "projection": tf.zeros([0, encoder.embedding_dim]),
         }
 
         def encode():
             outputs = encoder(images, training=False)
-            return {"embedding": outputs["embedding"], "features": outputs["features"]}
+            # The head again on the pooled features (inference: no state changes), for the
+            # output before the L2 normalisation.
+            projection = tf.cast(encoder.head(outputs["features"], training=False), tf.float32)
+            return {
+                "embedding": outputs["embedding"],
+                "features": outputs["features"],
+                "projection": projection,
+            }
 
         return tf.cond(tf.shape(images)[0] > 0, encode, lambda: empty)
 
@@ -311,6 +333,15 @@ class EncoderModule(tf.Module):
         """
         images = decode_images(image_bytes, self._image_size, self._max_image_pixels)
         return self._serving_outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+    def stage_outputs(self, images):
+        """images float32 [B, S, S, 3] in [0, 1] -> {"stem", "stage1".."stage4"}: the feature
+        maps [B, h, w, C] of every stage, inference (a function of the loaded object, not a
+        serving signature: dense prediction, per-block probes, checks against other ports)."""
+        images = check_images(images, self._image_size)
+        outputs = self._held.encoder.stage_outputs(images, training=False)
+        return {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
 
 
 def save(module, path):
@@ -357,9 +388,11 @@ def verify(path, encoder, image_size, seed=0):
     pixels = rng.integers(0, 256, size=(image_size + 7, 2 * image_size + 3, 3), dtype=np.uint8)
     png = tf.io.encode_png(pixels).numpy()
     expected = {
-        "serving_default": encoder(images, training=False),
-        "serving_bytes": encoder(augment.eval_view(pixels, image_size)[None], training=False),
+        "serving_default": dict(encoder(images, training=False)),
+        "serving_bytes": dict(encoder(augment.eval_view(pixels, image_size)[None], training=False)),
     }
+    for outputs in expected.values():
+        outputs["projection"] = encoder.head(outputs["features"], training=False)
     feeds = {
         "serving_default": {"images": images},
         "serving_bytes": {"image_bytes": np.array([png], dtype=object)},
@@ -372,8 +405,8 @@ def verify(path, encoder, image_size, seed=0):
             f"the export does not run in the TF1 (TF Serving) loader: {detail}"
         ) from e
     for name, outputs in expected.items():
-        for key in ("embedding", "features"):
-            want = outputs[key].numpy()
+        for key in ("embedding", "features", "projection"):
+            want = np.asarray(outputs[key], np.float32)
             diff = float(np.max(np.abs(results[name][key] - want)) / max(1, np.max(np.abs(want))))
             if not diff <= _VERIFY_TOLERANCE:
                 raise ExportError(f"{name}/{key} differs from the encoder by {diff:.3g} (relative)")
@@ -399,6 +432,9 @@ def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
         "encoder": config.encoder,
         "head": config.head,
         "width_multiplier": config.width_multiplier,
+        "stem_width": config.stem_width,
+        "head_hidden_dim": config.head_hidden_dim,
+        "normalization": config.normalization,
         "epoch": run.epoch,
         "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
         "l2_regularization": l2_regularization,
@@ -406,8 +442,12 @@ def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
         "checkpoint": os.path.basename(run.checkpoint),
         "signatures": list(SIGNATURES),
     }
+    record = pretrained.read_record(workdir)
+    if record is not None:
+        metadata["origin"] = {key: record[key] for key in ("file", "sha256", "format", "epoch")}
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump(metadata, f, indent=2)
+    return metadata, record
 
 
 def _publish(source, target):
@@ -487,7 +527,13 @@ def export_run(
     tf.io.gfile.makedirs(staging)
     try:
         metadata_path = os.path.join(staging, METADATA_FILE)
-        _write_metadata(metadata_path, run, workdir, l2_regularization, max_image_pixels)
+        metadata, record = _write_metadata(
+            metadata_path, run, workdir, l2_regularization, max_image_pixels
+        )
+        card = model_card.text(metadata, record)
+        card_path = os.path.join(staging, model_card.CARD_ASSET)
+        with tf.io.gfile.GFile(card_path, "w") as f:
+            f.write(card)
         module = EncoderModule(
             run.encoder,
             config.image_size,
@@ -495,10 +541,17 @@ def export_run(
             metadata_path=metadata_path,
             flags_path=os.path.join(workdir, "flags.txt"),
             max_image_pixels=max_image_pixels,
+            card_path=card_path,
+            origin_path=os.path.join(workdir, pretrained.IMPORT_FILE) if record else None,
         )
         saved = os.path.join(staging, "saved_model")
         save(module, saved)
         verify(saved, run.encoder, config.image_size)
+        # Beside the SavedModel (loaders read only saved_model.pb, variables/ and assets/).
+        with tf.io.gfile.GFile(os.path.join(saved, model_card.CARD_FILE), "w") as f:
+            f.write(card)
+        with tf.io.gfile.GFile(os.path.join(saved, model_card.KAGGLE_FILE), "w") as f:
+            f.write(model_card.kaggle_metadata(metadata, model_name, card, record))
         try:
             _publish(saved, target)
         except tf.errors.OpError as e:  # another export took this version meanwhile

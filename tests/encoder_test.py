@@ -312,3 +312,47 @@ def test_fused_batch_norm_under_xla_is_the_same_function(monkeypatch):
     assert calls and set(calls) == {True}  # both functions traced the fused path
     for plain, compiled in zip(*results, strict=True):
         np.testing.assert_allclose(compiled, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_stem_width_and_head_hidden_dim():
+    """The authors' ResNet: `width` scales the stages, the stem keeps 64 channels, and the MLP
+    head is 2048 wide whatever the pooled features."""
+    enc = encoder.build_encoder(
+        "resnet50",
+        head="mlp",
+        width_multiplier=0.125,
+        stem_width=64,
+        head_hidden_dim=2048,
+        image_size=32,
+    )
+    shapes = {v.path.split("/", 1)[1]: tuple(v.shape) for v in enc.weights}
+    assert shapes["backbone/stem_conv/conv/kernel"] == (7, 7, 3, 64)
+    assert shapes["backbone/stage1_block1/conv1/conv/kernel"] == (1, 1, 64, 8)
+    # 64 stem channels in, 32 out: the first block projects its shortcut.
+    assert shapes["backbone/stage1_block1/downsample_conv/conv/kernel"] == (1, 1, 64, 32)
+    assert shapes["head/fc1/kernel"] == (256, 2048) and shapes["head/fc/kernel"] == (2048, 128)
+    default = encoder.build_encoder("resnet50", head="mlp", width_multiplier=0.125, image_size=32)
+    assert _count(default.weights) < _count(enc.weights)
+    assert tuple(default.backbone.stem_conv.conv.kernel.shape) == (7, 7, 3, 8)
+    config = enc.get_config()
+    assert (config["stem_width"], config["head_hidden_dim"]) == (64, 2048)
+
+
+def test_normalization_is_the_named_mean_and_std():
+    images = _images(size=8)
+    cifar = encoder.build_encoder("resnet18_cifar", normalization="cifar", image_size=8, **_TINY)
+    imagenet = encoder.build_encoder("resnet18_cifar", image_size=8, **_TINY)
+    imagenet.set_weights(cifar.get_weights())
+    # The same standardised input through both: cifar's on x, imagenet's on x mapped so that
+    # (x' - imagenet_mean) / imagenet_std == (x - cifar_mean) / cifar_std.
+    (c_mean, c_std), (i_mean, i_std) = (
+        encoder.NORMALIZATIONS["cifar"],
+        encoder.NORMALIZATIONS["imagenet"],
+    )
+    mapped = (images - np.array(c_mean)) / np.array(c_std) * np.array(i_std) + np.array(i_mean)
+    np.testing.assert_allclose(
+        cifar.features(images), imagenet.features(tf.cast(mapped, tf.float32)), atol=1e-4
+    )
+    assert encoder.Encoder(**_TINY).normalization == "imagenet"  # the default of every run
+    with pytest.raises(ValueError, match="normalization 'lab'"):
+        encoder.Encoder(normalization="lab", **_TINY)

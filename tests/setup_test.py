@@ -14,6 +14,7 @@ FLAG_OF = {
     "invp-export": "export_dir",
     "invp-embed": "with_knn_index",
     "invp-analyze": "num_anchors",
+    "invp-import": "num_examples",
 }
 
 

@@ -9,8 +9,9 @@ Every field of `protocols.EvalConfig` is a flag (an enum where `protocols.CHOICE
 values; --k and --temperature are the deprecated spellings of --knn_k and --knn_temperature).
 The encoder is rebuilt from the run's flags.txt and its latest checkpoint. Every protocol
 prints a table with raw-pixel baselines on the same split beside the result (weighted kNN
-and logistic regression on pixels), writes a JSON result (--output, default
-WORKDIR/eval/PROTOCOL.json) and TensorBoard scalars (WORKDIR/eval/tensorboard/PROTOCOL).
+and logistic regression on pixels; cached per inputs, see invp_tf/baselines.py), writes a
+JSON result (--output, default WORKDIR/eval/PROTOCOL.json) and TensorBoard scalars
+(WORKDIR/eval/tensorboard/PROTOCOL).
 """
 
 from absl import flags

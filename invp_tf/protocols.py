@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from invp_tf import augment
+from invp_tf import baselines as baselines_lib
 from invp_tf import data
 from invp_tf import evaluation
 from invp_tf import workdir as workdir_lib
@@ -29,10 +30,6 @@ PROTOCOLS = ("knn", "linear", "semi", "finetune")
 LINEAR_SOLVERS = ("lbfgs", "sgd")
 # Valid values of the enumerated fields (enum flags of the command).
 CHOICES = {"protocol": PROTOCOLS, "linear_solver": LINEAR_SOLVERS}
-# The random-initialised encoder's block read by the baselines: the pooled backbone, the
-# features a user transfers.
-RANDOM_INIT_BLOCK = "stage4"
-RANDOM_INIT_KEY = "random_init/" + RANDOM_INIT_BLOCK
 # The protocol defaults of the EvalConfig fields left None (one dataclass default cannot say
 # them: they differ by protocol).
 PROTOCOL_DEFAULTS = {
@@ -133,7 +130,17 @@ class EvalConfig:
         "evaluation (never trained on).",
     )
     baselines: bool = _field(
-        True, "Also compute the raw-pixel kNN and logistic regression baselines."
+        True,
+        "Also report the baselines of the same split: raw pixels and the architecture at "
+        "random init (kNN, logistic regression; semi/finetune: fine-tuned from scratch).",
+    )
+    baseline_cache: str | None = _field(
+        None,
+        "Folder of cached baselines (computed once per inputs, see invp_tf/baselines.py); "
+        "default $INVP_TF_CACHE/baselines, else ~/.cache/invp_tf/baselines; 'off': no cache.",
+    )
+    recompute_baselines: bool = _field(
+        False, "Compute the baselines even when the cache has them (and store them anew)."
     )
     seed: int = _field(0, "Seed of the label subset, shuffles and crops.")
     output: str | None = _field(None, "JSON result file; default WORKDIR/eval/PROTOCOL.json.")
@@ -291,66 +298,6 @@ def _extract(fn, source, rows, s, image_size):
     return {name: value[rows] for name, value in features.items()}, labels[rows]
 
 
-def _with_baseline_features(fn, s, config):
-    """`fn` plus the baselines' features: raw pixels and the encoder at random init."""
-    if not s.baselines:
-        return fn
-    pixels = evaluation.pixel_function()
-    keras.utils.set_random_seed(s.seed)
-    scratch = evaluation.block_feature_function(
-        workdir_lib.encoder_from_config(config), (RANDOM_INIT_BLOCK,)
-    )
-
-    def features(images):
-        random_init = {f"random_init/{k}": v for k, v in scratch(images).items()}
-        return {**fn(images), **pixels(images), **random_init}
-
-    return features
-
-
-def _baselines(train, train_labels, test, test_labels, s, num_classes, linear=True):
-    """The strong baselines of the same split and labels, each as strong as a standard fit.
-
-    Raw pixels (mean-centred for kNN, standardised for the linear model) and the run's
-    encoder at random initialisation (block `RANDOM_INIT_BLOCK`): weighted kNN at the
-    protocol's k and with k chosen on a held-out part of train, and (linear) logistic
-    regression fitted to convergence with C chosen the same way. The test split never
-    chooses anything.
-    """
-    baselines = {}
-    for name, key in (("pixel", "pixels"), ("random_init", RANDOM_INIT_KEY)):
-        if key not in train:
-            continue
-        x_train, x_test = train[key], test[key]
-        if name == "pixel":
-            mean = x_train.mean(0)
-            x_train, x_test = x_train - mean, x_test - mean
-        baselines[f"{name}_knn"] = evaluation.knn_accuracies(
-            x_train,
-            train_labels,
-            x_test,
-            test_labels,
-            k=s.knn_k,
-            temperature=s.knn_temperature,
-            num_classes=num_classes,
-        )
-        if name == "pixel":
-            baselines["pixel_knn_tuned_k"] = evaluation.knn_tuned(
-                x_train,
-                train_labels,
-                x_test,
-                test_labels,
-                temperature=s.knn_temperature,
-                num_classes=num_classes,
-                seed=s.seed,
-            )
-        if linear:
-            baselines[f"{name}_logistic_regression"] = evaluation.logistic_regression(
-                train[key], train_labels, test[key], test_labels, seed=s.seed
-            )
-    return baselines
-
-
 def _linear_settings(s, epochs=None, writer=None):
     return dict(
         epochs=epochs or s.epochs,
@@ -365,7 +312,8 @@ def _linear_settings(s, epochs=None, writer=None):
 def _train_and_test_features(run, splits, s, blocks):
     """Block features (plus pixels for the baselines) and labels of the train and test rows."""
     fn = evaluation.block_feature_function(run.encoder, blocks)
-    fn = _with_baseline_features(fn, s, run.config)
+    if s.baselines:
+        fn = baselines_lib.with_features(fn, s.seed, run.config)
     size = run.config.image_size
     train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
     test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
@@ -389,7 +337,7 @@ def run_knn(run, splits, s):
     }
     baselines = {}
     if s.baselines:
-        baselines = _baselines(
+        baselines = baselines_lib.compute(
             train, train_labels, test, test_labels, s, splits.num_classes, linear=False
         )
     return results, baselines
@@ -416,7 +364,9 @@ def run_linear(run, splits, s, writer):
         )
     baselines = {}
     if s.baselines:
-        baselines = _baselines(train, train_labels, test, test_labels, s, splits.num_classes)
+        baselines = baselines_lib.compute(
+            train, train_labels, test, test_labels, s, splits.num_classes
+        )
     return results, baselines
 
 
@@ -466,7 +416,9 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         num_classes=splits.num_classes,
     )
     if s.baselines:
-        baselines.update(_baselines(train, train_labels, test, test_labels, s, splits.num_classes))
+        baselines.update(
+            baselines_lib.compute(train, train_labels, test, test_labels, s, splits.num_classes)
+        )
     tune = functools.partial(
         evaluation.fine_tune,
         train_epoch=labelled_epoch,
@@ -555,12 +507,30 @@ def evaluate(s):
     out_dir = os.path.join(s.workdir, "eval")
     tensorboard_dir = os.path.join(out_dir, "tensorboard", s.protocol)
     writer = tf.summary.create_file_writer(tensorboard_dir)
+    cache, cache_inputs, cached = None, None, None
+    if s.baselines and s.baseline_cache != "off":
+        cache = baselines_lib.Cache(s.baseline_cache)
+        scale = s.crop_scale if s.crop_scale is not None else run.config.crop_scale
+        cache_inputs = baselines_lib.inputs(s, run.config, splits, dataset, crop_scale=scale)
+        if not s.recompute_baselines:
+            cached = cache.load(cache_inputs)
+    # With the baselines cached, the protocol computes none of them (no pixel or random-init
+    # features, no fits).
+    run_s = dataclasses.replace(s, baselines=False) if cached is not None else s
     if s.protocol == "knn":
-        results, baselines = run_knn(run, splits, s)
+        results, baselines = run_knn(run, splits, run_s)
     elif s.protocol == "linear":
-        results, baselines = run_linear(run, splits, s, writer)
+        results, baselines = run_linear(run, splits, run_s, writer)
     else:
-        results, baselines = run_fine_tune(run, splits, s, writer, tensorboard_dir)
+        results, baselines = run_fine_tune(run, splits, run_s, writer, tensorboard_dir)
+    cache_report = None
+    if cached is not None:
+        baselines = {**baselines, **cached}
+        cache_report = {"hit": True, "file": str(cache.path(cache_inputs))}
+    elif cache is not None:
+        computed = {k: v for k, v in baselines.items() if k not in baselines_lib.RUN_DEPENDENT}
+        path = cache.store(cache_inputs, computed, seconds=time.time() - start)
+        cache_report = {"hit": False, "file": str(path)}
     with writer.as_default(step=run.epoch):
         for name, r in {**results, **{f"baseline_{k}": v for k, v in baselines.items()}}.items():
             tf.summary.scalar(f"{s.protocol}/{name}/top1", r["top1"])
@@ -577,6 +547,7 @@ def evaluate(s):
         "results": results,
         "best": _best(results),
         "baselines": baselines,
+        "baseline_cache": cache_report,
         "seconds": round(time.time() - start, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

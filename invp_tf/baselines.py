@@ -110,6 +110,8 @@ def inputs(settings, config, splits, dataset, crop_scale=None):
             "learning_rate": s.learning_rate,
             "weight_decay": s.weight_decay,
             "crop_scale": crop_scale,
+            "learning_rates": s.learning_rates,
+            "held_out_fraction": s.held_out_fraction,
         }
     return result
 

@@ -111,6 +111,13 @@ class EvalConfig:
     weight_decay: float | None = _field(
         None, "Weight decay (linear 0, semi/finetune 1e-4 by default)."
     )
+    learning_rates: str | None = _field(
+        None,
+        "semi/finetune: comma-separated learning rates to choose from. Each fine-tunes the "
+        "same start (and the random-init baseline alike); the one scoring best on a "
+        "class-balanced --held_out_fraction of train outside the labelled rows is reported "
+        "(the test split never chooses). Default: --learning_rate alone.",
+    )
     knn_k: int = _field(200, "Neighbours of the weighted kNN classifier (alias --k).")
     knn_temperature: float = _field(
         0.07, "Vote temperature of the weighted kNN (alias --temperature)."
@@ -194,6 +201,14 @@ class EvalConfig:
                 f"--weight_decay={self.weight_decay} must be >= 0",
             ),
             (
+                self.learning_rates is None or self.protocol in ("semi", "finetune"),
+                f"--learning_rates applies to semi and finetune, not {self.protocol}",
+            ),
+            (
+                all(lr > 0 for lr in _learning_rates(self.learning_rates) or [1]),
+                f"--learning_rates={self.learning_rates} must list learning rates > 0",
+            ),
+            (
                 self.crop_scale is None or 0 < self.crop_scale <= 1,
                 f"--crop_scale={self.crop_scale} must be in (0, 1]",
             ),
@@ -202,6 +217,16 @@ class EvalConfig:
     def reported(self):
         """The "settings" of the report: every field but workdir, protocol and output."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_REPORTED}
+
+
+def _learning_rates(text):
+    """'0.01,0.1' -> [0.01, 0.1]; None -> None. Raises EvaluationError naming a bad entry."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise EvaluationError(f"--learning_rates={text}: not a comma-separated list") from None
 
 
 def make_settings(workdir, protocol, **overrides):
@@ -274,6 +299,14 @@ class Splits:
         else:
             self.train_rows = np.flatnonzero(self.train_labels >= 0)
         self.num_classes = self.train.num_classes
+
+    def tuning_rows(self, fraction, seed):
+        """Class-balanced train rows outside the labelled and evaluated ones, for choosing a
+        hyperparameter (the labelled rows train, the evaluation split never chooses)."""
+        used = self.train_rows
+        if self.test is self.train:
+            used = np.union1d(used, self.test_rows)
+        return evaluation.balanced_subset(self.train_labels, fraction, seed=seed + 2, exclude=used)
 
     def describe(self):
         return {
@@ -392,15 +425,12 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         )
         return ds.map(lambda images, index, labels: (images, labels))
 
-    test_source = splits.test
-    if len(splits.test_rows) < test_source.num_examples:
-        test_source = data.subset_source(test_source, splits.test_rows)
-    test_ds = data.eval_pipeline(test_source, batch_size=256, image_size=size).map(
-        lambda images, index, labels: (images, labels)
-    )
-    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
-    num_batches = -(-test_source.num_examples // 256)
-    test_ds = test_ds.apply(tf.data.experimental.assert_cardinality(num_batches))
+    test_ds = _eval_batches(splits.test, splits.test_rows, size)
+    learning_rates = _learning_rates(s.learning_rates) or [s.learning_rate]
+    held_ds = None
+    if len(learning_rates) > 1:
+        held_rows = splits.tuning_rows(s.held_out_fraction, s.seed)
+        held_ds = _eval_batches(splits.train, held_rows, size)
     # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
     baselines = {}
     train, train_labels, test, test_labels = _train_and_test_features(
@@ -422,24 +452,81 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
     tune = functools.partial(
         evaluation.fine_tune,
         train_epoch=labelled_epoch,
-        test_dataset=test_ds,
         num_classes=splits.num_classes,
         epochs=epochs,
         steps_per_epoch=labelled.num_examples // batch_size,
-        learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
     )
-    keras.utils.set_random_seed(s.seed)  # the new classifier's initial weights
-    board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "pretrained"))
-    result, _ = tune(run.encoder, callbacks=[board])
+    start = run.encoder.get_weights()
+
+    def pretrained():
+        run.encoder.set_weights(start)
+        return run.encoder
+
+    def scratch():
+        keras.utils.set_random_seed(s.seed)
+        return workdir_lib.encoder_from_config(run.config)
+
+    tuned = functools.partial(
+        _tuned_fine_tune,
+        tune,
+        learning_rates=learning_rates,
+        held_ds=held_ds,
+        test_ds=test_ds,
+        seed=s.seed,
+    )
+    result = tuned(pretrained, log_dir=os.path.join(tensorboard_dir, "pretrained"))
     if s.baselines:
         # What pretraining adds: the same architecture and protocol from a random init.
         logging.info("baseline: fine-tuning a randomly initialised encoder the same way")
-        keras.utils.set_random_seed(s.seed)
-        scratch = workdir_lib.encoder_from_config(run.config)
-        board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "random_init"))
-        baselines["random_init_network"], _ = tune(scratch, callbacks=[board])
+        baselines["random_init_network"] = tuned(
+            scratch, log_dir=os.path.join(tensorboard_dir, "random_init")
+        )
     return {"network": result}, baselines
+
+
+def _eval_batches(source, rows, image_size):
+    """(images, labels) batches of the examples `rows` of `source`, eval view, known length."""
+    if len(rows) < source.num_examples:
+        source = data.subset_source(source, rows)
+    ds = data.eval_pipeline(source, batch_size=256, image_size=image_size).map(
+        lambda images, index, labels: (images, labels)
+    )
+    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-source.num_examples // 256)))
+
+
+def _tuned_fine_tune(tune, make_encoder, *, learning_rates, held_ds, test_ds, seed, log_dir):
+    """Fine-tunes `make_encoder()` once per learning rate; the held-out rows choose.
+
+    One learning rate: the test result as it is. Several: each run starts from the same
+    weights and classifier init, is scored on `held_ds` and on the test split, and the one
+    best on `held_ds` is reported with every held-out score (`held_out_top1`).
+    """
+    if len(learning_rates) == 1:
+        keras.utils.set_random_seed(seed)  # the new classifier's initial weights
+        board = keras.callbacks.TensorBoard(log_dir=log_dir)
+        result, _ = tune(
+            make_encoder(), test_dataset=test_ds, learning_rate=learning_rates[0], callbacks=[board]
+        )
+        return result
+    held_out, best = {}, None
+    for lr in learning_rates:
+        encoder = make_encoder()
+        keras.utils.set_random_seed(seed)
+        board = keras.callbacks.TensorBoard(log_dir=os.path.join(log_dir, f"lr{lr:g}"))
+        held, model = tune(encoder, test_dataset=held_ds, learning_rate=lr, callbacks=[board])
+        scores = model.evaluate(test_ds, verbose=0, return_dict=True)
+        held_out[f"{lr:g}"] = held["top1"]
+        logging.info("learning rate %g: held-out top-1 %.4f", lr, held["top1"])
+        if best is None or held["top1"] > held_out[f"{best['learning_rate']:g}"]:
+            best = {
+                "top1": float(scores["top1"]),
+                "top5": float(scores["top5"]),
+                "train_loss": held["train_loss"],
+                "learning_rate": lr,
+            }
+    return {**best, "held_out_top1": held_out}
 
 
 # ----------------------------------------------------------------------------- report

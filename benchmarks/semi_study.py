@@ -27,7 +27,7 @@ from absl import flags
 
 from benchmarks import report
 from benchmarks import study
-from invp_tf import evaluate
+from invp_tf import protocols
 
 RESULTS = os.path.join(report.REPO, "benchmarks", "semi_results.json")
 # Epochs per label fraction: about 18,000 views at 1% and 60,000 (one pretraining epoch) at
@@ -53,7 +53,7 @@ def run_cell(dataset, arm, fraction, seed, runs, results):
         return None  # its pretraining and evaluation (benchmarks.study) have not finished
     workdir = os.path.join(runs, dataset, arm, f"seed{seed}")
     out_dir = os.path.join(report.REPO, "runs", "semi_study", dataset)
-    settings = evaluate.make_settings(
+    settings = protocols.make_settings(
         workdir,
         "semi",
         label_fraction=fraction,
@@ -64,7 +64,7 @@ def run_cell(dataset, arm, fraction, seed, runs, results):
     )
     print(f"[semi] {key}", flush=True)
     start = time.time()
-    r = evaluate.evaluate(settings)
+    r = protocols.evaluate(settings)
     seconds = round(time.time() - start, 1)
     labelled = r["train_split"]["labelled_used"]
     common = {"labelled": labelled, "seconds": seconds, "date": time.strftime("%Y-%m-%d")}

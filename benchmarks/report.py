@@ -131,3 +131,11 @@ def paired_speed_ratio(seconds_a, seconds_b):
 
     mean, low, high = paired_difference(np.log(seconds_b), np.log(seconds_a))
     return tuple(None if x is None else float(np.exp(x)) for x in (mean, low, high))
+
+
+def diff_cell(mean, low, high):
+    """A paired difference (paired_difference's output) as a table cell with its verdict."""
+    if low is None:
+        return f"{mean:+.4f} (1 seed, no CI)"
+    verdict = "above 0" if low > 0 else "below 0" if high < 0 else "not separable"
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] {verdict}"

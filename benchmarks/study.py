@@ -179,13 +179,6 @@ def run_one(dataset, arm, seed, runs, study):
     return result
 
 
-def _diff_cell(mean, low, high):
-    if low is None:
-        return f"{mean:+.4f} (1 seed, no CI)"
-    verdict = "above 0" if low > 0 else "below 0" if high < 0 else "not separable"
-    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] {verdict}"
-
-
 def table(study, dataset, arms, seeds):
     """Markdown: the baselines, then per arm the mean and the paired difference vs arms[0]."""
     lines = []
@@ -229,7 +222,7 @@ def table(study, dataset, arms, seeds):
                 diffs.append("-")
                 continue
             diffs.append(
-                _diff_cell(
+                report.diff_cell(
                     *report.paired_difference(
                         [rs[s][metric] for s in common], [runs[ref][s][metric] for s in common]
                     )

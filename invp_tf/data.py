@@ -14,6 +14,7 @@ Three dataset string forms are understood by `load_source`:
 
 import dataclasses
 import gzip
+import hashlib
 import itertools
 import math
 import os
@@ -84,6 +85,9 @@ class Source:
     decode: Callable[[dict], dict] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    # What else identifies the examples, for `fingerprint`: IDX files read, or tfds'
+    # (name, version, split read).
+    origin: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     def dataset(
         self, shuffle_files: bool = False, seed: int = 0, decoded: bool = True
@@ -235,6 +239,7 @@ def _idx_source(name, split, data_dir, train_examples):
         image_shape=(h, w, 3),
         exact_shuffle=True,
         make_dataset=make_dataset,
+        origin=(images_path, labels_path),
     )
 
 
@@ -334,6 +339,7 @@ def _tfds_source(dataset, split, data_dir, train_examples):
         image_shape=image_shape,
         make_dataset=make_dataset,
         decode=decode,
+        origin=(name, str(builder.info.version), read_split),
     )
 
 
@@ -464,6 +470,32 @@ def _folder_source(dataset, split, train_examples):
         make_dataset=make_dataset,
         decode=decode,
     )
+
+
+def fingerprint(source: Source) -> str:
+    """SHA-256 (hex) of what defines the examples of `source`, read without decoding.
+
+    The dataset's name (not a folder's path), split and size; for IDX data the bytes of its
+    files; for tfds the dataset's version and the split read; for folders every image's path
+    under the root and its size (one stat per file). Two sources with the same fingerprint
+    yield the same examples at the same indices (a folder file rewritten in place at the same
+    size aside).
+    """
+    # A folder is known by its listing, wherever it lies.
+    name = "folder:" if source.paths is not None else source.name
+    digest = hashlib.sha256(f"{name}\0{source.split}\0{source.num_examples}".encode())
+    for item in source.origin:
+        if os.path.isfile(item):
+            with open(item, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            digest.update(f"\0{item}".encode())
+    if source.paths is not None:
+        root = source.name[len("folder:") :]
+        for path in source.paths:
+            digest.update(f"\0{os.path.relpath(path, root)}\0{os.path.getsize(path)}".encode())
+    return digest.hexdigest()
 
 
 def find_unreadable_images(source: Source, limit: int | None = None) -> list[str]:

@@ -10,8 +10,9 @@ values). --k and --temperature are deprecated spellings of --knn_k and --knn_tem
 still work, warn once, and go in the next release.
 The encoder is rebuilt from the run's flags.txt and its latest checkpoint. Every protocol
 prints a table with raw-pixel baselines on the same split beside the result (weighted kNN
-and logistic regression on pixels), writes a JSON result (--output, default
-WORKDIR/eval/PROTOCOL.json) and TensorBoard scalars (WORKDIR/eval/tensorboard/PROTOCOL).
+and logistic regression on pixels; cached per inputs, see invp_tf/baselines.py), writes a
+JSON result (--output, default WORKDIR/eval/PROTOCOL.json) and TensorBoard scalars
+(WORKDIR/eval/tensorboard/PROTOCOL).
 """
 
 from invp_tf import command

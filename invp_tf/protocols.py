@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from invp_tf import augment
+from invp_tf import baselines as baselines_lib
 from invp_tf import data
 from invp_tf import evaluation
 from invp_tf import model as model_lib
@@ -30,10 +31,6 @@ PROTOCOLS = ("knn", "linear", "semi", "finetune")
 LINEAR_SOLVERS = ("lbfgs", "sgd")
 # Valid values of the enumerated fields (enum flags of the command).
 CHOICES = {"protocol": PROTOCOLS, "linear_solver": LINEAR_SOLVERS}
-# The random-initialised encoder's block read by the baselines: the pooled backbone, the
-# features a user transfers.
-RANDOM_INIT_BLOCK = "stage4"
-RANDOM_INIT_KEY = "random_init/" + RANDOM_INIT_BLOCK
 # The protocol defaults of the EvalConfig fields left None (one dataclass default cannot say
 # them: they differ by protocol).
 PROTOCOL_DEFAULTS = {
@@ -115,6 +112,13 @@ class EvalConfig:
     weight_decay: float | None = _field(
         None, "Weight decay (linear 0, semi/finetune 1e-4 by default)."
     )
+    learning_rates: str | None = _field(
+        None,
+        "semi/finetune: comma-separated learning rates to choose from. Each fine-tunes the "
+        "same start (and the random-init baseline alike); the one scoring best on a "
+        "class-balanced --held_out_fraction of train outside the labelled rows is reported "
+        "(the test split never chooses). Default: --learning_rate alone.",
+    )
     knn_k: int = _field(200, "Neighbours of the weighted kNN classifier (alias --k).")
     knn_temperature: float = _field(
         0.07, "Vote temperature of the weighted kNN (alias --temperature)."
@@ -134,7 +138,17 @@ class EvalConfig:
         "evaluation (never trained on).",
     )
     baselines: bool = _field(
-        True, "Also compute the raw-pixel kNN and logistic regression baselines."
+        True,
+        "Also report the baselines of the same split: raw pixels and the architecture at "
+        "random init (kNN, logistic regression; semi/finetune: fine-tuned from scratch).",
+    )
+    baseline_cache: str | None = _field(
+        None,
+        "Folder of cached baselines (computed once per inputs, see invp_tf/baselines.py); "
+        "default $INVP_TF_CACHE/baselines, else ~/.cache/invp_tf/baselines; 'off': no cache.",
+    )
+    recompute_baselines: bool = _field(
+        False, "Compute the baselines even when the cache has them (and store them anew)."
     )
     seed: int = _field(0, "Seed of the label subset, shuffles and crops.")
     output: str | None = _field(None, "JSON result file; default WORKDIR/eval/PROTOCOL.json.")
@@ -188,6 +202,14 @@ class EvalConfig:
                 f"--weight_decay={self.weight_decay} must be >= 0",
             ),
             (
+                self.learning_rates is None or self.protocol in ("semi", "finetune"),
+                f"--learning_rates applies to semi and finetune, not {self.protocol}",
+            ),
+            (
+                all(lr > 0 for lr in _learning_rates(self.learning_rates) or [1]),
+                f"--learning_rates={self.learning_rates} must list learning rates > 0",
+            ),
+            (
                 self.crop_scale is None or 0 < self.crop_scale <= 1,
                 f"--crop_scale={self.crop_scale} must be in (0, 1]",
             ),
@@ -196,6 +218,16 @@ class EvalConfig:
     def reported(self):
         """The "settings" of the report: every field but workdir, protocol and output."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_REPORTED}
+
+
+def _learning_rates(text):
+    """'0.01,0.1' -> [0.01, 0.1]; None -> None. Raises EvaluationError naming a bad entry."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise EvaluationError(f"--learning_rates={text}: not a comma-separated list") from None
 
 
 def make_settings(workdir, protocol, **overrides):
@@ -269,6 +301,14 @@ class Splits:
             self.train_rows = np.flatnonzero(self.train_labels >= 0)
         self.num_classes = self.train.num_classes
 
+    def tuning_rows(self, fraction, seed):
+        """Class-balanced train rows outside the labelled and evaluated ones, for choosing a
+        hyperparameter (the labelled rows train, the evaluation split never chooses)."""
+        used = self.train_rows
+        if self.test is self.train:
+            used = np.union1d(used, self.test_rows)
+        return evaluation.balanced_subset(self.train_labels, fraction, seed=seed + 2, exclude=used)
+
     def describe(self):
         return {
             "train_split": {
@@ -292,66 +332,6 @@ def _extract(fn, source, rows, s, image_size):
     return {name: value[rows] for name, value in features.items()}, labels[rows]
 
 
-def _with_baseline_features(fn, s, config):
-    """`fn` plus the baselines' features: raw pixels and the encoder at random init."""
-    if not s.baselines:
-        return fn
-    pixels = evaluation.pixel_function()
-    keras.utils.set_random_seed(s.seed)
-    scratch = evaluation.block_feature_function(
-        model_lib.encoder_from_config(config), (RANDOM_INIT_BLOCK,)
-    )
-
-    def features(images):
-        random_init = {f"random_init/{k}": v for k, v in scratch(images).items()}
-        return {**fn(images), **pixels(images), **random_init}
-
-    return features
-
-
-def _baselines(train, train_labels, test, test_labels, s, num_classes, linear=True):
-    """The strong baselines of the same split and labels, each as strong as a standard fit.
-
-    Raw pixels (mean-centred for kNN, standardised for the linear model) and the run's
-    encoder at random initialisation (block `RANDOM_INIT_BLOCK`): weighted kNN at the
-    protocol's k and with k chosen on a held-out part of train, and (linear) logistic
-    regression fitted to convergence with C chosen the same way. The test split never
-    chooses anything.
-    """
-    baselines = {}
-    for name, key in (("pixel", "pixels"), ("random_init", RANDOM_INIT_KEY)):
-        if key not in train:
-            continue
-        x_train, x_test = train[key], test[key]
-        if name == "pixel":
-            mean = x_train.mean(0)
-            x_train, x_test = x_train - mean, x_test - mean
-        baselines[f"{name}_knn"] = evaluation.knn_accuracies(
-            x_train,
-            train_labels,
-            x_test,
-            test_labels,
-            k=s.knn_k,
-            temperature=s.knn_temperature,
-            num_classes=num_classes,
-        )
-        if name == "pixel":
-            baselines["pixel_knn_tuned_k"] = evaluation.knn_tuned(
-                x_train,
-                train_labels,
-                x_test,
-                test_labels,
-                temperature=s.knn_temperature,
-                num_classes=num_classes,
-                seed=s.seed,
-            )
-        if linear:
-            baselines[f"{name}_logistic_regression"] = evaluation.logistic_regression(
-                train[key], train_labels, test[key], test_labels, seed=s.seed
-            )
-    return baselines
-
-
 def _linear_settings(s, epochs=None, writer=None):
     return dict(
         epochs=epochs or s.epochs,
@@ -366,7 +346,8 @@ def _linear_settings(s, epochs=None, writer=None):
 def _train_and_test_features(run, splits, s, blocks):
     """Block features (plus pixels for the baselines) and labels of the train and test rows."""
     fn = evaluation.block_feature_function(run.encoder, blocks)
-    fn = _with_baseline_features(fn, s, run.config)
+    if s.baselines:
+        fn = baselines_lib.with_features(fn, s.seed, run.config)
     size = run.config.image_size
     train, train_labels = _extract(fn, splits.train, splits.train_rows, s, size)
     test, test_labels = _extract(fn, splits.test, splits.test_rows, s, size)
@@ -390,7 +371,7 @@ def run_knn(run, splits, s):
     }
     baselines = {}
     if s.baselines:
-        baselines = _baselines(
+        baselines = baselines_lib.compute(
             train, train_labels, test, test_labels, s, splits.num_classes, linear=False
         )
     return results, baselines
@@ -417,7 +398,9 @@ def run_linear(run, splits, s, writer):
         )
     baselines = {}
     if s.baselines:
-        baselines = _baselines(train, train_labels, test, test_labels, s, splits.num_classes)
+        baselines = baselines_lib.compute(
+            train, train_labels, test, test_labels, s, splits.num_classes
+        )
     return results, baselines
 
 
@@ -443,15 +426,12 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         )
         return ds.map(lambda images, index, labels: (images, labels))
 
-    test_source = splits.test
-    if len(splits.test_rows) < test_source.num_examples:
-        test_source = data.subset_source(test_source, splits.test_rows)
-    test_ds = data.eval_pipeline(test_source, batch_size=256, image_size=size).map(
-        lambda images, index, labels: (images, labels)
-    )
-    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
-    num_batches = -(-test_source.num_examples // 256)
-    test_ds = test_ds.apply(tf.data.experimental.assert_cardinality(num_batches))
+    test_ds = _eval_batches(splits.test, splits.test_rows, size)
+    learning_rates = _learning_rates(s.learning_rates) or [s.learning_rate]
+    held_ds = None
+    if len(learning_rates) > 1:
+        held_rows = splits.tuning_rows(s.held_out_fraction, s.seed)
+        held_ds = _eval_batches(splits.train, held_rows, size)
     # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
     baselines = {}
     train, train_labels, test, test_labels = _train_and_test_features(
@@ -467,28 +447,87 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         num_classes=splits.num_classes,
     )
     if s.baselines:
-        baselines.update(_baselines(train, train_labels, test, test_labels, s, splits.num_classes))
+        baselines.update(
+            baselines_lib.compute(train, train_labels, test, test_labels, s, splits.num_classes)
+        )
     tune = functools.partial(
         evaluation.fine_tune,
         train_epoch=labelled_epoch,
-        test_dataset=test_ds,
         num_classes=splits.num_classes,
         epochs=epochs,
         steps_per_epoch=labelled.num_examples // batch_size,
-        learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
     )
-    keras.utils.set_random_seed(s.seed)  # the new classifier's initial weights
-    board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "pretrained"))
-    result, _ = tune(run.encoder, callbacks=[board])
+    start = run.encoder.get_weights()
+
+    def pretrained():
+        run.encoder.set_weights(start)
+        return run.encoder
+
+    def scratch():
+        keras.utils.set_random_seed(s.seed)
+        return model_lib.encoder_from_config(run.config)
+
+    tuned = functools.partial(
+        _tuned_fine_tune,
+        tune,
+        learning_rates=learning_rates,
+        held_ds=held_ds,
+        test_ds=test_ds,
+        seed=s.seed,
+    )
+    result = tuned(pretrained, log_dir=os.path.join(tensorboard_dir, "pretrained"))
     if s.baselines:
         # What pretraining adds: the same architecture and protocol from a random init.
         logging.info("baseline: fine-tuning a randomly initialised encoder the same way")
-        keras.utils.set_random_seed(s.seed)
-        scratch = model_lib.encoder_from_config(run.config)
-        board = keras.callbacks.TensorBoard(log_dir=os.path.join(tensorboard_dir, "random_init"))
-        baselines["random_init_network"], _ = tune(scratch, callbacks=[board])
+        baselines["random_init_network"] = tuned(
+            scratch, log_dir=os.path.join(tensorboard_dir, "random_init")
+        )
     return {"network": result}, baselines
+
+
+def _eval_batches(source, rows, image_size):
+    """(images, labels) batches of the examples `rows` of `source`, eval view, known length."""
+    if len(rows) < source.num_examples:
+        source = data.subset_source(source, rows)
+    ds = data.eval_pipeline(source, batch_size=256, image_size=image_size).map(
+        lambda images, index, labels: (images, labels)
+    )
+    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-source.num_examples // 256)))
+
+
+def _tuned_fine_tune(tune, make_encoder, *, learning_rates, held_ds, test_ds, seed, log_dir):
+    """Fine-tunes `make_encoder()` once per learning rate; the held-out rows choose.
+
+    One learning rate: the test result as it is. Several: each run starts from the same
+    weights and classifier init, is scored on `held_ds` and on the test split, and the one
+    best on `held_ds` is reported with every held-out score (`held_out_top1`).
+    """
+    if len(learning_rates) == 1:
+        keras.utils.set_random_seed(seed)  # the new classifier's initial weights
+        board = keras.callbacks.TensorBoard(log_dir=log_dir)
+        result, _ = tune(
+            make_encoder(), test_dataset=test_ds, learning_rate=learning_rates[0], callbacks=[board]
+        )
+        return result
+    held_out, best = {}, None
+    for lr in learning_rates:
+        encoder = make_encoder()
+        keras.utils.set_random_seed(seed)
+        board = keras.callbacks.TensorBoard(log_dir=os.path.join(log_dir, f"lr{lr:g}"))
+        held, model = tune(encoder, test_dataset=held_ds, learning_rate=lr, callbacks=[board])
+        scores = model.evaluate(test_ds, verbose=0, return_dict=True)
+        held_out[f"{lr:g}"] = held["top1"]
+        logging.info("learning rate %g: held-out top-1 %.4f", lr, held["top1"])
+        if best is None or held["top1"] > held_out[f"{best['learning_rate']:g}"]:
+            best = {
+                "top1": float(scores["top1"]),
+                "top5": float(scores["top5"]),
+                "train_loss": held["train_loss"],
+                "learning_rate": lr,
+            }
+    return {**best, "held_out_top1": held_out}
 
 
 # ----------------------------------------------------------------------------- report
@@ -556,12 +595,30 @@ def evaluate(s):
     out_dir = os.path.join(s.workdir, "eval")
     tensorboard_dir = os.path.join(out_dir, "tensorboard", s.protocol)
     writer = tf.summary.create_file_writer(tensorboard_dir)
+    cache, cache_inputs, cached = None, None, None
+    if s.baselines and s.baseline_cache != "off":
+        cache = baselines_lib.Cache(s.baseline_cache)
+        scale = s.crop_scale if s.crop_scale is not None else run.config.crop_scale
+        cache_inputs = baselines_lib.inputs(s, run.config, splits, dataset, crop_scale=scale)
+        if not s.recompute_baselines:
+            cached = cache.load(cache_inputs)
+    # With the baselines cached, the protocol computes none of them (no pixel or random-init
+    # features, no fits).
+    run_s = dataclasses.replace(s, baselines=False) if cached is not None else s
     if s.protocol == "knn":
-        results, baselines = run_knn(run, splits, s)
+        results, baselines = run_knn(run, splits, run_s)
     elif s.protocol == "linear":
-        results, baselines = run_linear(run, splits, s, writer)
+        results, baselines = run_linear(run, splits, run_s, writer)
     else:
-        results, baselines = run_fine_tune(run, splits, s, writer, tensorboard_dir)
+        results, baselines = run_fine_tune(run, splits, run_s, writer, tensorboard_dir)
+    cache_report = None
+    if cached is not None:
+        baselines = {**baselines, **cached}
+        cache_report = {"hit": True, "file": str(cache.path(cache_inputs))}
+    elif cache is not None:
+        computed = {k: v for k, v in baselines.items() if k not in baselines_lib.RUN_DEPENDENT}
+        path = cache.store(cache_inputs, computed, seconds=time.time() - start)
+        cache_report = {"hit": False, "file": str(path)}
     with writer.as_default(step=run.epoch):
         for name, r in {**results, **{f"baseline_{k}": v for k, v in baselines.items()}}.items():
             tf.summary.scalar(f"{s.protocol}/{name}/top1", r["top1"])
@@ -578,6 +635,7 @@ def evaluate(s):
         "results": results,
         "best": _best(results),
         "baselines": baselines,
+        "baseline_cache": cache_report,
         "seconds": round(time.time() - start, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

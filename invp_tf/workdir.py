@@ -68,10 +68,11 @@ def writing(path, what):
 def write_atomically(path, text, what="file"):
     """Writes `text` to `path` (local or gs:// etc.) through a temporary file and a rename, so
     that a reader never sees half of it; an I/O error becomes one WorkdirError line."""
+    temporary = f"{path}.{os.getpid()}.tmp"  # two writers never share a temporary file
     with writing(path, what):
-        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        with tf.io.gfile.GFile(temporary, "w") as f:
             f.write(text)
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def is_local(path):

@@ -65,8 +65,8 @@ def imports(path):
                 internal |= {alias.name for alias in node.names}
             elif node.module == "tests.conftest":
                 internal.add("conftest")
-            elif node.module == "benchmarks" and [a.name for a in node.names] == ["report"]:
-                internal.add("benchmarks_report")  # the benchmarks' statistics, tested
+            elif node.module == "benchmarks":  # benchmark modules that tests import
+                internal |= {f"benchmarks_{alias.name}" for alias in node.names}
             elif top in PIP:
                 external.add(top)
         elif isinstance(node, ast.Import):
@@ -87,6 +87,18 @@ def rule(kind, **attributes):
     """A Bazel rule, one attribute per line; values are written as given."""
     lines = [f"{kind}("] + [f"    {key} = {value}," for key, value in attributes.items()]
     return "\n".join(lines + [")", ""])
+
+
+def _tested_benchmarks():
+    """The benchmark modules the tests import, and the benchmark modules those import."""
+    found, todo = set(), sorted(glob.glob("tests/*_test.py"))
+    while todo:
+        internal, _ = imports(todo.pop())
+        for name in internal:
+            if name.startswith("benchmarks_") and name[len("benchmarks_") :] not in found:
+                found.add(name[len("benchmarks_") :])
+                todo.append(f"benchmarks/{name[len('benchmarks_') :]}.py")
+    return found | {"report"}
 
 
 def build_file():
@@ -112,14 +124,17 @@ def build_file():
                     deps=f"[{deps(*imports(path))}]",
                 )
             )
-    out.append(
-        rule(
-            "py_library",
-            name='"benchmarks_report"',
-            srcs='["benchmarks/__init__.py", "benchmarks/report.py"]',
-            deps=f"[{deps(*imports('benchmarks/report.py'))}]",
+    for name in sorted(_tested_benchmarks()):
+        path = f"benchmarks/{name}.py"
+        srcs = f'["benchmarks/__init__.py", "{path}"]' if name == "report" else f'["{path}"]'
+        out.append(
+            rule(
+                "py_library",
+                name=f'"benchmarks_{name}"',
+                srcs=srcs,
+                deps=f"[{deps(*imports(path))}]",
+            )
         )
-    )
     out.append(
         rule(
             "py_library",

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from invp_tf import baselines
 from invp_tf import config as config_lib
 from invp_tf import distribute
 
@@ -15,6 +16,14 @@ from invp_tf import distribute
 # TensorFlow runs its first op, so here, when pytest loads the fixtures; one
 # device stays the default for every other test.
 distribute.configure_cpu_devices(2)
+
+
+@pytest.fixture(autouse=True)
+def private_baseline_cache(tmp_path_factory, monkeypatch):
+    """Each test's evaluations cache baselines in a folder of their own, never the user's."""
+    folder = tmp_path_factory.mktemp("baseline_cache")
+    monkeypatch.setattr(baselines, "default_folder", lambda: folder)
+    return folder
 
 
 def write_idx(path, array):

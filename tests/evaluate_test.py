@@ -126,6 +126,25 @@ def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path)
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["label_fraction"] == 0.25
 
 
+def test_semi_chooses_its_learning_rate_on_held_out_train_rows(tiny_run, tmp_path):
+    settings = evaluate.make_settings(
+        tiny_run.workdir,
+        "semi",
+        label_fraction=0.25,
+        epochs=1,
+        batch_size=8,
+        learning_rates="0.01,0.2",
+        output=str(tmp_path / "s.json"),
+    )
+    report = evaluate.evaluate(settings)
+    for r in (report["results"]["network"], report["baselines"]["random_init_network"]):
+        assert set(r["held_out_top1"]) == {"0.01", "0.2"}
+        chosen = max(r["held_out_top1"], key=r["held_out_top1"].get)
+        assert r["learning_rate"] == float(chosen)
+        assert 0 <= r["top1"] <= r["top5"] <= 1
+    assert report["best"]["chosen_on"] == "held-out"
+
+
 def _image_folder(root, per_class=12):
     """folder:ROOT with class subfolders and no test split."""
     rng = np.random.default_rng(0)

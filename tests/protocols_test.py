@@ -1,5 +1,8 @@
 """Tests of invp_tf.protocols that need no trained run (the protocols themselves: evaluate_test)."""
 
+import numpy as np
+import pytest
+
 from invp_tf import protocols
 
 
@@ -20,3 +23,61 @@ def test_no_best_block_without_a_held_out_score():
     # kNN and the SGD probes score no held-out part: nothing is chosen.
     results = {"stage4": {"top1": 0.9}, "embedding": {"top1": 0.8, "held_out_top1": {"1": 0.7}}}
     assert protocols._best(results) is None
+
+
+class _FakeModel:
+    def __init__(self, test_top1):
+        self.test_top1 = test_top1
+
+    def evaluate(self, dataset, verbose=0, return_dict=True):
+        assert dataset == "test"
+        return {"top1": self.test_top1, "top5": 1.0}
+
+
+def test_tuned_fine_tune_chooses_the_learning_rate_on_held_out_rows_never_on_test():
+    # Held-out top-1 peaks at 0.1; the test split would have chosen 0.01.
+    held = {0.01: 0.70, 0.1: 0.80, 1.0: 0.75}
+    test = {0.01: 0.95, 0.1: 0.85, 1.0: 0.60}
+    starts = []
+
+    def tune(encoder, *, test_dataset, learning_rate, callbacks):
+        assert test_dataset == "held" and encoder == "fresh"
+        return {"top1": held[learning_rate], "train_loss": 0.5}, _FakeModel(test[learning_rate])
+
+    result = protocols._tuned_fine_tune(
+        tune,
+        lambda: starts.append(1) or "fresh",
+        learning_rates=[0.01, 0.1, 1.0],
+        held_ds="held",
+        test_ds="test",
+        seed=0,
+        log_dir="/tmp/unused-tuning-board",
+    )
+    assert len(starts) == 3  # every learning rate starts from the same fresh weights
+    assert result["learning_rate"] == 0.1
+    assert result["top1"] == 0.85  # reported, not used to choose
+    assert result["held_out_top1"] == {"0.01": 0.70, "0.1": 0.80, "1": 0.75}
+    # The best block logic sees the fine-tuned network as chosen on held-out rows.
+    assert protocols._best({"network": result})["held_out_score"] == 0.80
+
+
+def test_tuning_rows_avoid_the_labelled_and_the_evaluated_rows(tiny_idx_dir):
+    held_out_split = protocols.Splits(
+        "fashion_mnist", str(tiny_idx_dir), train_examples=0, label_fraction=0.25, held_out=0.2,
+        seed=0,
+    )  # fmt: skip
+    held_out_split.test = held_out_split.train  # as for a dataset without a test split
+    held_out_split.test_rows = np.arange(0, 64, 5)
+    rows = held_out_split.tuning_rows(0.2, seed=0)
+    assert len(rows) > 0
+    assert not set(rows) & set(held_out_split.train_rows)
+    assert not set(rows) & set(held_out_split.test_rows)
+
+
+def test_learning_rates_are_checked_before_any_work():
+    with pytest.raises(protocols.EvaluationError, match="applies to semi and finetune"):
+        protocols.make_settings("/tmp/run", "linear", learning_rates="0.1,1").validate()
+    with pytest.raises(protocols.EvaluationError, match="not a comma-separated list"):
+        protocols.make_settings("/tmp/run", "semi", learning_rates="0.1,x").validate()
+    with pytest.raises(protocols.EvaluationError, match="must list learning rates > 0"):
+        protocols.make_settings("/tmp/run", "semi", learning_rates="0.1,-1").validate()

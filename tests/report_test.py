@@ -53,3 +53,24 @@ def test_write_json_round_trips(tmp_path):
     report.write_json(path, {"b": [1, 2.5], "a": None})
     assert report.read_json(path) == {"a": None, "b": [1, 2.5]}
     assert report.read_json(str(tmp_path / "absent.json"), default=7) == 7
+
+
+def test_semi_study_table_pairs_each_arm_with_scratch_by_seed():
+    from benchmarks import semi_study
+
+    def cell(top1, lr=0.05):
+        return {"top1": top1, "learning_rate": lr, "labelled": 600}
+
+    results = {"cells": {}}
+    for seed, (invp, inst, scratch) in enumerate([(0.80, 0.78, 0.70), (0.82, 0.77, 0.71)]):
+        for arm, top1 in (("recipe", invp), ("instance", inst), ("scratch", scratch)):
+            results["cells"][f"d/0.01/seed{seed}/{arm}"] = cell(top1)
+    text = semi_study.table(results, "d", [0.01, 0.1], ["0", "1", "2"])
+    rows = {line.split(" | ")[1]: line for line in text.splitlines()[2:]}
+    assert set(rows) == {"InvP-pretrained", "instance-pretrained", "from scratch (random init)"}
+    # InvP - scratch: differences 0.10 and 0.11, paired over the seeds both have.
+    mean, low, high = report.paired_difference([0.80, 0.82], [0.70, 0.71])
+    assert f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] above 0" in rows["InvP-pretrained"]
+    assert "| 1% (600) |" in rows["InvP-pretrained"] and "| 0,1 |" in rows["InvP-pretrained"]
+    assert rows["from scratch (random init)"].endswith("| - |")
+    assert "10%" not in text  # no cell of that fraction has finished

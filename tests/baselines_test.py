@@ -10,9 +10,8 @@ import pytest
 
 from invp_tf import baselines
 from invp_tf import data
-from invp_tf import evaluate
 from invp_tf import protocols
-from invp_tf import train
+from invp_tf import training
 from tests import conftest
 
 
@@ -24,7 +23,7 @@ def tiny_run(tmp_path_factory):
     idx.mkdir()
     conftest.write_idx_dataset(idx, num_train=64, num_test=24, height=12, width=12)
     config = conftest.tiny_config(idx, root / "run", epochs=1)
-    train.train_and_evaluate(config, config.workdir)
+    training.train_and_evaluate(config, config.workdir)
     return config
 
 
@@ -109,11 +108,11 @@ def test_cache_round_trip_and_damaged_entries(tmp_path, tiny_run):
 
 def test_evaluate_reuses_cached_baselines_without_computing_them(tiny_run, tmp_path, monkeypatch):
     def settings(**extra):
-        return evaluate.make_settings(
+        return protocols.make_settings(
             tiny_run.workdir, "linear", block="stage4", output=str(tmp_path / "l.json"), **extra
         )
 
-    first = evaluate.evaluate(settings())
+    first = protocols.evaluate(settings())
     assert first["baseline_cache"]["hit"] is False
     assert set(first["baselines"]) == {
         "pixel_knn",
@@ -125,22 +124,22 @@ def test_evaluate_reuses_cached_baselines_without_computing_them(tiny_run, tmp_p
     calls = []
     monkeypatch.setattr(baselines, "compute", lambda *a, **k: calls.append("compute") or {})
     monkeypatch.setattr(baselines, "with_features", lambda fn, *a: calls.append("feat") or fn)
-    second = evaluate.evaluate(settings())
+    second = protocols.evaluate(settings())
     assert calls == [] and second["baseline_cache"]["hit"] is True
     assert second["baselines"] == json.loads(json.dumps(first["baselines"]))
     assert second["results"] == first["results"]
     # A changed input misses; --recompute_baselines ignores the hit and stores anew.
-    assert evaluate.evaluate(settings(knn_k=5))["baseline_cache"]["hit"] is False
-    assert evaluate.evaluate(settings(recompute_baselines=True))["baseline_cache"]["hit"] is False
+    assert protocols.evaluate(settings(knn_k=5))["baseline_cache"]["hit"] is False
+    assert protocols.evaluate(settings(recompute_baselines=True))["baseline_cache"]["hit"] is False
     assert calls == ["feat", "compute", "feat", "compute"]
     # --baseline_cache=off: computed, nothing cached.
-    off = evaluate.evaluate(settings(baseline_cache="off"))
+    off = protocols.evaluate(settings(baseline_cache="off"))
     assert off["baseline_cache"] is None and calls[-1] == "compute"
 
 
 def test_semi_caches_the_scratch_network_but_not_the_frozen_run(tiny_run, tmp_path):
     def settings():
-        return evaluate.make_settings(
+        return protocols.make_settings(
             tiny_run.workdir,
             "semi",
             label_fraction=0.25,
@@ -149,8 +148,8 @@ def test_semi_caches_the_scratch_network_but_not_the_frozen_run(tiny_run, tmp_pa
             output=str(tmp_path / "s.json"),
         )
 
-    first = evaluate.evaluate(settings())
-    second = evaluate.evaluate(settings())
+    first = protocols.evaluate(settings())
+    second = protocols.evaluate(settings())
     assert (first["baseline_cache"]["hit"], second["baseline_cache"]["hit"]) == (False, True)
     entry = json.loads(open(second["baseline_cache"]["file"]).read())
     assert "random_init_network" in entry["baselines"]

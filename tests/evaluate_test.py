@@ -127,7 +127,7 @@ def test_semi_protocol_fine_tunes_on_a_balanced_label_subset(tiny_run, tmp_path)
 
 
 def test_semi_chooses_its_learning_rate_on_held_out_train_rows(tiny_run, tmp_path):
-    settings = evaluate.make_settings(
+    settings = protocols.make_settings(
         tiny_run.workdir,
         "semi",
         label_fraction=0.25,
@@ -136,7 +136,7 @@ def test_semi_chooses_its_learning_rate_on_held_out_train_rows(tiny_run, tmp_pat
         learning_rates="0.01,0.2",
         output=str(tmp_path / "s.json"),
     )
-    report = evaluate.evaluate(settings)
+    report = protocols.evaluate(settings)
     for r in (report["results"]["network"], report["baselines"]["random_init_network"]):
         assert set(r["held_out_top1"]) == {"0.01", "0.2"}
         chosen = max(r["held_out_top1"], key=r["held_out_top1"].get)

@@ -47,6 +47,12 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; each times every pipeline o
 _WARMUP = flags.DEFINE_integer("warmup_batches", 2, "Batches pulled before timing, per round.")
 _BATCHES = flags.DEFINE_integer("batches", 6, "Timed batches per round and pipeline.")
 _REFERENCE = flags.DEFINE_bool("reference", True, "Time the plain tf.data reference too.")
+_PER_IMAGE = flags.DEFINE_bool(
+    "per_image",
+    False,
+    "Also time the recipe applied per image to whole decoded images (the project's pipeline "
+    "before crop-window decoding and the per-batch colour ops).",
+)
 _OUTPUT = flags.DEFINE_string("output", "", "Markdown file to append a row to (empty: none).")
 _NOTE = flags.DEFINE_string("machine_note", "", "Added to the machine column.")
 
@@ -206,6 +212,25 @@ def main(argv):
         )
 
     pipelines = {"project": project}
+    if _PER_IMAGE.value:
+
+        def per_image_view(image, seed, image_size):  # neither encoded input nor two stages
+            return view(image, seed, image_size)
+
+        def per_image(r):
+            first = r * math.ceil((warmup + timed) / steps)
+            return _epochs(
+                lambda e: data.train_pipeline(
+                    source,
+                    batch_size=batch,
+                    image_size=size,
+                    view=per_image_view,
+                    seed=config.seed,
+                    epoch=first + e,
+                )
+            )
+
+        pipelines["per_image"] = per_image
     if _REFERENCE.value and source.paths:
 
         def reference(r):
@@ -242,6 +267,13 @@ def main(argv):
             f"{mean:.2f}{interval}, per round {', '.join(f'{x:.2f}' for x in per_round)}, "
             f"median {statistics.median(per_round):.2f}"
         )
+    if "per_image" in rate:
+        mean, low, high = report.paired_speed_ratio(seconds["project"], seconds["per_image"])
+        interval = "" if low is None else f" (95% t-interval {low:.2f}-{high:.2f})"
+        result += (
+            f"; the recipe per image on whole decoded images {rate['per_image']:.0f}: project / "
+            f"per image {mean:.2f}{interval}"
+        )
     print(f"{what}\n{result}")
     if _OUTPUT.value:
         report.append_rows(
@@ -250,7 +282,8 @@ def main(argv):
                 f"input pipeline | `python -m benchmarks.input_pipeline --flagfile=... "
                 f"--dataset={config.dataset} --augment={config.augment} "
                 f"--image_size={size} --batch_size={batch} --rounds={_ROUNDS.value} "
-                f"--batches={timed}` | {report.machine()}"
+                f"--batches={timed}{' --per_image' if _PER_IMAGE.value else ''}` | "
+                f"{report.machine()}"
                 f"{', ' + _NOTE.value if _NOTE.value else ''}, load avg "
                 f"{os.getloadavg()[0]:.1f} | {what}: {result} (process CPU time, alternated)"
             ],

@@ -55,6 +55,8 @@ SAFE_TO_CHANGE = {
     "tpu": "where the same computation runs",
     "cpu_devices": "where the same computation runs",
     "jit_compile": "XLA compiles the same step; results match up to round-off",
+    "device_memory_gb": "only checks the memory plan before the first step",
+    "dry_run": "prints the memory plan; trains nothing",
 }
 
 

@@ -48,12 +48,13 @@ def test_dense_plan_by_hand():
     assert plan.terms["bank"] == 1000 * 16 * 4
     assert plan.terms["graph"] == 1000 * 2 * 4
     assert plan.terms["similarity"] == plan.terms["similarity gradient"] == 32 * 1000 * 4
-    assert plan.terms["TopM workspace"] == 32 * 1000 * 9
+    assert plan.terms["TopM workspace"] == 32 * 1000  # the TopM mask, a byte each
+    assert plan.terms["runtime"] == 200_000_000
     assert plan.total == sum(plan.terms.values())
     assert plan.search == "exact, native kernel, dense [B, N]"
     # On a GPU (or under XLA) the exact search is TensorFlow ops: a float32 copy more.
     gpu = memory_plan.make_plan(_config(), 1000, replicas=2, accelerator=True)
-    assert gpu.terms["TopM workspace"] == 32 * 1000 * 13
+    assert gpu.terms["TopM workspace"] == 32 * 1000 * 5
     assert gpu.search == "exact, TensorFlow ops, dense [B, N]"
 
 
@@ -71,13 +72,11 @@ def test_chunked_searches_never_hold_b_by_n():
 
 
 def test_over_budget_is_one_line_naming_the_largest_term_and_what_to_change():
-    plan = memory_plan.make_plan(_config(batch_size=256), 1_000_000, accelerator=True)
-    # The [B, N] similarities dominate at B=256, N=1M under XLA.
     plan = memory_plan.make_plan(
         _config(batch_size=256, num_background=100_000), 1_000_000, accelerator=True
     )
     name, _ = plan.largest()
-    assert name == "TopM workspace"
+    assert name == "TopM workspace"  # its float32 copy and mask: 5 bytes per [B, N] entry
     with pytest.raises(ValueError) as error:
         plan.check(2e9)
     message = str(error.value)

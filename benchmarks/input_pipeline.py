@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -183,6 +184,12 @@ def measure(pipelines, *, rounds, warmup, batches, batch_size):
     return seconds
 
 
+def _flagfiles():
+    """The --flagfile arguments of the command line, as given ("" when none)."""
+    given = [arg for arg in sys.argv[1:] if arg.lstrip("-").startswith("flagfile=")]
+    return "".join(f"{arg} " for arg in given)
+
+
 def main(argv):
     del argv
     config = config_lib.Config(**{name: holder.value for name, holder in _CONFIG.items()})
@@ -190,7 +197,9 @@ def main(argv):
         folder = config.dataset[len("folder:") :]
         if not (os.path.isdir(folder) and data.list_images(folder)):
             write_jpeg_folder(folder, _MAKE.value)
-    source = data.load_source(config.dataset, "train", config.data_dir or None)
+    source = data.load_source(
+        config.dataset, "train", config.data_dir or None, config.train_examples
+    )
     view = training.view_from_config(config)
     batch, size, warmup, timed = config.batch_size, config.image_size, _WARMUP.value, _BATCHES.value
     steps = source.num_examples // batch
@@ -279,7 +288,7 @@ def main(argv):
         report.append_rows(
             _OUTPUT.value,
             [
-                f"input pipeline | `python -m benchmarks.input_pipeline --flagfile=... "
+                f"input pipeline | `python -m benchmarks.input_pipeline {_flagfiles()}"
                 f"--dataset={config.dataset} --augment={config.augment} "
                 f"--image_size={size} --batch_size={batch} --rounds={_ROUNDS.value} "
                 f"--batches={timed}{' --per_image' if _PER_IMAGE.value else ''}` | "

@@ -1,6 +1,7 @@
 """The benchmarks' shared statistics: paired differences and paired speed ratios."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -30,3 +31,15 @@ def test_paired_speed_ratio_is_the_geometric_mean_of_time_ratios():
         (math.exp(logs.mean() - half), math.exp(logs.mean() + half))
     )
     assert report.paired_speed_ratio([1.0], [2.0]) == (2.0, None, None)
+
+
+def test_machine_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    line = "echo 'NVIDIA H100 80GB HBM3, 81559 MiB'\n"
+    fake.write_text("#!/bin/sh\n" + line + line)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert report.gpus() == "2 x NVIDIA H100 80GB HBM3, 81559 MiB each"
+    assert report.machine().endswith(", 2 x NVIDIA H100 80GB HBM3, 81559 MiB each")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert report.gpus() == "no GPU"

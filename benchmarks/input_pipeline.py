@@ -35,12 +35,10 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
-from invp_tf import command
-from invp_tf import config as config_lib
 from invp_tf import data
+from invp_tf import train  # defines invp-train's flags (the Config's fields) in absl's FLAGS
 from invp_tf import training
 
-_CONFIG = command.define_fields(config_lib.Config, config_lib.CHOICES, flags.FLAGS)
 _MAKE = flags.DEFINE_integer(
     "make_images", 0, "Write this many ImageNet-like JPEGs into an empty --dataset folder."
 )
@@ -192,7 +190,7 @@ def _flagfiles():
 
 def main(argv):
     del argv
-    config = config_lib.Config(**{name: holder.value for name, holder in _CONFIG.items()})
+    config = train.config_from_flags()  # the flags of invp-train, parsed by app.run
     if config.dataset.startswith("folder:") and _MAKE.value:
         folder = config.dataset[len("folder:") :]
         if not (os.path.isdir(folder) and data.list_images(folder)):

@@ -106,7 +106,8 @@ class MemoryPlan:
         raise ValueError(
             f"memory plan: {self.total / GB:.2f} GB per replica exceeds the device's "
             f"{budget_bytes / GB:.2f} GB; the largest term is the {name} ({value / GB:.2f} GB): "
-            f"{_ADVICE[name]} (invp-train --dry_run prints the whole plan)"
+            f"{_ADVICE[name]} (invp-train --dry_run prints the whole plan; its activations "
+            "are an upper estimate, and --device_memory_gb sets the budget)"
         )
 
 

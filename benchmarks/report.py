@@ -12,14 +12,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def machine():
-    """One-line description of this machine: core count and CPU model."""
+    """One-line description of this machine: core count, CPU model and its GPUs."""
     model = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return f"{os.cpu_count()} cores, {model}, no GPU"
+    return f"{os.cpu_count()} cores, {model}, {gpus()}"
+
+
+def gpus():
+    """The GPUs nvidia-smi lists ("8 x NVIDIA H100 80GB HBM3, 81559 MiB each"), or "no GPU"."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "no GPU"
+    names = [line.strip() for line in out.splitlines() if line.strip()]
+    if not names:
+        return "no GPU"
+    name, _, memory = names[0].partition(",")
+    return f"{len(names)} x {name.strip()}, {memory.strip()} each"
 
 
 def append_rows(output, rows):

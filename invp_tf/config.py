@@ -170,6 +170,18 @@ class Config(losses.LossConfig):
         "embedding, bank and similarity/log-sum-exp path stay float32.",
     )
     seed: int = _field(0, "Seed of weights, bank, shuffling and augmentation.")
+    device_memory_gb: float = _field(
+        0.0,
+        "Memory of one device in GB: a run whose memory plan (printed at startup) exceeds it "
+        "stops before the first step, naming the largest term (0: the GPU's reported memory, "
+        "no check without a GPU).",
+        safe_to_change="only checks the memory plan before the first step",
+    )
+    dry_run: bool = _field(
+        False,
+        "Print the memory plan per replica and stop: no training, nothing written.",
+        safe_to_change="prints the memory plan; trains nothing",
+    )
 
     @property
     def loss(self):
@@ -261,6 +273,10 @@ class Config(losses.LossConfig):
             (self.knn_k >= 1, f"--knn_k={self.knn_k} must be >= 1"),
             (self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0"),
             (0 < self.crop_scale <= 1, f"--crop_scale={self.crop_scale} must be in (0, 1]"),
+            (
+                self.device_memory_gb >= 0,
+                f"--device_memory_gb={self.device_memory_gb} must be >= 0",
+            ),
             (
                 0 <= self.memory_momentum < 1,
                 f"--memory_momentum={self.memory_momentum} must be in [0, 1)",

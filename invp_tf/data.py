@@ -70,6 +70,8 @@ class Source:
       decode: None when `make_dataset` yields decoded images; else fn(example) -> example that
         decodes the example `make_dataset` yields (tfds, folders: "image" is encoded bytes or
         a path), so that the train pipeline can drop other workers' examples first.
+      read: None, or fn(example) -> example whose "image" is the encoded file (tf.string),
+        for views that decode only what they crop (`augment.takes_encoded`).
     """
 
     name: str
@@ -85,6 +87,7 @@ class Source:
     decode: Callable[[dict], dict] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    read: Callable[[dict], dict] | None = dataclasses.field(default=None, repr=False, compare=False)
     # What else identifies the examples, for `fingerprint`: IDX files read, or tfds'
     # (name, version, split read).
     origin: tuple[str, ...] = dataclasses.field(default=(), repr=False)
@@ -339,6 +342,7 @@ def _tfds_source(dataset, split, data_dir, train_examples):
         image_shape=image_shape,
         make_dataset=make_dataset,
         decode=decode,
+        read=lambda ex: ex,  # already the encoded image
         origin=(name, str(builder.info.version), read_split),
     )
 
@@ -469,6 +473,7 @@ def _folder_source(dataset, split, train_examples):
         exact_shuffle=True,
         make_dataset=make_dataset,
         decode=decode,
+        read=lambda ex: dict(ex, image=tf.io.read_file(ex["image"])),
     )
 
 
@@ -588,6 +593,18 @@ def pipeline_options(ds):
     return ds.with_options(options)
 
 
+def host_cores():
+    """The CPU cores this process may run on: the parallel calls of the view maps.
+
+    Given explicitly: with the autotuner off, `AUTOTUNE` parallel calls stop at
+    min(16, cores), which would cap a large host's input pipeline near 16 views at a time.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _view_seed_base(seed, epoch):
     # One int64 per (seed, epoch); the element seed is [base, index].
     return (seed * 1_000_003 + epoch) % (2**63)
@@ -674,15 +691,29 @@ def train_pipeline(
         ds = ds.enumerate().filter(lambda p, ex: (p % global_batch) // part == shard_index)
         ds = ds.map(lambda p, ex: ex)
     base = tf.constant(_view_seed_base(seed, epoch), tf.int64)
-    decode = source.decode or (lambda ex: ex)
+    # After the shard filter: each worker reads and decodes its own examples only. A view
+    # that crops an encoded file decodes only the crop window of a JPEG.
+    encoded = source.read is not None and augment.takes_encoded(view)
+    decode = (source.read if encoded else source.decode) or (lambda ex: ex)
+    # Colour recipes: crop and draws per image, the colour ops per batch (same views).
+    stages = augment.two_stage(view)
+    per_image = stages.element if stages else view
 
     def to_view(ex):
-        ex = decode(ex)  # after the shard filter: each worker decodes its own examples only
+        ex = decode(ex)
         view_seed = tf.stack([base, tf.cast(ex["index"], tf.int64)])  # [2]
-        return view(ex["image"], view_seed, image_size), ex["index"], ex["label"]
+        return per_image(ex["image"], view_seed, image_size), ex["index"], ex["label"]
 
-    ds = ds.map(to_view, num_parallel_calls=AUTOTUNE, deterministic=True)
+    cores = host_cores()
+    ds = ds.map(to_view, num_parallel_calls=cores, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
+    if stages:
+        # A batch in flight holds B views: a quarter of the cores keep pace with the crops.
+        ds = ds.map(
+            lambda out, index, label: (stages.batch(*out), index, label),
+            num_parallel_calls=max(2, cores // 4),
+            deterministic=True,
+        )
     return pipeline_options(ds.prefetch(AUTOTUNE))
 
 

@@ -18,6 +18,7 @@ from absl import logging
 
 from invp_tf import command
 from invp_tf import config as config_lib
+from invp_tf import memory_plan
 from invp_tf import training
 
 _COMMAND = command.Flags(
@@ -48,6 +49,10 @@ def main(argv):
     """Trains the run of the command line `argv` (see `command.parsed`)."""
     command_line = argv if len(argv) > 1 else sys.argv  # app.run passes the program alone
     config = config_lib.Config(**_COMMAND.values(argv))
+    if config.dry_run:  # the memory plan only: nothing is trained or written
+        with command.exits_on("invp_tf.train", ValueError, FileNotFoundError):
+            print(memory_plan.dry_run(config))
+        return
     if not config.workdir:
         raise app.UsageError("--workdir is required")
     if not _flagfile_given(command_line):

@@ -32,6 +32,7 @@ from invp_tf import config as config_lib
 from invp_tf import data
 from invp_tf import distribute
 from invp_tf import evaluation
+from invp_tf import memory_plan
 from invp_tf import model as model_lib
 from invp_tf import neighbors
 from invp_tf import propagation
@@ -445,6 +446,8 @@ def _build(config, workdir, strategy, on_exit):
     chief = distribute.is_chief(strategy)
     train_source, test_source = _load_data(config, workdir, strategy)
     num_examples = train_source.num_examples
+    # Before anything is written or allocated: over the device's memory is one line.
+    memory_plan.check_config(config, num_examples, strategy)
     # A rerun may change only flags that keep the model, data, bank and optimizer state.
     run_dir = on_exit.enter_context(rundir.RunDir.open(config, workdir, chief))
     steps_per_epoch = num_examples // config.batch_size

@@ -171,3 +171,91 @@ def test_crop_flip_scale_partial():
 def test_get_view_unknown_name():
     with pytest.raises(ValueError, match="crop_flip"):
         augment.get_view("simclr")
+
+
+# ---------------------------------------------------------------------------
+# The input pipeline's forms: encoded files and the two-stage colour recipes.
+
+
+def _jpeg(image, quality=95, chroma_downsampling=False):
+    return tf.io.encode_jpeg(
+        tf.constant(image), quality=quality, chroma_downsampling=chroma_downsampling
+    )
+
+
+@pytest.mark.parametrize("scale", [(0.2, 1.0), (1.0, 1.0)])
+def test_crop_of_an_encoded_jpeg_decodes_the_same_window(scale):
+    # The same stateless box, read off the JPEG header; decode_and_crop_jpeg gives the
+    # pixels of decode-then-crop (without chroma subsampling: exactly). Crops above S keep
+    # the antialiased resize.
+    image = np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    for subsampled in (False, True):
+        encoded = _jpeg(image, chroma_downsampling=subsampled)
+        decoded = tf.io.decode_jpeg(encoded, channels=3)
+        for i in range(6):
+            seed = tf.constant([i, 2], tf.int64)
+            want = augment.random_resized_crop(decoded, seed, 16, scale=scale).numpy()
+            got = augment.random_resized_crop(encoded, seed, 16, scale=scale).numpy()
+            if not subsampled:
+                np.testing.assert_array_equal(got, want)
+            else:
+                # 4:2:0 chroma at the window's right edge is upsampled from the edge
+                # instead of the next block: the last column only moves, a little.
+                np.testing.assert_array_equal(got[:, :-2], want[:, :-2])
+                assert np.abs(got - want).max() < 0.1
+
+
+def test_crop_of_an_encoded_file_upsamples_without_antialias_and_reads_png():
+    # A crop smaller than S on both sides: plain bilinear, equal to the antialiased resize
+    # up to round-off. A PNG (no crop-window decode) takes the same box.
+    image = np.random.default_rng(5).integers(0, 256, (20, 18, 3), dtype=np.uint8)
+    for encoded in (_jpeg(image), tf.io.encode_png(image)):
+        decoded = tf.io.decode_image(encoded, channels=3)
+        for i in range(4):
+            seed = tf.constant([i, 9], tf.int64)
+            want = augment.random_resized_crop(decoded, seed, 32)
+            got = augment.random_resized_crop(encoded, seed, 32)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_grey_jpeg_is_read_as_rgb():
+    grey = np.random.default_rng(6).integers(0, 256, (30, 30, 1), dtype=np.uint8)
+    encoded = tf.io.encode_jpeg(grey)
+    out = augment.crop_flip_view(encoded, SEED, S)
+    assert out.shape == (S, S, 3)
+    np.testing.assert_array_equal(out[..., 0].numpy(), out[..., 2].numpy())
+
+
+def _two_stage_views(name, images, seeds, size):
+    stages = augment.two_stage(augment.get_view(name))
+    outs = [stages.element(x, s, size) for x, s in zip(images, seeds, strict=True)]
+    crops = tf.stack([crop for crop, _ in outs])
+    draws = {k: tf.stack([d[k] for _, d in outs]) for k in outs[0][1]}
+    return stages, crops, draws
+
+
+@pytest.mark.parametrize("name", ["moco_v2", "cifar"])
+def test_two_stage_recipe_is_the_per_image_recipe(name):
+    # The same seeds give the same draws; only float round-off differs (XLA's fused hue,
+    # the batch's folded blur). Enough images that every branch (jitter on/off, each order,
+    # grey, blur, flip) is taken.
+    rng = np.random.default_rng(7)
+    images = [tf.constant(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(12)]
+    seeds = [tf.constant([11, i], tf.int64) for i in range(12)]
+    view = augment.get_view(name)
+    want = np.stack([view(x, s, S).numpy() for x, s in zip(images, seeds, strict=True)])
+    stages, crops, draws = _two_stage_views(name, images, seeds, S)
+    got = stages.batch(crops, draws).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    for key in ("jitter", "grey", "flip") + (("blur",) if name == "moco_v2" else ()):
+        assert 0 < np.sum(draws[key].numpy()) < 12 or key == "jitter", key
+    # A view depends on its image and seed only, not on the batch it is in.
+    for i in (0, 5):
+        alone = stages.batch(crops[i : i + 1], {k: v[i : i + 1] for k, v in draws.items()})
+        np.testing.assert_array_equal(alone.numpy()[0], got[i])
+
+
+def test_two_stage_and_encoded_forms_are_named():
+    assert augment.two_stage(augment.crop_flip_view) is None  # the demo's view: one stage
+    assert augment.takes_encoded(functools.partial(augment.crop_flip_view, scale=(0.7, 1.0)))
+    assert not augment.takes_encoded(augment.resize_view)

@@ -3,6 +3,8 @@
 import gzip
 import os
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import tensorflow_datasets as tfds
 from invp_tf import augment
 from invp_tf import data
 from tests.conftest import write_idx
+from tests.conftest import write_idx_dataset
 
 N, H, W = 12, 6, 5
 
@@ -292,3 +295,56 @@ def test_sharded_workers_read_and_decode_only_their_own_files(tmp_path):
     assert sorted(mine + theirs) == list(range(8))
     with pytest.raises(tf.errors.InvalidArgumentError):
         indices(1)
+
+
+@pytest.mark.parametrize("recipe", ["moco_v2", "crop_flip"])
+def test_folder_pipeline_views_are_the_recipe_of_each_index(tmp_path, recipe):
+    # The pipeline crops the encoded files and runs the colour ops per batch; each view is
+    # still the per-image recipe of (decoded image, [seed base, index]) to round-off.
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+        tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(image))
+    source = data.load_source(f"folder:{tmp_path}", "train")
+    view = augment.get_view(recipe)
+    batches = list(
+        data.train_pipeline(source, batch_size=3, image_size=16, view=view, seed=2, epoch=1)
+    )
+    base = data._view_seed_base(2, 1)
+    for images, indices, _ in batches:
+        for image, index in zip(images.numpy(), indices.numpy(), strict=True):
+            decoded = tf.io.decode_png(tf.io.read_file(source.paths[index]))
+            want = view(decoded, tf.constant([base, index], tf.int64), 16)
+            np.testing.assert_allclose(image, want.numpy(), atol=2e-5)
+
+
+def test_view_map_runs_as_many_calls_as_the_host_has_cores(idx_dir, monkeypatch):
+    # A 48-core host, simulated by a 48-thread private pool: the view runs 48 calls at once
+    # (AUTOTUNE without the autotuner would stop at 16).
+    path, _ = idx_dir
+    big = path / "big"
+    big.mkdir()
+    write_idx_dataset(big, num_train=96, num_test=4, height=4, width=4)
+    source = data.load_source("fashion_mnist", data_dir=str(big))
+    monkeypatch.setattr(data, "host_cores", lambda: 48)
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def probe(x):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.3)
+        with lock:
+            state["now"] -= 1
+        return x
+
+    def view(image, seed, size):
+        del seed
+        x = tf.ensure_shape(tf.py_function(probe, [image], tf.uint8), image.shape)
+        return tf.image.resize(tf.cast(x, tf.float32) / 255.0, [size, size])
+
+    ds = data.train_pipeline(source, batch_size=48, image_size=4, view=view, seed=0, epoch=0)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 48
+    next(iter(ds.with_options(options)))
+    assert state["most"] >= 40, state

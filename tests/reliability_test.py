@@ -117,7 +117,7 @@ def test_changed_model_flags_stop_before_anything_is_written(runs, tmp_path):
         "a checkpoint cannot continue with another model, data, bank or optimizer; rerun with "
         "the run's values or use a new --workdir (a rerun may change only --epochs, "
         "--knn_k, --knn_temperature, --knn_features, --eval_every, --jit_compile, "
-        "--strategy, --tpu, --cpu_devices)"
+        "--strategy, --tpu, --cpu_devices, --device_memory_gb, --dry_run)"
     )
     assert _file_hashes(run.workdir) == before  # flags.txt, checkpoints, metrics untouched
     # Evaluation and export still see the trained model.

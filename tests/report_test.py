@@ -1,6 +1,7 @@
 """The benchmarks' shared statistics: paired differences and paired speed ratios."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -74,3 +75,15 @@ def test_semi_study_table_pairs_each_arm_with_scratch_by_seed():
     assert "| 1% (600) |" in rows["InvP-pretrained"] and "| 0,1 |" in rows["InvP-pretrained"]
     assert rows["from scratch (random init)"].endswith("| - |")
     assert "10%" not in text  # no cell of that fraction has finished
+
+
+def test_machine_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    line = "echo 'NVIDIA H100 80GB HBM3, 81559 MiB'\n"
+    fake.write_text("#!/bin/sh\n" + line + line)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert report.gpus() == "2 x NVIDIA H100 80GB HBM3, 81559 MiB each"
+    assert report.machine().endswith(", 2 x NVIDIA H100 80GB HBM3, 81559 MiB each")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert report.gpus() == "no GPU"

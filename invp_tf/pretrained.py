@@ -1,13 +1,14 @@
 """A run folder from a pretrained PyTorch ResNet: the authors' checkpoints, torchvision's, MoCo's.
 
 `import_checkpoint(settings)` reads a `torch.save` file with `torch_checkpoint` (no torch, no
-code from the file is run), maps its ResNet onto `encoder.Encoder` and writes a complete run
-folder: flags.txt (the architecture read from the checkpoint's keys and shapes, the input
-normalisation its training used, the training flags of --recipe), checkpoints/ckpt-EPOCH with
-the parts a training checkpoint has (encoder, optimizer, bank, graph, epoch, step) and
-imported.json, the record of where the weights came from (file, SHA-256, format, every key and
-what became of it). Evaluation, export, embedding, analysis and continued training read the
-folder as they read a trained one; the export adds a model card from imported.json.
+code from the file is run), maps its ResNet onto `encoder.Encoder` with `resnet_keys` and
+writes a complete run folder: flags.txt (the architecture read from the checkpoint's keys and
+shapes, the input normalisation its training used, the training flags of --recipe),
+checkpoints/ckpt-EPOCH with the parts a training checkpoint has (encoder, optimizer, bank,
+graph, epoch, step) and imported.json, the record of where the weights came from (file,
+SHA-256, format, every key and what became of it). Evaluation, export, embedding, analysis and
+continued training read the folder as they read a trained one; the export adds a model card
+from imported.json.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ from invp_tf import encoder as encoder_lib
 from invp_tf import memory_bank
 from invp_tf import model as model_lib
 from invp_tf import neighbors
+from invp_tf import resnet_keys
 from invp_tf import rundir
 from invp_tf import torch_checkpoint
 from invp_tf import workdir as workdir_lib
@@ -33,7 +35,7 @@ IMPORT_FILE = "imported.json"
 _STEM_IMAGE_SIZE = {"imagenet": 224, "cifar": 32}
 # The paper's temperature for each head (section 1 of the design).
 _HEAD_TEMPERATURE = {"linear": 0.07, "mlp": 0.2}
-# --normalization: auto (the stem's, see torch_checkpoint) or one of the encoder's.
+# --normalization: auto (the stem's, see resnet_keys) or one of the encoder's.
 NORMALIZATION_CHOICES = ("auto", *encoder_lib.NORMALIZATIONS)
 
 
@@ -82,7 +84,7 @@ def _variables_by_path(encoder):
 
 
 def assign(encoder, state):
-    """Assigns a torch_checkpoint.ResNetState to a built encoder.Encoder; names any misfit."""
+    """Assigns a resnet_keys.ResNetState to a built encoder.Encoder; names any misfit."""
     variables = _variables_by_path(encoder)
     missing = sorted(set(variables) - set(state.weights))
     if missing:
@@ -252,7 +254,7 @@ def import_checkpoint(settings):
         )
     _check_new_run(settings.workdir)
     obj, file_format = torch_checkpoint.load(settings.checkpoint)
-    state = torch_checkpoint.resnet_state(obj, settings.checkpoint)
+    state = resnet_keys.resnet_state(obj, settings.checkpoint)
     del obj  # the tensors are views of the file: each storage is unmapped with its last view
     config = _run_config(settings, state)
     bank, graph, bank_origin = _bank_and_graph(settings, state, config)

@@ -15,6 +15,7 @@ from invp_tf import evaluate
 from invp_tf import export
 from invp_tf import import_checkpoint
 from invp_tf import pretrained
+from invp_tf import resnet_keys
 from invp_tf import saved_model
 from invp_tf import torch_checkpoint as tc
 from invp_tf import train
@@ -73,7 +74,7 @@ def test_hub_keras_layer_gives_the_authors_pooled_features(exported):
 def test_the_run_folder_holds_the_checkpoint(exported):
     name, run, _ = exported
     obj, _ = tc.load(DATA / f"{name}.pth")
-    mapped = tc.resnet_state(obj, name)
+    mapped = resnet_keys.resnet_state(obj, name)
     loaded = workdir_lib.load_run(str(run))
     config = loaded.config
     assert (config.encoder, config.width_multiplier, config.stem_width) == ("resnet50", 0.125, 64)

@@ -4,8 +4,8 @@
         [--make_images=400] [--batch_size=32 --rounds=5 --batches=6]
 
 Times exactly what `invp-train` reads for that recipe: `data.load_source` and
-`data.train_pipeline` with the recipe's view (`training.view_from_config`), one epoch's
-pipeline after another. Each round builds a fresh pipeline (a new epoch), pulls
+`invp_tf.input_pipeline.train_pipeline` with the recipe's view (`training.view_from_config`),
+one epoch's pipeline after another. Each round builds a fresh pipeline (a new epoch), pulls
 --warmup_batches, then counts the process CPU time (`time.process_time`: every thread of
 the process, so a loaded machine still gives a fair figure) over --batches batches.
 
@@ -36,6 +36,7 @@ from absl import flags
 
 from benchmarks import report
 from invp_tf import data
+from invp_tf import input_pipeline
 from invp_tf import train  # defines invp-train's flags (the Config's fields) in absl's FLAGS
 from invp_tf import training
 
@@ -137,7 +138,7 @@ def reference_pipeline(paths, *, batch_size, image_size, recipe, seed, epoch):
     ds = ds.shuffle(n, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
     ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return data.pipeline_options(ds)
+    return input_pipeline.pipeline_options(ds)
 
 
 def _reference_blur(x, seed):
@@ -208,7 +209,7 @@ def main(argv):
         # Round r starts at its own epoch, so rounds see different views (as epochs do).
         first = r * math.ceil((warmup + timed) / steps)
         return _epochs(
-            lambda e: data.train_pipeline(
+            lambda e: input_pipeline.train_pipeline(
                 source,
                 batch_size=batch,
                 image_size=size,
@@ -227,7 +228,7 @@ def main(argv):
         def per_image(r):
             first = r * math.ceil((warmup + timed) / steps)
             return _epochs(
-                lambda e: data.train_pipeline(
+                lambda e: input_pipeline.train_pipeline(
                     source,
                     batch_size=batch,
                     image_size=size,

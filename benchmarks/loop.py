@@ -38,6 +38,7 @@ from benchmarks import report
 from invp_tf import config as config_lib
 from invp_tf import data
 from invp_tf import distribute
+from invp_tf import input_pipeline
 from invp_tf import model as model_lib
 from invp_tf import training
 from invp_tf import workdir as workdir_lib
@@ -100,7 +101,7 @@ def last_batch(config):
     source = data.load_source(
         config.dataset, "train", config.data_dir or None, config.train_examples
     )
-    pipeline = data.train_pipeline(
+    pipeline = input_pipeline.train_pipeline(
         source,
         batch_size=config.batch_size,
         image_size=config.image_size,

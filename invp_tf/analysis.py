@@ -21,6 +21,7 @@ from matplotlib.backends import backend_agg
 
 from invp_tf import data
 from invp_tf import evaluation
+from invp_tf import input_pipeline
 from invp_tf import neighbors
 from invp_tf import propagation
 from invp_tf import workdir as workdir_lib
@@ -146,7 +147,7 @@ def _test_embeddings(run, samples_per_class, seed):
     labels = _test_labels(config.dataset, config.data_dir)
     sample = evaluation.balanced_subset(labels, per_class=samples_per_class, seed=seed)
     source = data.load_source(config.dataset, "test", config.data_dir or None)
-    pipeline = data.eval_pipeline(
+    pipeline = input_pipeline.eval_pipeline(
         data.subset_source(source, sample), batch_size=256, image_size=config.image_size
     )
     embeddings, _, sample_labels = evaluation.extract_embeddings(

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from invp_tf import augment
 from invp_tf import data
+from invp_tf import input_pipeline
 from invp_tf import neighbors
 from invp_tf import saved_model
 
@@ -80,7 +81,7 @@ def folder_inputs(folder, image_size, batch_size):
         deterministic=True,
     )
     return Inputs(
-        data.pipeline_options(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)),
+        input_pipeline.pipeline_options(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)),
         len(names),
         names.__getitem__,
         paths,
@@ -88,7 +89,7 @@ def folder_inputs(folder, image_size, batch_size):
 
 
 def dataset_inputs(dataset, split, data_dir, image_size, batch_size):
-    """One split of a `data.load_source` dataset through `data.eval_pipeline`, in source order.
+    """One split of a dataset through `input_pipeline.eval_pipeline`, in source order.
 
     Ids are the example index, or the image path for folder: datasets.
 
@@ -99,7 +100,7 @@ def dataset_inputs(dataset, split, data_dir, image_size, batch_size):
     source = data.load_source(dataset, split, data_dir or None)
     if source is None:
         raise ValueError(f"{dataset} has no {split!r} split")
-    pipeline = data.eval_pipeline(source, batch_size=batch_size, image_size=image_size)
+    pipeline = input_pipeline.eval_pipeline(source, batch_size=batch_size, image_size=image_size)
     ids = source.paths.__getitem__ if source.paths else str
     return Inputs(pipeline, source.num_examples, ids, source.paths)
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from invp_tf import data
+from invp_tf import input_pipeline
 
 # Blocks a probe can read: global-average-pooled stage outputs of the backbone
 # (stage4 pooled is the encoder's "features") and the L2-normalised embedding.
@@ -93,7 +93,7 @@ def knn_monitor(config, infer, train_features, test_source, train_labels):
     """
     if test_source is None or not test_source.num_classes:
         return None
-    pipeline = data.eval_pipeline(
+    pipeline = input_pipeline.eval_pipeline(
         test_source, batch_size=max(config.batch_size, 256), image_size=config.image_size
     )
     test_features, _, test_labels = extract_embeddings(infer, pipeline)

@@ -24,6 +24,7 @@ from invp_tf import augment
 from invp_tf import baselines as baselines_lib
 from invp_tf import data
 from invp_tf import evaluation
+from invp_tf import input_pipeline
 from invp_tf import model as model_lib
 from invp_tf import workdir as workdir_lib
 
@@ -326,7 +327,9 @@ def _extract(fn, source, rows, s, image_size):
     """{name: [len(rows), F]} and labels [len(rows)] of the examples `rows` of `source`."""
     if len(rows) < source.num_examples:
         source = data.subset_source(source, rows)
-    pipeline = data.eval_pipeline(source, batch_size=max(s.batch_size, 256), image_size=image_size)
+    pipeline = input_pipeline.eval_pipeline(
+        source, batch_size=max(s.batch_size, 256), image_size=image_size
+    )
     n = int(np.max(rows)) + 1
     features, labels = evaluation.extract_block_features(fn, pipeline, n)
     return {name: value[rows] for name, value in features.items()}, labels[rows]
@@ -416,7 +419,7 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
     epochs = s.epochs
 
     def labelled_epoch(epoch):
-        ds = data.train_pipeline(
+        ds = input_pipeline.train_pipeline(
             labelled,
             batch_size=batch_size,
             image_size=size,
@@ -490,7 +493,7 @@ def _eval_batches(source, rows, image_size):
     """(images, labels) batches of the examples `rows` of `source`, eval view, known length."""
     if len(rows) < source.num_examples:
         source = data.subset_source(source, rows)
-    ds = data.eval_pipeline(source, batch_size=256, image_size=image_size).map(
+    ds = input_pipeline.eval_pipeline(source, batch_size=256, image_size=image_size).map(
         lambda images, index, labels: (images, labels)
     )
     # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.

@@ -32,6 +32,7 @@ from invp_tf import config as config_lib
 from invp_tf import data
 from invp_tf import distribute
 from invp_tf import evaluation
+from invp_tf import input_pipeline
 from invp_tf import memory_plan
 from invp_tf import model as model_lib
 from invp_tf import neighbors
@@ -69,7 +70,7 @@ class FreshEmbeddings:
     def __call__(self):
         steps = int(self._steps.numpy())
         if self._cache[0] != steps:
-            pipeline = data.eval_pipeline(
+            pipeline = input_pipeline.eval_pipeline(
                 self._source, batch_size=self._batch_size, image_size=self._image_size
             )
             features, index, _ = evaluation.extract_embeddings(self._infer, pipeline)
@@ -313,7 +314,7 @@ def _fit_epoch(t, epoch, skip_steps, callbacks):
     config = t.config
 
     def pipeline(batch_size, shard_index, num_shards):
-        return data.train_pipeline(
+        return input_pipeline.train_pipeline(
             t.train_source,
             batch_size=batch_size,
             image_size=config.image_size,

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from invp_tf import data
 from invp_tf import distribute
+from invp_tf import input_pipeline
 from invp_tf import training
 from invp_tf import workdir as workdir_lib
 from tests.conftest import tiny_config
@@ -100,10 +101,10 @@ def test_mirrored_two_replicas_match_one_device(tiny_idx_dir, tmp_path, mirrored
 def test_train_pipeline_shards_keep_the_global_batch(tiny_idx_dir):
     source = data.load_source("fashion_mnist", "train", str(tiny_idx_dir))
     common = dict(image_size=12, view="crop_flip", seed=1, epoch=2)
-    whole = list(data.train_pipeline(source, batch_size=16, **common))
+    whole = list(input_pipeline.train_pipeline(source, batch_size=16, **common))
     parts = [
         list(
-            data.train_pipeline(
+            input_pipeline.train_pipeline(
                 source, batch_size=4, global_batch_size=16, shard_index=w, num_shards=2, **common
             )
         )
@@ -115,7 +116,7 @@ def test_train_pipeline_shards_keep_the_global_batch(tiny_idx_dir):
         pieces = [parts[w][2 * step + r] for w in range(2) for r in range(2)]
         np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), indices)
         np.testing.assert_allclose(np.concatenate([p[0] for p in pieces]), images)
-    skipped = list(data.train_pipeline(source, batch_size=16, skip_steps=3, **common))
+    skipped = list(input_pipeline.train_pipeline(source, batch_size=16, skip_steps=3, **common))
     assert len(skipped) == 1
     np.testing.assert_array_equal(skipped[0][1], whole[3][1])
 
@@ -131,7 +132,7 @@ def test_train_pipeline_shards_keep_the_global_batch(tiny_idx_dir):
 def test_train_pipeline_bad_sharding_is_named(tiny_idx_dir, kwargs, message):
     source = data.load_source("fashion_mnist", "train", str(tiny_idx_dir))
     with pytest.raises(ValueError, match=message):
-        data.train_pipeline(
+        input_pipeline.train_pipeline(
             source, batch_size=4, image_size=12, view="crop_flip", seed=0, epoch=0, **kwargs
         )
 
@@ -401,7 +402,7 @@ def test_train_step_compiles_with_xla_and_static_shapes(tiny_idx_dir, tmp_path):
     """What TPUStrategy needs of the step, checked without a TPU: XLA compiles the whole
     step (no host-only ops, static shapes), and every input shape is static."""
     source = data.load_source("fashion_mnist", "train", str(tiny_idx_dir))
-    dataset = data.train_pipeline(
+    dataset = input_pipeline.train_pipeline(
         source,
         batch_size=8,
         image_size=12,

@@ -11,6 +11,7 @@ import tensorflow as tf
 from invp_tf import data
 from invp_tf import evaluate
 from invp_tf import evaluation
+from invp_tf import input_pipeline
 from invp_tf import protocols
 from invp_tf import training
 from invp_tf import workdir as workdir_lib
@@ -35,7 +36,7 @@ def _oracle_knn_top1(run, block, k, temperature):
     for split in ("train", "test"):
         source = data.load_source("fashion_mnist", split, run.config.data_dir)
         feats, labels = [], []
-        for images, _, label in data.eval_pipeline(source, batch_size=7, image_size=12):
+        for images, _, label in input_pipeline.eval_pipeline(source, batch_size=7, image_size=12):
             result = run.encoder(images, training=False)
             feats.append(result["embedding" if block == "embedding" else "features"].numpy())
             labels.append(label.numpy())

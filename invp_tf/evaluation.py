@@ -108,6 +108,30 @@ def knn_monitor(config, infer, train_features, test_source, train_labels):
     return float(np.mean(predictions == test_labels))
 
 
+class FreshEmbeddings:
+    """Embeddings [N, D] of the current encoder over the training images (eval view), by index.
+
+    The kNN monitor (--knn_features=fresh) and the graph (--graph_features=fresh) both
+    read them; one pass serves both while the weights have not changed since.
+    """
+
+    def __init__(self, infer, train_source, config, steps):
+        self._infer, self._source, self._steps = infer, train_source, steps
+        self._batch_size = max(config.batch_size, 256)
+        self._image_size = config.image_size
+        self._cache = (None, None)  # (train steps when computed, embeddings)
+
+    def __call__(self):
+        steps = int(self._steps.numpy())
+        if self._cache[0] != steps:
+            pipeline = data.eval_pipeline(
+                self._source, batch_size=self._batch_size, image_size=self._image_size
+            )
+            features, index, _ = extract_embeddings(self._infer, pipeline)
+            self._cache = (steps, features[np.argsort(index)])
+        return self._cache[1]
+
+
 def top_k_accuracy(scores, labels, k=1):
     """Fraction of rows whose label is among the k highest scores."""
     labels = np.asarray(labels)

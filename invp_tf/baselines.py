@@ -154,6 +154,45 @@ class Cache:
         return path
 
 
+@dataclasses.dataclass
+class Lookup:
+    """One evaluation's baselines in the cache: found (`hit`), or to be stored once computed."""
+
+    cache: Cache | None = None  # None: baselines off, or --baseline_cache=off
+    inputs: dict | None = None
+    cached: dict | None = None
+
+    @classmethod
+    def of(cls, settings, config, splits, dataset):
+        """Looks up the baselines of an evaluation (`inputs`' arguments; crop scale resolved)."""
+        s = settings
+        if not s.baselines or s.baseline_cache == "off":
+            return cls()
+        scale = s.crop_scale if s.crop_scale is not None else config.crop_scale
+        key_inputs = inputs(s, config, splits, dataset, crop_scale=scale)
+        cache = Cache(s.baseline_cache)
+        return cls(cache, key_inputs, None if s.recompute_baselines else cache.load(key_inputs))
+
+    @property
+    def hit(self):
+        return self.cached is not None
+
+    def complete(self, baselines, seconds):
+        """The protocol's `baselines` with the cached ones added (a hit), or stored (a miss)."""
+        if self.hit:
+            return {**baselines, **self.cached}
+        if self.cache is not None:
+            computed = {k: v for k, v in baselines.items() if k not in RUN_DEPENDENT}
+            self.cache.store(self.inputs, computed, seconds)
+        return baselines
+
+    def report(self):
+        """The report's `baseline_cache`: {"hit", "file"}, or None without a cache."""
+        if self.cache is None:
+            return None
+        return {"hit": self.hit, "file": str(self.cache.path(self.inputs))}
+
+
 def with_features(fn, seed, config):
     """`fn` plus the baselines' features: raw pixels and the encoder at random init."""
     pixels = evaluation.pixel_function()

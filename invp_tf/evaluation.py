@@ -108,6 +108,30 @@ def knn_monitor(config, infer, train_features, test_source, train_labels):
     return float(np.mean(predictions == test_labels))
 
 
+class FreshEmbeddings:
+    """Embeddings [N, D] of the current encoder over the training images (eval view), by index.
+
+    The kNN monitor (--knn_features=fresh) and the graph (--graph_features=fresh) both
+    read them; one pass serves both while the weights have not changed since.
+    """
+
+    def __init__(self, infer, train_source, config, steps):
+        self._infer, self._source, self._steps = infer, train_source, steps
+        self._batch_size = max(config.batch_size, 256)
+        self._image_size = config.image_size
+        self._cache = (None, None)  # (train steps when computed, embeddings)
+
+    def __call__(self):
+        steps = int(self._steps.numpy())
+        if self._cache[0] != steps:
+            pipeline = input_pipeline.eval_pipeline(
+                self._source, batch_size=self._batch_size, image_size=self._image_size
+            )
+            features, index, _ = extract_embeddings(self._infer, pipeline)
+            self._cache = (steps, features[np.argsort(index)])
+        return self._cache[1]
+
+
 def top_k_accuracy(scores, labels, k=1):
     """Fraction of rows whose label is among the k highest scores."""
     labels = np.asarray(labels)
@@ -382,91 +406,6 @@ def _mean_and_std(features):
     """(mean [F], std + 1e-6 [F]) float32 of [N, F] features, summed in float64."""
     x = features.astype(np.float64)
     return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
-
-
-class Classifier(keras.Model):
-    """The encoder's backbone with a new linear classifier on its pooled features.
-
-    The projection head is not used (and frozen), as in the paper's fine-tuning.
-    """
-
-    def __init__(self, encoder, num_classes, **kwargs):
-        kwargs.setdefault("name", "classifier")
-        super().__init__(**kwargs)
-        self.encoder = encoder
-        self.encoder.head.trainable = False
-        self.classifier = keras.layers.Dense(
-            num_classes,
-            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=0),
-            name="logits",
-        )
-
-    def call(self, images, training=False):
-        return self.classifier(self.encoder.features(images, training=training))
-
-
-def fine_tune(
-    encoder,
-    train_epoch,
-    test_dataset,
-    *,
-    num_classes,
-    epochs,
-    steps_per_epoch,
-    learning_rate=0.05,
-    momentum=0.9,
-    weight_decay=1e-4,
-    callbacks=(),
-    verbose=1,
-):
-    """Fine-tunes the whole backbone plus a new linear classifier (semi-supervised, transfer).
-
-    SGD with Nesterov momentum, cosine learning rate decay over all steps, decoupled weight
-    decay on every trainable variable.
-
-    Args:
-      encoder: an invp_tf Encoder (restored weights); it is trained in place.
-      train_epoch: fn(epoch) -> batches (images, labels) of that epoch, at least
-        steps_per_epoch long (one pipeline per epoch, so only one is alive at a time).
-      test_dataset: batches (images, labels), the held-out split.
-      num_classes: C.
-      epochs, steps_per_epoch: the budget.
-      learning_rate, momentum, weight_decay: the SGD protocol.
-      callbacks: Keras callbacks (TensorBoard, ...).
-      verbose: Keras fit verbosity (1 = progress bar).
-
-    Returns:
-      ({"top1", "top5", "train_loss"} on the test split, the trained Classifier).
-    """
-    model = Classifier(encoder, num_classes)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate, decay_steps=max(epochs * steps_per_epoch, 1)
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(
-            schedule, momentum=momentum, nesterov=True, weight_decay=weight_decay
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="top1"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-        ],
-    )
-    history = None
-    for epoch in range(epochs):
-        history = model.fit(
-            train_epoch(epoch),
-            initial_epoch=epoch,
-            epochs=epoch + 1,
-            steps_per_epoch=steps_per_epoch,
-            shuffle=False,  # the pipeline shuffles, deterministically per epoch
-            callbacks=list(callbacks),
-            verbose=verbose,
-        )
-    scores = model.evaluate(test_dataset, verbose=verbose, return_dict=True)
-    result = {"top1": float(scores["top1"]), "top5": float(scores["top5"])}
-    result["train_loss"] = float(history.history["loss"][-1]) if history else float("nan")
-    return result, model
 
 
 # Grids searched on a held-out part of train (never on the test split) by the tuned

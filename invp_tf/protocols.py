@@ -24,6 +24,7 @@ from invp_tf import augment
 from invp_tf import baselines as baselines_lib
 from invp_tf import data
 from invp_tf import evaluation
+from invp_tf import fine_tuning
 from invp_tf import input_pipeline
 from invp_tf import model as model_lib
 from invp_tf import workdir as workdir_lib
@@ -429,12 +430,12 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         )
         return ds.map(lambda images, index, labels: (images, labels))
 
-    test_ds = _eval_batches(splits.test, splits.test_rows, size)
+    test_ds = fine_tuning.eval_batches(splits.test, splits.test_rows, size)
     learning_rates = _learning_rates(s.learning_rates) or [s.learning_rate]
     held_ds = None
     if len(learning_rates) > 1:
         held_rows = splits.tuning_rows(s.held_out_fraction, s.seed)
-        held_ds = _eval_batches(splits.train, held_rows, size)
+        held_ds = fine_tuning.eval_batches(splits.train, held_rows, size)
     # Baselines and the frozen encoder's kNN with the same labels, before fine-tuning.
     baselines = {}
     train, train_labels, test, test_labels = _train_and_test_features(
@@ -454,7 +455,7 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
             baselines_lib.compute(train, train_labels, test, test_labels, s, splits.num_classes)
         )
     tune = functools.partial(
-        evaluation.fine_tune,
+        fine_tuning.fine_tune,
         train_epoch=labelled_epoch,
         num_classes=splits.num_classes,
         epochs=epochs,
@@ -472,7 +473,7 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
         return model_lib.encoder_from_config(run.config)
 
     tuned = functools.partial(
-        _tuned_fine_tune,
+        fine_tuning.tuned_fine_tune,
         tune,
         learning_rates=learning_rates,
         held_ds=held_ds,
@@ -487,50 +488,6 @@ def run_fine_tune(run, splits, s, writer, tensorboard_dir):
             scratch, log_dir=os.path.join(tensorboard_dir, "random_init")
         )
     return {"network": result}, baselines
-
-
-def _eval_batches(source, rows, image_size):
-    """(images, labels) batches of the examples `rows` of `source`, eval view, known length."""
-    if len(rows) < source.num_examples:
-        source = data.subset_source(source, rows)
-    ds = input_pipeline.eval_pipeline(source, batch_size=256, image_size=image_size).map(
-        lambda images, index, labels: (images, labels)
-    )
-    # A filtered subset has unknown cardinality; Keras warns at its end unless it is known.
-    return ds.apply(tf.data.experimental.assert_cardinality(-(-source.num_examples // 256)))
-
-
-def _tuned_fine_tune(tune, make_encoder, *, learning_rates, held_ds, test_ds, seed, log_dir):
-    """Fine-tunes `make_encoder()` once per learning rate; the held-out rows choose.
-
-    One learning rate: the test result as it is. Several: each run starts from the same
-    weights and classifier init, is scored on `held_ds` and on the test split, and the one
-    best on `held_ds` is reported with every held-out score (`held_out_top1`).
-    """
-    if len(learning_rates) == 1:
-        keras.utils.set_random_seed(seed)  # the new classifier's initial weights
-        board = keras.callbacks.TensorBoard(log_dir=log_dir)
-        result, _ = tune(
-            make_encoder(), test_dataset=test_ds, learning_rate=learning_rates[0], callbacks=[board]
-        )
-        return result
-    held_out, best = {}, None
-    for lr in learning_rates:
-        encoder = make_encoder()
-        keras.utils.set_random_seed(seed)
-        board = keras.callbacks.TensorBoard(log_dir=os.path.join(log_dir, f"lr{lr:g}"))
-        held, model = tune(encoder, test_dataset=held_ds, learning_rate=lr, callbacks=[board])
-        scores = model.evaluate(test_ds, verbose=0, return_dict=True)
-        held_out[f"{lr:g}"] = held["top1"]
-        logging.info("learning rate %g: held-out top-1 %.4f", lr, held["top1"])
-        if best is None or held["top1"] > held_out[f"{best['learning_rate']:g}"]:
-            best = {
-                "top1": float(scores["top1"]),
-                "top5": float(scores["top5"]),
-                "train_loss": held["train_loss"],
-                "learning_rate": lr,
-            }
-    return {**best, "held_out_top1": held_out}
 
 
 # ----------------------------------------------------------------------------- report
@@ -598,30 +555,16 @@ def evaluate(s):
     out_dir = os.path.join(s.workdir, "eval")
     tensorboard_dir = os.path.join(out_dir, "tensorboard", s.protocol)
     writer = tf.summary.create_file_writer(tensorboard_dir)
-    cache, cache_inputs, cached = None, None, None
-    if s.baselines and s.baseline_cache != "off":
-        cache = baselines_lib.Cache(s.baseline_cache)
-        scale = s.crop_scale if s.crop_scale is not None else run.config.crop_scale
-        cache_inputs = baselines_lib.inputs(s, run.config, splits, dataset, crop_scale=scale)
-        if not s.recompute_baselines:
-            cached = cache.load(cache_inputs)
-    # With the baselines cached, the protocol computes none of them (no pixel or random-init
-    # features, no fits).
-    run_s = dataclasses.replace(s, baselines=False) if cached is not None else s
+    # Baselines cached for these inputs: the protocol computes none of them.
+    lookup = baselines_lib.Lookup.of(s, run.config, splits, dataset)
+    run_s = dataclasses.replace(s, baselines=False) if lookup.hit else s
     if s.protocol == "knn":
         results, baselines = run_knn(run, splits, run_s)
     elif s.protocol == "linear":
         results, baselines = run_linear(run, splits, run_s, writer)
     else:
         results, baselines = run_fine_tune(run, splits, run_s, writer, tensorboard_dir)
-    cache_report = None
-    if cached is not None:
-        baselines = {**baselines, **cached}
-        cache_report = {"hit": True, "file": str(cache.path(cache_inputs))}
-    elif cache is not None:
-        computed = {k: v for k, v in baselines.items() if k not in baselines_lib.RUN_DEPENDENT}
-        path = cache.store(cache_inputs, computed, seconds=time.time() - start)
-        cache_report = {"hit": False, "file": str(path)}
+    baselines = lookup.complete(baselines, seconds=time.time() - start)
     with writer.as_default(step=run.epoch):
         for name, r in {**results, **{f"baseline_{k}": v for k, v in baselines.items()}}.items():
             tf.summary.scalar(f"{s.protocol}/{name}/top1", r["top1"])
@@ -638,7 +581,7 @@ def evaluate(s):
         "results": results,
         "best": _best(results),
         "baselines": baselines,
-        "baseline_cache": cache_report,
+        "baseline_cache": lookup.report(),
         "seconds": round(time.time() - start, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -54,30 +54,6 @@ class Preempted(RuntimeError):
     """A worker got SIGTERM: every worker saved the same mid-epoch checkpoint and stopped."""
 
 
-class FreshEmbeddings:
-    """Embeddings [N, D] of the current encoder over the training images (eval view), by index.
-
-    The kNN monitor (--knn_features=fresh) and the graph (--graph_features=fresh) both
-    read them; one pass serves both while the weights have not changed since.
-    """
-
-    def __init__(self, infer, train_source, config, steps):
-        self._infer, self._source, self._steps = infer, train_source, steps
-        self._batch_size = max(config.batch_size, 256)
-        self._image_size = config.image_size
-        self._cache = (None, None)  # (train steps when computed, embeddings)
-
-    def __call__(self):
-        steps = int(self._steps.numpy())
-        if self._cache[0] != steps:
-            pipeline = input_pipeline.eval_pipeline(
-                self._source, batch_size=self._batch_size, image_size=self._image_size
-            )
-            features, index, _ = evaluation.extract_embeddings(self._infer, pipeline)
-            self._cache = (steps, features[np.argsort(index)])
-        return self._cache[1]
-
-
 def graph_monitor(config, graph, rows, bank, train_labels, anchors, seed):
     """graph_recall, and with labels the purity of the positives the graph gives.
 
@@ -428,7 +404,7 @@ class _Training:
     optimizer: keras.optimizers.Optimizer  # a LossScaleOptimizer under mixed_float16
     epoch_counter: tf.Variable
     infer: Callable
-    fresh: FreshEmbeddings
+    fresh: evaluation.FreshEmbeddings
     first_epoch: int
     done_steps: int  # steps of first_epoch already done: > 0 only after a preemption save
     fit_callbacks: list
@@ -463,7 +439,7 @@ def _build(config, workdir, strategy, on_exit):
         step=model.steps,
     )
     infer = evaluation.inference_function(model.encoder)
-    fresh = FreshEmbeddings(infer, train_source, config, model.steps)
+    fresh = evaluation.FreshEmbeddings(infer, train_source, config, model.steps)
     if not resumed_from and config.bank_init == "encoder":
         model.memory_bank.assign(fresh())
     first_epoch = int(epoch_counter.numpy())

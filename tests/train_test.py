@@ -112,7 +112,7 @@ def test_graph_from_fresh_features(tiny_idx_dir, tmp_path):
     previous.restore(path).expect_partial()
     infer = evaluation.inference_function(run.encoder)
     steps = tf.Variable(0, dtype=tf.int64)
-    embeddings = training.FreshEmbeddings(infer, source, config, steps)()
+    embeddings = evaluation.FreshEmbeddings(infer, source, config, steps)()
     want = neighbors.build_knn_graph(embeddings, config.num_neighbors, "brute_force")
     np.testing.assert_array_equal(run.knn_graph, want)
     assert not np.array_equal(run.knn_graph, neighbors.build_knn_graph(run.bank, 2, "brute_force"))

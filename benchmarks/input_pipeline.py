@@ -205,56 +205,35 @@ def main(argv):
     if steps < 1:
         raise app.UsageError(f"--batch_size={batch} exceeds the {source.num_examples} images")
 
-    def project(r):
-        # Round r starts at its own epoch, so rounds see different views (as epochs do).
-        first = r * math.ceil((warmup + timed) / steps)
-        return _epochs(
-            lambda e: input_pipeline.train_pipeline(
-                source,
-                batch_size=batch,
-                image_size=size,
-                view=view,
-                seed=config.seed,
-                epoch=first + e,
-            )
+    def rounds(make_epoch):
+        """fn(round) -> that round's batches; round r starts at its own epoch, so rounds see
+        different views (as epochs do). make_epoch(epoch) -> one epoch's pipeline."""
+        return lambda r: _epochs(lambda e: make_epoch(r * math.ceil((warmup + timed) / steps) + e))
+
+    def project_epoch(epoch, view=view):
+        return input_pipeline.train_pipeline(
+            source, batch_size=batch, image_size=size, view=view, seed=config.seed, epoch=epoch
         )
 
+    project = rounds(project_epoch)
     pipelines = {"project": project}
     if _PER_IMAGE.value:
 
         def per_image_view(image, seed, image_size):  # neither encoded input nor two stages
             return view(image, seed, image_size)
 
-        def per_image(r):
-            first = r * math.ceil((warmup + timed) / steps)
-            return _epochs(
-                lambda e: input_pipeline.train_pipeline(
-                    source,
-                    batch_size=batch,
-                    image_size=size,
-                    view=per_image_view,
-                    seed=config.seed,
-                    epoch=first + e,
-                )
-            )
-
-        pipelines["per_image"] = per_image
+        pipelines["per_image"] = rounds(lambda epoch: project_epoch(epoch, per_image_view))
     if _REFERENCE.value and source.paths:
-
-        def reference(r):
-            first = r * math.ceil((warmup + timed) / steps)
-            return _epochs(
-                lambda e: reference_pipeline(
-                    source.paths,
-                    batch_size=batch,
-                    image_size=size,
-                    recipe=config.augment,
-                    seed=config.seed,
-                    epoch=first + e,
-                )
+        pipelines["reference"] = rounds(
+            lambda epoch: reference_pipeline(
+                source.paths,
+                batch_size=batch,
+                image_size=size,
+                recipe=config.augment,
+                seed=config.seed,
+                epoch=epoch,
             )
-
-        pipelines["reference"] = reference
+        )
     next(project(0))  # traces the view once before any timing
     seconds = measure(
         pipelines, rounds=_ROUNDS.value, warmup=warmup, batches=timed, batch_size=batch

@@ -33,6 +33,25 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+# The random IDX split of tests/data_test.py and tests/pipelines_test.py: N train images of
+# H x W (random pixels and labels) and 4 test images.
+IDX_N, IDX_H, IDX_W = 12, 6, 5
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    """(folder, {"train" | "t10k": (images, labels)}) of a random IDX dataset."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, n in [("train", IDX_N), ("t10k", 4)]:
+        images = rng.integers(0, 256, size=(n, IDX_H, IDX_W), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        arrays[prefix] = (images, labels)
+    return tmp_path, arrays
+
+
 def write_idx_dataset(directory, *, num_train, num_test, height, width, num_classes=3, seed=0):
     """A learnable toy dataset: class c is a bright bar at a class-specific row, plus noise.
 

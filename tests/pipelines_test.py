@@ -14,23 +14,10 @@ import tensorflow as tf
 from invp_tf import augment
 from invp_tf import data
 from invp_tf import input_pipeline
-from tests.conftest import write_idx
+from tests import conftest
 from tests.conftest import write_idx_dataset
 
-N, H, W = 12, 6, 5
-
-
-@pytest.fixture
-def idx_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for prefix, n in [("train", N), ("t10k", 4)]:
-        images = rng.integers(0, 256, size=(n, H, W), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
-        arrays[prefix] = (images, labels)
-    return tmp_path, arrays
+N, H, W = conftest.IDX_N, conftest.IDX_H, conftest.IDX_W
 
 
 def _write_png(path, value, size=(8, 6)):

@@ -26,22 +26,15 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
-from benchmarks import study
 from invp_tf import protocols
 
 RESULTS = os.path.join(report.REPO, "benchmarks", "semi_results.json")
+STUDY_RESULTS = os.path.join(report.REPO, "benchmarks", "study_results.json")
 # Epochs per label fraction: about 18,000 views at 1% and 60,000 (one pretraining epoch) at
 # 10% of Fashion-MNIST's 60,000 labels.
 EPOCHS = {0.01: 30, 0.1: 10}
 ARMS = {"recipe": "InvP-pretrained", "instance": "instance-pretrained"}
 SCRATCH = "scratch"
-
-# --dataset, --seeds, --runs and --output are benchmarks.study's flags (same meaning).
-_FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1"], "Label fractions.")
-_LEARNING_RATES = flags.DEFINE_string(
-    "learning_rates", "0.01,0.05,0.2", "Learning-rate grid, chosen on held-out train rows."
-)
-_DATASET, _SEEDS, _RUNS, _OUTPUT = study._DATASET, study._SEEDS, study._RUNS, study._OUTPUT
 
 
 def run_cell(dataset, arm, fraction, seed, runs, results):
@@ -49,7 +42,7 @@ def run_cell(dataset, arm, fraction, seed, runs, results):
     key = f"{dataset}/{fraction:g}/seed{seed}/{arm}"
     if key in results["cells"]:
         return results["cells"][key]
-    if f"{dataset}/{arm}/seed{seed}" not in report.read_json(study.RESULTS, {"runs": {}})["runs"]:
+    if f"{dataset}/{arm}/seed{seed}" not in report.read_json(STUDY_RESULTS, {"runs": {}})["runs"]:
         return None  # its pretraining and evaluation (benchmarks.study) have not finished
     workdir = os.path.join(runs, dataset, arm, f"seed{seed}")
     out_dir = os.path.join(report.REPO, "runs", "semi_study", dataset)
@@ -58,7 +51,7 @@ def run_cell(dataset, arm, fraction, seed, runs, results):
         "semi",
         label_fraction=fraction,
         epochs=EPOCHS[fraction],
-        learning_rates=_LEARNING_RATES.value,
+        learning_rates=flags.FLAGS.learning_rates,
         seed=seed,
         output=os.path.join(out_dir, f"{arm}_{fraction:g}_seed{seed}.json"),
     )
@@ -116,31 +109,45 @@ def table(results, dataset, fractions, seeds):
 
 def main(argv):
     del argv
-    fractions = [float(f) for f in _FRACTIONS.value]
-    unknown = [f for f in fractions if f not in EPOCHS]
+    f = flags.FLAGS
+    fractions = [float(x) for x in f.fractions]
+    unknown = [x for x in fractions if x not in EPOCHS]
     if unknown:
         sys.exit(f"benchmarks.semi_study: error: no budget for fraction {unknown[0]}")
     results = report.read_json(RESULTS, {"cells": {}})
     command = (
-        f"`python -m benchmarks.semi_study --dataset={_DATASET.value} "
-        f"--seeds={','.join(_SEEDS.value)} --learning_rates={_LEARNING_RATES.value}`"
+        f"`python -m benchmarks.semi_study --dataset={f.dataset} "
+        f"--seeds={','.join(f.seeds)} --learning_rates={f.learning_rates}`"
     )
-    for seed in _SEEDS.value:
+    for seed in f.seeds:
         for fraction in fractions:
             for arm in ARMS:
-                run_cell(_DATASET.value, arm, fraction, int(seed), _RUNS.value, results)
-                text = table(results, _DATASET.value, fractions, _SEEDS.value)
-                if _OUTPUT.value:
+                run_cell(f.dataset, arm, fraction, int(seed), f.runs, results)
+                text = table(results, f.dataset, fractions, f.seeds)
+                if f.output:
                     report.write_block(
-                        _OUTPUT.value,
-                        f"<!-- semi-supervised table: begin {_DATASET.value} -->",
-                        f"<!-- semi-supervised table: end {_DATASET.value} -->",
+                        f.output,
+                        f"<!-- semi-supervised table: begin {f.dataset} -->",
+                        f"<!-- semi-supervised table: end {f.dataset} -->",
                         text,
                         command,
-                        f"### Semi-supervised: {_DATASET.value}",
+                        f"### Semi-supervised: {f.dataset}",
                     )
-    print(table(results, _DATASET.value, fractions, _SEEDS.value))
+    print(table(results, f.dataset, fractions, f.seeds))
+
+
+def _define_flags():
+    """Defined when run as a program only, so tests can import the module's functions."""
+    flags.DEFINE_string("dataset", "fashion_mnist_long", "benchmarks.study's dataset.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Label-subset seeds = pretraining seeds.")
+    flags.DEFINE_list("fractions", ["0.01", "0.1"], "Label fractions.")
+    flags.DEFINE_string(
+        "learning_rates", "0.01,0.05,0.2", "Learning-rate grid, chosen on held-out train rows."
+    )
+    flags.DEFINE_string("runs", "runs/study", "Folder of benchmarks.study's runs.")
+    flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file of the table ('' = print).")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -40,10 +40,8 @@ from absl import logging
 from invp_tf import data
 from invp_tf import distribute
 from invp_tf import model as model_lib
+from invp_tf import topm
 
-# Mirrors invp_tf.losses: the chunked searches' threshold and chunk (kept equal by a test).
-COMPACT_MIN_RATIO = 64
-CHUNK_ROWS = 16_384
 # Entries the exact chunked search lists per row, in units of M (its lower bound).
 _EXACT_LISTED = 1.4
 # Bytes per listed entry: row, column, position (int32) and value (float32).
@@ -119,7 +117,7 @@ def search_path(config, num_examples, *, accelerator, native):
     chunked = (
         search in ("exact", "sampled")
         and config.positive_mode == "propagation"
-        and n >= COMPACT_MIN_RATIO * m
+        and n >= topm.COMPACT_MIN_RATIO * m
         and not config.jit_compile
     )
     if search == "exact":
@@ -183,7 +181,7 @@ def make_plan(config, num_examples, *, replicas=1, encoder=None, accelerator=Non
     chunked, words = search_path(config, num_examples, accelerator=accelerator, native=native)
     if chunked:
         listed = _EXACT_LISTED * m if config.background_search == "exact" else m
-        similarity = b * CHUNK_ROWS * 4 + int(b * listed * _ENTRY_BYTES)
+        similarity = b * topm.CHUNK_ROWS * 4 + int(b * listed * _ENTRY_BYTES)
         gradient = b * m * d * 4
         workspace = b * m * _ENTRY_BYTES  # TopM's entries and their exponentials
     else:

@@ -10,7 +10,7 @@ The methods (`--background_search`):
 - "exact" (default): the very set tf.math.top_k returns, ties included, without a top_k
   over the bank: the native kernel `InvpTopMask` on machines without a GPU or TPU
   (invp_tf/top_mask.cc), else a bracketed threshold and a top_k of a few rows
-  (`_exact_top_mask`). From N >= _COMPACT_MIN_RATIO * M the bank is scored in chunks and
+  (`_exact_top_mask`). From N >= COMPACT_MIN_RATIO * M the bank is scored in chunks and
   [B, N] is never held (`_exact_compact`).
 - "top_k": tf.math.top_k over the [B, N] similarities, the definition written out.
 - "sampled": every row at or above a threshold read off a strided sample of the bank,
@@ -29,11 +29,11 @@ METHODS = ("exact", "sampled", "top_k")
 # The sampled search strides the bank rows so that the threshold is about the
 # _SAMPLED_RANK-th largest entry of the sample: M / stride = _SAMPLED_RANK.
 _SAMPLED_RANK = 128
-# From N >= _COMPACT_MIN_RATIO * M (outside XLA, no [B, N] logits asked for) the sampled
-# and the exact search score the bank in chunks of _CHUNK_ROWS rows, keep the entries above
+# From N >= COMPACT_MIN_RATIO * M (outside XLA, no [B, N] logits asked for) the sampled
+# and the exact search score the bank in chunks of CHUNK_ROWS rows, keep the entries above
 # a threshold as flat lists (about B * M) and gather TopM's bank rows for the gradient.
-_COMPACT_MIN_RATIO = 64
-_CHUNK_ROWS = 16_384
+COMPACT_MIN_RATIO = 64
+CHUNK_ROWS = 16_384
 # The exact search's bracket: interpolations, extra ones while a row is out of reach, and
 # the top_k that resolves the last rows (see _exact_bracket).
 _EXACT_INTERPOLATIONS = 3
@@ -94,7 +94,7 @@ def search(
     compact = (
         (sampled or bracketed)
         and not keep_logits
-        and num_rows >= _COMPACT_MIN_RATIO * num_background
+        and num_rows >= COMPACT_MIN_RATIO * num_background
         and not _in_xla_context()
     )
     if compact and bracketed:
@@ -366,7 +366,7 @@ def _sampled_threshold(embeddings, bank, temperature, num_background):
 def _list_entries(embeddings, bank, threshold, temperature):
     """The s_ij > t_i as flat lists (row, column, value, position [C]; count [B]), no gradient.
 
-    The bank is scored _CHUNK_ROWS rows at a time, so [B, N] is never held. Within
+    The bank is scored CHUNK_ROWS rows at a time, so [B, N] is never held. Within
     a row the entries come in column order; position is an entry's place among
     its row's, count the entries of every row. Each chunk is listed by the native
     `InvpListAbove` (one read of the chunk) where it runs, else by TensorFlow ops
@@ -377,8 +377,8 @@ def _list_entries(embeddings, bank, threshold, temperature):
     count = tf.zeros([batch], tf.int32)
     frozen = tf.stop_gradient(embeddings)
     native = _native_ops()
-    for start in range(0, bank.shape[0], _CHUNK_ROWS):
-        chunk = tf.matmul(frozen, bank[start : start + _CHUNK_ROWS], transpose_b=True)
+    for start in range(0, bank.shape[0], CHUNK_ROWS):
+        chunk = tf.matmul(frozen, bank[start : start + CHUNK_ROWS], transpose_b=True)
         chunk /= temperature  # [B, c]
         if native is not None and chunk.dtype == tf.float32:
             row, column, value, position, count = native.invp_list_above(

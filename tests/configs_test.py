@@ -64,5 +64,7 @@ def test_safe_to_change_is_the_fields_marked_so():
         "strategy",
         "tpu",
         "cpu_devices",
+        "device_memory_gb",
+        "dry_run",
     ]
     assert rundir.SAFE_TO_CHANGE["knn_k"] == "kNN monitor only"

@@ -294,7 +294,7 @@ def test_native_and_tensorflow_op_listings_are_equal(native, monkeypatch):
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     embeddings = tf.math.l2_normalize(rng.standard_normal((5, 8)).astype(np.float32), axis=1)
     threshold = tf.constant([2.0, -np.inf, 9.0, 5.0, 0.0], tf.float32)  # / tau 0.2: up to 5
-    monkeypatch.setattr(topm, "_CHUNK_ROWS", 700)
+    monkeypatch.setattr(topm, "CHUNK_ROWS", 700)
     assert topm._native_ops() is not None
     got = topm._list_entries(embeddings, tf.constant(bank), threshold, 0.2)
     monkeypatch.setattr(topm, "_native_ops", lambda: None)

@@ -36,11 +36,6 @@ def _config(**overrides):
     return dataclasses.replace(base, **overrides)
 
 
-def test_constants_follow_the_loss():
-    assert memory_plan.COMPACT_MIN_RATIO == losses._COMPACT_MIN_RATIO
-    assert memory_plan.CHUNK_ROWS == losses._CHUNK_ROWS
-
-
 def test_dense_plan_by_hand():
     # N = 1000 rows of D = 16, B = 64 over 2 replicas: B_local = 32; native exact search.
     plan = memory_plan.make_plan(_config(), 1000, replicas=2, accelerator=False)
@@ -147,7 +142,9 @@ def measure_peak(num_examples, batch_size, steps=2):
             n,
             embedding_dim=config.embedding_dim,
             num_neighbors=config.num_neighbors,
-            loss_options=dict(temperature=0.1, num_background=4096, num_layers=2, num_positives=3),
+            loss_config=losses.LossConfig(
+                temperature=0.1, num_background=4096, num_layers=2, num_positives=3
+            ),
         )
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         model.invariance_weight.assign(0.6)

@@ -8,6 +8,7 @@ import tensorflow as tf
 from invp_tf import encoder as encoder_lib
 from invp_tf import losses
 from invp_tf import model as model_lib
+from invp_tf import topm
 
 OPTIONS = dict(temperature=0.2, num_background=16, num_layers=2, num_positives=3)
 
@@ -121,13 +122,13 @@ def test_xla_step_equals_the_plain_step_and_runs_the_tensorflow_topm(
     # update). Inside it the TopM searches are TensorFlow ops (the GPU's), never the native
     # CPU kernel: the exact search's bracket is traced in the XLA context.
     traced_in_xla = []
-    bracket = losses._exact_bracket
+    bracket = topm._exact_bracket
 
     def spy(*args):
-        traced_in_xla.append(losses._in_xla_context())
+        traced_in_xla.append(topm._in_xla_context())
         return bracket(*args)
 
-    monkeypatch.setattr(losses, "_exact_bracket", spy)
+    monkeypatch.setattr(topm, "_exact_bracket", spy)
     options = dict(OPTIONS, background_search=background_search)
     plain = _model(options)
     want = _train(plain, tf.function(plain.train_step))
@@ -142,7 +143,7 @@ def test_xla_step_equals_the_plain_step_and_runs_the_tensorflow_topm(
     if background_search == "exact":
         assert True in traced_in_xla
         # Outside XLA the native kernel runs where it builds, and the bracket is not traced.
-        assert False not in traced_in_xla or losses._native_ops() is None
+        assert False not in traced_in_xla or topm._native_ops() is None
 
 
 def _float16_model(learning_rate):

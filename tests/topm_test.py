@@ -34,8 +34,8 @@ def _numpy_topm(v, bank, anchors, m, columns, temperature):
 def test_search_is_the_top_m_set_and_its_logsumexp(method, m, compact, monkeypatch):
     # M < 2 * 128: the sampled search's sample is the whole bank, so its set is exact too.
     if compact:  # the chunked searches, at any N, in several chunks
-        monkeypatch.setattr(topm, "_COMPACT_MIN_RATIO", 1)
-        monkeypatch.setattr(topm, "_CHUNK_ROWS", 7)
+        monkeypatch.setattr(topm, "COMPACT_MIN_RATIO", 1)
+        monkeypatch.setattr(topm, "CHUNK_ROWS", 7)
     v, anchors, bank, _ = _random_case()
     v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
     columns = np.array(
@@ -87,14 +87,14 @@ def sampled_path(request, monkeypatch):
     compact: the flat lists (native listing on a CPU); compact_ops: TensorFlow ops list.
     """
     if request.param.startswith("compact"):
-        monkeypatch.setattr(topm, "_COMPACT_MIN_RATIO", 1)  # the flat-list path at any N
-        monkeypatch.setattr(topm, "_CHUNK_ROWS", 7)  # and several bank chunks
+        monkeypatch.setattr(topm, "COMPACT_MIN_RATIO", 1)  # the flat-list path at any N
+        monkeypatch.setattr(topm, "CHUNK_ROWS", 7)  # and several bank chunks
         if request.param == "compact":
             assert topm._native_ops() is not None, "the native TopM kernels do not run"
         else:
             monkeypatch.setattr(topm, "_native_ops", lambda: None)
     else:
-        monkeypatch.setattr(topm, "_COMPACT_MIN_RATIO", 10**9)
+        monkeypatch.setattr(topm, "COMPACT_MIN_RATIO", 10**9)
     return request.param
 
 
@@ -327,8 +327,8 @@ def _compact_exact(monkeypatch, native):
         assert topm._native_ops() is not None, "the native TopM kernels do not run"
     else:
         monkeypatch.setattr(topm, "_native_ops", lambda: None)
-    monkeypatch.setattr(topm, "_COMPACT_MIN_RATIO", 1)
-    monkeypatch.setattr(topm, "_CHUNK_ROWS", 1000)
+    monkeypatch.setattr(topm, "COMPACT_MIN_RATIO", 1)
+    monkeypatch.setattr(topm, "CHUNK_ROWS", 1000)
 
     def dense(*args, **kwargs):
         raise AssertionError("the dense exact search ran")

@@ -24,17 +24,9 @@ def machine():
 
 def gpus():
     """The GPUs nvidia-smi lists ("8 x NVIDIA H100 80GB HBM3, 81559 MiB each"), or "no GPU"."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "no GPU"
-    names = [line.strip() for line in out.splitlines() if line.strip()]
+    from invp_tf import memory_plan  # pylint: disable=g-import-not-at-top (TensorFlow)
+
+    names = memory_plan.nvidia_smi("name,memory.total")
     if not names:
         return "no GPU"
     name, _, memory = names[0].partition(",")

@@ -206,20 +206,30 @@ def make_plan(config, num_examples, *, replicas=1, encoder=None, accelerator=Non
     return MemoryPlan(terms=terms, batch_per_replica=b, replicas=replicas, search=words)
 
 
-def device_memory_bytes():
-    """The first GPU's total memory as nvidia-smi reports it, or None (no GPU, no tool)."""
-    if not tf.config.list_physical_devices("GPU") or not shutil.which("nvidia-smi"):
-        return None
+def nvidia_smi(fields, units=True):
+    """The lines of `nvidia-smi --query-gpu=FIELDS` (CSV, no header), or None (no tool)."""
+    fmt = "csv,noheader" + ("" if units else ",nounits")
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-gpu={fields}", f"--format={fmt}"],
             capture_output=True,
             text=True,
             timeout=30,
             check=True,
         ).stdout
-        return int(out.split()[0]) * 2**20  # MiB
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def device_memory_bytes():
+    """The first GPU's total memory as nvidia-smi reports it, or None (no GPU, no tool)."""
+    if not tf.config.list_physical_devices("GPU") or not shutil.which("nvidia-smi"):
+        return None
+    lines = nvidia_smi("memory.total", units=False)
+    try:
+        return int(lines[0]) * 2**20  # MiB
+    except (TypeError, ValueError, IndexError):
         return None
 
 

@@ -8,7 +8,7 @@ weights of every key and shape of the full-size ResNet-50 manifest
 (tests/data/authors_checkpoints/full_size_state_dict_shapes.json), a bank of --rows random unit
 rows [rows, 128] float32 and a graph [rows, 4] int64 (ImageNet's 1.28M by default). Then it
 runs `python -m invp_tf.import_checkpoint` on it in a child process and reports its wall
-seconds, CPU seconds and peak resident memory (the child's ru_maxrss, from wait4) against the
+seconds, CPU seconds and peak resident memory (the child's VmHWM, sampled) against the
 file's size, beside the peak of a child that only imports the same modules (TensorFlow's own
 share), and the peak private (anonymous) memory of both, sampled every 20 ms from /proc:
 RSS also counts pages mapped from files, TensorFlow's libraries and the checkpoint's storages.
@@ -74,15 +74,18 @@ def write_checkpoint(path, manifest, rows, file_format, seed=0):
 
 def _sample_private_memory(pid, peak, interval=0.02):
     """Keeps peak["anon"] = the largest RssAnon (private memory, bytes) of process `pid` seen
-    every `interval` seconds: RSS also counts file pages mapped from disk (TensorFlow's shared
-    libraries, the memory-mapped checkpoint), which the kernel can drop and processes share."""
+    every `interval` seconds (RSS also counts file pages mapped from disk: TensorFlow's shared
+    libraries, the memory-mapped checkpoint, which the kernel can drop and processes share),
+    and peak["hwm"] = its VmHWM, the peak RSS of its own process image. (The child's
+    ru_maxrss would also carry this process's RSS across the fork and exec that started it.)"""
     path = f"/proc/{pid}/status"
     while True:
         try:
             with open(path) as f:
                 for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak["anon"] = max(peak.get("anon", 0), int(line.split()[1]) * 1024)
+                    if line.startswith(("RssAnon:", "VmHWM:")):
+                        key = "anon" if line.startswith("RssAnon:") else "hwm"
+                        peak[key] = max(peak.get(key, 0), int(line.split()[1]) * 1024)
         except (FileNotFoundError, ProcessLookupError, ValueError):
             return
         if peak.get("done"):
@@ -108,7 +111,7 @@ def _measured(command):
     wall = time.perf_counter() - start
     if process.returncode:
         raise RuntimeError(f"{command} failed:\n{output[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, peak["anon"], output
+    return wall, usage.ru_utime + usage.ru_stime, peak["hwm"], peak["anon"], output
 
 
 def main(argv):

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -113,15 +112,20 @@ def test_activation_estimate_of_an_encoder_and_the_weights():
     assert plan.terms["weights"] >= 12 * trainable
 
 
+def _status_bytes(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
+
+
 def measure_peak(num_examples, batch_size, steps=2):
     """Runs InvP train steps (tiny encoder, 8 px) over a bank of `num_examples` rows in this
     process; prints {"plan": bytes, "measured": peak RSS growth}. Run in a fresh process."""
     from invp_tf import model as model_lib  # pylint: disable=g-import-not-at-top
 
     def rss():
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("VmRSS:"))
-        return int(line.split()[1]) * 1024
+        return _status_bytes("VmRSS")
 
     config = _config(batch_size=batch_size, num_background=4096, embedding_dim=128)
     keras.utils.set_random_seed(0)
@@ -159,7 +163,9 @@ def measure_peak(num_examples, batch_size, steps=2):
             step(batch)
         if not timed:
             del model, step
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process image's own peak. ru_maxrss would carry the parent's RSS across the
+    # fork and exec that started this process (a large pytest process inflates it).
+    peak = _status_bytes("VmHWM")
     plan_bytes = plan.total - plan.terms["weights"]  # the weights were there at `base`
     print(json.dumps({"plan": plan_bytes, "measured": peak - base}))
 

@@ -6,25 +6,11 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from invp_tf import baselines
 from invp_tf import data
 from invp_tf import protocols
-from invp_tf import training
 from tests import conftest
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 1-epoch run on 64 train / 24 test 12x12 images of three classes."""
-    root = tmp_path_factory.mktemp("baselines")
-    idx = root / "idx"
-    idx.mkdir()
-    conftest.write_idx_dataset(idx, num_train=64, num_test=24, height=12, width=12)
-    config = conftest.tiny_config(idx, root / "run", epochs=1)
-    training.train_and_evaluate(config, config.workdir)
-    return config
 
 
 def _folder(root, sizes):

@@ -11,6 +11,7 @@ import pytest
 from invp_tf import baselines
 from invp_tf import config as config_lib
 from invp_tf import distribute
+from invp_tf import training
 
 # Two logical CPU devices for the mirrored tests. It has to happen before
 # TensorFlow runs its first op, so here, when pytest loads the fixtures; one
@@ -134,3 +135,16 @@ class InterruptAt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.fits - 1 == self.epoch and batch == self.batch:
             raise Interrupt()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The Config of a 2-epoch run (tiny_config) on 64 train / 24 test 12x12 images of three
+    classes, trained once per test module that asks for it."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    idx = root / "idx"
+    idx.mkdir()
+    write_idx_dataset(idx, num_train=64, num_test=24, height=12, width=12)
+    config = tiny_config(idx, root / "run", epochs=2)
+    training.train_and_evaluate(config, config.workdir)
+    return config

@@ -13,21 +13,7 @@ from invp_tf import evaluate
 from invp_tf import evaluation
 from invp_tf import input_pipeline
 from invp_tf import protocols
-from invp_tf import training
 from invp_tf import workdir as workdir_lib
-from tests import conftest
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 2-epoch run on 64 train / 24 test 12x12 images of three classes."""
-    root = tmp_path_factory.mktemp("evaluate")
-    idx = root / "idx"
-    idx.mkdir()
-    conftest.write_idx_dataset(idx, num_train=64, num_test=24, height=12, width=12)
-    config = conftest.tiny_config(idx, root / "run", epochs=2)
-    training.train_and_evaluate(config, config.workdir)
-    return config
 
 
 def _oracle_knn_top1(run, block, k, temperature):

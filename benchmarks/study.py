@@ -39,6 +39,12 @@ ARMS = {
     "instance": (["--lambda_inv=0"], "instance discrimination only (lambda_inv = 0), control"),
     "invp": ([], "InvP as the demo recipe (L_inv from epoch 2, k 4, l 3, P 50)"),
     "recipe": ([], "InvP as the recipe itself (fashion_mnist_long: from epoch 5/16, l 2, P 10)"),
+    # Table 5's "KNN" positives with K matched to the recipe arm's mean |N(i)| (about 14 on
+    # fashion_mnist_long seed 0): the same number of positives, found without propagation.
+    "knn": (
+        ["--positive_mode=knn", "--num_knn_positives=14"],
+        "the recipe with the 14 nearest bank rows as positives (no propagation)",
+    ),
     "invp_late": (
         ["--rampup_epochs=5", "--num_layers=2", "--num_positives=10"],
         "InvP from 50% of training, l 2 (at most 20 positives), P 10 (mining acts)",

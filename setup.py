@@ -18,7 +18,7 @@ setuptools.setup(
     # The exact TopM kernel's C++ source: invp_tf/kernels.py compiles it on first use
     # against the installed TensorFlow (a C++ compiler is needed for that, not to install;
     # without one the exact search runs as TensorFlow ops, the same set, slower).
-    package_data={"invp_tf": ["top_mask.cc"]},
+    package_data={"invp_tf": ["top_mask.cc", "views.cc"]},
     # Lower bound: the code uses Python 3.10 syntax (zip(strict=True)). Upper bound: TF 2.20
     # and scann 1.4.2 publish wheels for CPython 3.9 to 3.13 only (none for 3.14).
     python_requires=">=3.10,<3.14",

@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +38,7 @@ from absl import flags
 from benchmarks import report
 from invp_tf import data
 from invp_tf import input_pipeline
+from invp_tf import kernels
 from invp_tf import train  # defines invp-train's flags (the Config's fields) in absl's FLAGS
 from invp_tf import training
 
@@ -52,6 +54,12 @@ _PER_IMAGE = flags.DEFINE_bool(
     False,
     "Also time the recipe applied per image to whole decoded images (the project's pipeline "
     "before crop-window decoding and the per-batch colour ops).",
+)
+_TF_OPS = flags.DEFINE_bool(
+    "tf_ops",
+    False,
+    "Also time the project's pipeline with the native view kernels off (the TensorFlow-op "
+    "resize and blur, as on a machine without a C++ compiler or with INVP_TF_NATIVE=0).",
 )
 _OUTPUT = flags.DEFINE_string("output", "", "Markdown file to append a row to (empty: none).")
 _NOTE = flags.DEFINE_string("machine_note", "", "Added to the machine column.")
@@ -189,6 +197,10 @@ def _flagfiles():
     return "".join(f"{arg} " for arg in given)
 
 
+def _none():
+    return None
+
+
 def main(argv):
     del argv
     config = train.config_from_flags()  # the flags of invp-train, parsed by app.run
@@ -210,10 +222,18 @@ def main(argv):
         different views (as epochs do). make_epoch(epoch) -> one epoch's pipeline."""
         return lambda r: _epochs(lambda e: make_epoch(r * math.ceil((warmup + timed) / steps) + e))
 
-    def project_epoch(epoch, view=view):
-        return input_pipeline.train_pipeline(
-            source, batch_size=batch, image_size=size, view=view, seed=config.seed, epoch=epoch
-        )
+    def project_epoch(epoch, view=view, native=True):
+        # The view's ops are chosen when the pipeline traces it, so the native kernels are
+        # hidden during construction only.
+        with mock.patch.object(kernels, "native_ops", kernels.native_ops if native else _none):
+            return input_pipeline.train_pipeline(
+                source,
+                batch_size=batch,
+                image_size=size,
+                view=view,
+                seed=config.seed,
+                epoch=epoch,
+            )
 
     project = rounds(project_epoch)
     pipelines = {"project": project}
@@ -223,6 +243,8 @@ def main(argv):
             return view(image, seed, image_size)
 
         pipelines["per_image"] = rounds(lambda epoch: project_epoch(epoch, per_image_view))
+    if _TF_OPS.value:
+        pipelines["tf_ops"] = rounds(lambda epoch: project_epoch(epoch, native=False))
     if _REFERENCE.value and source.paths:
         pipelines["reference"] = rounds(
             lambda epoch: reference_pipeline(
@@ -261,6 +283,13 @@ def main(argv):
             f"; the recipe per image on whole decoded images {rate['per_image']:.0f}: project / "
             f"per image {mean:.2f}{interval}"
         )
+    if "tf_ops" in rate:
+        mean, low, high = report.paired_speed_ratio(seconds["project"], seconds["tf_ops"])
+        interval = "" if low is None else f" (95% t-interval {low:.2f}-{high:.2f})"
+        result += (
+            f"; the same pipeline with TensorFlow-op views (native kernels off) "
+            f"{rate['tf_ops']:.0f}: project / TensorFlow ops {mean:.2f}{interval}"
+        )
     print(f"{what}\n{result}")
     if _OUTPUT.value:
         report.append_rows(
@@ -269,7 +298,8 @@ def main(argv):
                 f"input pipeline | `python -m benchmarks.input_pipeline {_flagfiles()}"
                 f"--dataset={config.dataset} --augment={config.augment} "
                 f"--image_size={size} --batch_size={batch} --rounds={_ROUNDS.value} "
-                f"--batches={timed}{' --per_image' if _PER_IMAGE.value else ''}` | "
+                f"--batches={timed}{' --per_image' if _PER_IMAGE.value else ''}"
+                f"{' --tf_ops' if _TF_OPS.value else ''}` | "
                 f"{report.machine()}"
                 f"{', ' + _NOTE.value if _NOTE.value else ''}, load avg "
                 f"{os.getloadavg()[0]:.1f} | {what}: {result} (process CPU time, alternated)"

@@ -1,4 +1,4 @@
-"""Native CPU kernels, compiled from the package's C++ source on first use.
+"""Native CPU kernels, compiled from the package's C++ sources on first use.
 
 invp_tf/top_mask.cc holds three ops, which the TopM searches of `topm` run on
 machines without a GPU or TPU, outside XLA:
@@ -9,6 +9,11 @@ machines without a GPU or TPU, outside XLA:
   (`topm._list_entries`, the chunked listing of large banks);
 - `InvpListedTop`: the exact TopM set of each row's listed entries, as flat lists
   (`topm._exact_compact`).
+
+invp_tf/views.cc holds the input pipeline's view kernels: `InvpResizeAntialiased`, the
+antialiased bilinear resize of uint8 crops (`augment._random_resized_crop_encoded`), and
+`InvpGaussianBlur`, moco_v2's per-image blur (`augment._blur_rows`): the TensorFlow ops'
+values to float round-off, in a fraction of their CPU time.
 
 TensorFlow's pip package ships the headers and library a custom op builds against
 (`tf.sysconfig`), so the kernels are compiled with the machine's C++ compiler the
@@ -35,13 +40,15 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-SOURCE = pathlib.Path(__file__).with_name("top_mask.cc")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("top_mask.cc", "views.cc"))
 _BUILD_SECONDS = 600
 # The library's ops: registered names, and the Python wrappers tf.load_op_library makes.
 OPS = {
     "InvpTopMask": "invp_top_mask",
     "InvpListAbove": "invp_list_above",
     "InvpListedTop": "invp_listed_top",
+    "InvpResizeAntialiased": "invp_resize_antialiased",
+    "InvpGaussianBlur": "invp_gaussian_blur",
 }
 for _op in OPS:
     try:  # masks and listings of stopped similarities (the losses attach their gradient)
@@ -68,8 +75,9 @@ def _command(compiler, output):
         "-shared",
         "-fPIC",
         "-O3",
+        "-ffp-contract=off",  # the same sums whichever vector ISA a kernel runs on
         "-Wno-deprecated-declarations",
-        str(SOURCE),
+        *map(str, SOURCES),
         "-o",
         str(output),
         *flags,
@@ -79,7 +87,8 @@ def _command(compiler, output):
 def library_path(compiler="c++"):
     """The cached library's path for this source, TensorFlow and compiler flags."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), tf.__version__.encode(), platform.machine().encode()):
+    parts = [source.read_bytes() for source in SOURCES]
+    for part in (*parts, tf.__version__.encode(), platform.machine().encode()):
         key.update(part)
     key.update(" ".join(_command(compiler, "")).encode())
     return cache_dir() / f"top_mask-{key.hexdigest()[:16]}.so"
@@ -106,13 +115,14 @@ def build(compiler=None):
     handle, partial = tempfile.mkstemp(prefix=path.stem, suffix=".so.partial", dir=path.parent)
     os.close(handle)
     try:
-        logging.warning("Compiling the TopM kernels (once, cached in %s) ...", path.parent)
+        logging.warning("Compiling the native kernels (once, cached in %s) ...", path.parent)
         done = subprocess.run(
             _command(compiler, partial), capture_output=True, text=True, timeout=_BUILD_SECONDS
         )
         if done.returncode != 0:
             raise RuntimeError(
-                f"{compiler} failed to build {SOURCE.name} (exit {done.returncode}): "
+                f"{compiler} failed to build {' + '.join(x.name for x in SOURCES)} "
+                f"(exit {done.returncode}): "
                 f"{done.stderr.strip()[-2000:]}"
             )
         os.chmod(partial, 0o755)  # mkstemp's 0600 would hide a shared cache from others
@@ -126,7 +136,8 @@ def build(compiler=None):
 @functools.cache
 def native_ops():
     """The loaded library's ops (`.invp_top_mask`, `.invp_list_above`,
-    `.invp_listed_top`), or None where unavailable.
+    `.invp_listed_top`, `.invp_resize_antialiased`, `.invp_gaussian_blur`), or None where
+    unavailable.
 
     None when INVP_TF_NATIVE is 0 (or false, off, no) or the kernels cannot be built or
     loaded; the latter logs a warning once per process with the reason. Both are
@@ -144,14 +155,16 @@ def native_ops():
         return module
     except AttributeError:  # this process registered the ops from another library
         logging.warning(
-            "The native TopM kernels were registered by another copy of invp_tf in "
-            "this process, so the searches run as TensorFlow ops (the same sets)."
+            "The native kernels were registered by another copy of invp_tf in this "
+            "process, so the TopM searches and the views' resize and blur run as "
+            "TensorFlow ops (the same sets, the same views to float round-off)."
         )
         return None
     except (RuntimeError, OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
         logging.warning(
-            "The native TopM kernels are unavailable, so the searches run as "
-            "TensorFlow ops (the same sets, the exact search about 3x slower on a CPU): %s",
+            "The native kernels are unavailable, so the TopM searches and the views' resize "
+            "and blur run as TensorFlow ops (the same sets, the exact search about 3x slower "
+            "on a CPU; the same views to float round-off, about 1.4x slower): %s",
             error,
         )
         return None

@@ -34,7 +34,7 @@ LARGE_TESTS = (
     "train_test",
 )
 # Files a library reads at run time: kernels.py compiles the C++ source next to it.
-LIBRARY_DATA = {"kernels": '["invp_tf/top_mask.cc"]'}
+LIBRARY_DATA = {"kernels": '["invp_tf/top_mask.cc", "invp_tf/views.cc"]'}
 TEST_DATA = {
     "configs_test": '["pytest.ini"] + glob(["configs/*.flags"])',
     "export_test": '["pytest.ini"] + glob(["export/*.json"])',

@@ -37,11 +37,12 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "warning: could not install the Debian package dataset-fashion-mnist" >&2
 fi
 if ! command -v "${CXX:-c++}" >/dev/null; then
-  # The exact TopM kernel (invp_tf/top_mask.cc) is compiled on first use; without a C++
-  # compiler the exact search runs as TensorFlow ops (the same set, about 3x slower).
+  # The native kernels (invp_tf/top_mask.cc: the exact TopM search; invp_tf/views.cc: the
+  # views' resize and blur) are compiled on first use; without a C++ compiler TensorFlow
+  # ops run instead (the same sets and views, the search about 3x, the views 1.6x slower).
   $sudo_cmd apt-get install -y g++ >/dev/null 2>&1 || {
     $sudo_cmd apt-get update >/dev/null 2>&1 && $sudo_cmd apt-get install -y g++ >/dev/null 2>&1; } ||
-    echo "warning: no C++ compiler (install g++): the exact TopM search will be slower" >&2
+    echo "warning: no C++ compiler (install g++): the exact TopM search and the views will be slower" >&2
 fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip

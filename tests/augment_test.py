@@ -1,12 +1,14 @@
 """Tests for invp_tf.augment: shapes, ranges, determinism, eager == tf.data."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from invp_tf import augment
+from invp_tf import kernels
 
 S = 24  # output side used throughout; small to keep the tests fast
 
@@ -187,7 +189,7 @@ def _jpeg(image, quality=95, chroma_downsampling=False):
 def test_crop_of_an_encoded_jpeg_decodes_the_same_window(scale):
     # The same stateless box, read off the JPEG header; decode_and_crop_jpeg gives the
     # pixels of decode-then-crop (without chroma subsampling: exactly). Crops above S keep
-    # the antialiased resize.
+    # the antialiased resize (the native kernel's: tf.image.resize's to float round-off).
     image = np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     for subsampled in (False, True):
         encoded = _jpeg(image, chroma_downsampling=subsampled)
@@ -197,12 +199,37 @@ def test_crop_of_an_encoded_jpeg_decodes_the_same_window(scale):
             want = augment.random_resized_crop(decoded, seed, 16, scale=scale).numpy()
             got = augment.random_resized_crop(encoded, seed, 16, scale=scale).numpy()
             if not subsampled:
-                np.testing.assert_array_equal(got, want)
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
             else:
                 # 4:2:0 chroma at the window's right edge is upsampled from the edge
                 # instead of the next block: the last column only moves, a little.
-                np.testing.assert_array_equal(got[:, :-2], want[:, :-2])
+                np.testing.assert_allclose(got[:, :-2], want[:, :-2], rtol=0, atol=1e-6)
                 assert np.abs(got - want).max() < 0.1
+
+
+@pytest.fixture(name="no_native")
+def fixture_no_native(monkeypatch):
+    """The native kernels turned off (tf.image.resize in the views); restored afterwards."""
+    monkeypatch.setenv("INVP_TF_NATIVE", "0")
+    kernels.native_ops.cache_clear()
+    yield
+    kernels.native_ops.cache_clear()
+
+
+def test_native_resize_of_encoded_crops_matches_tf_image_resize(no_native):
+    # The views of a folder of JPEGs with and without the native resize: float round-off.
+    image = np.random.default_rng(7).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    encoded, decoded = _jpeg(image), tf.io.decode_jpeg(_jpeg(image), channels=3)
+    seeds = [tf.constant([i, 3], tf.int64) for i in range(8)]
+    fallback = [augment.random_resized_crop(encoded, s, 24).numpy() for s in seeds]
+    for s, view in zip(seeds, fallback, strict=True):  # exactly the decoded image's crop
+        np.testing.assert_array_equal(view, augment.random_resized_crop(decoded, s, 24))
+    os.environ["INVP_TF_NATIVE"] = "1"
+    kernels.native_ops.cache_clear()
+    assert kernels.native_ops() is not None
+    native = [augment.random_resized_crop(encoded, s, 24).numpy() for s in seeds]
+    np.testing.assert_allclose(np.stack(native), np.stack(fallback), rtol=0, atol=1e-6)
+    assert any((n != f).any() for n, f in zip(native, fallback, strict=True))  # its own op
 
 
 def test_crop_of_an_encoded_file_upsamples_without_antialias_and_reads_png():

@@ -1,5 +1,6 @@
-"""The native TopM kernels: their build and cache; InvpTopMask's set against tf.math.top_k,
-InvpListAbove's lists against NumPy, InvpListedTop's set against top_k over the lists."""
+"""The native kernels: their build and cache; InvpTopMask's set against tf.math.top_k,
+InvpListAbove's lists against NumPy, InvpListedTop's set against top_k over the lists; the
+views' InvpResizeAntialiased and InvpGaussianBlur against the TensorFlow ops they replace."""
 
 import os
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from invp_tf import augment
 from invp_tf import kernels
 from invp_tf import topm
 
@@ -57,9 +59,9 @@ def test_build_writes_one_library_and_reuses_it(fresh, monkeypatch):
 
 def test_a_changed_source_gets_its_own_library(fresh, tmp_path, monkeypatch):
     source = tmp_path / "top_mask.cc"
-    source.write_bytes(kernels.SOURCE.read_bytes() + b"\n// changed\n")
+    source.write_bytes(kernels.SOURCES[0].read_bytes() + b"\n// changed\n")
     before = kernels.library_path()
-    monkeypatch.setattr(kernels, "SOURCE", source)
+    monkeypatch.setattr(kernels, "SOURCES", (source, *kernels.SOURCES[1:]))
     assert kernels.library_path() != before
 
 
@@ -67,8 +69,8 @@ def test_a_failed_build_names_the_compiler_and_falls_back(fresh, tmp_path, monke
     monkeypatch.delenv("CXX", raising=False)
     broken = tmp_path / "top_mask.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
-    with pytest.raises(RuntimeError, match=r"c\+\+ failed to build top_mask.cc"):
+    monkeypatch.setattr(kernels, "SOURCES", (broken, *kernels.SOURCES[1:]))
+    with pytest.raises(RuntimeError, match=r"c\+\+ failed to build top_mask.cc \+ views.cc"):
         kernels.build()
     assert not list(fresh.iterdir())  # nothing half written is left to load
     monkeypatch.setenv("CXX", "no-such-compiler")
@@ -302,3 +304,71 @@ def test_native_and_tensorflow_op_listings_are_equal(native, monkeypatch):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g.numpy(), w.numpy())
     assert got[4].numpy()[1] == 2500 and got[4].numpy()[2] == 0
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((375, 500, 3), (224, 224)),  # downsampling both sides, as ImageNet crops
+        ((100, 300, 3), (224, 224)),  # upsampling one side, downsampling the other
+        ((20, 30, 3), (224, 224)),  # upsampling both
+        ((57, 41, 1), (28, 28)),  # grey, odd scales
+        ((1, 1, 3), (5, 7)),
+        ((224, 224, 3), (224, 224)),  # the identity
+        ((9, 700, 4), (3, 100)),
+    ],
+)
+def test_resize_antialiased_is_tf_image_resize(native, shape, size):
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    expected = tf.image.resize(
+        tf.image.convert_image_dtype(image, tf.float32), size, "bilinear", antialias=True
+    )
+    got = native.invp_resize_antialiased(image, size)
+    assert got.dtype == tf.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_resize_antialiased_constant_and_extreme_images(native):
+    for value in (0, 255, 77):
+        image = np.full((301, 203, 3), value, np.uint8)
+        got = native.invp_resize_antialiased(image, [224, 224]).numpy()
+        np.testing.assert_allclose(got, value / 255, rtol=0, atol=1e-6)
+
+
+def test_resize_antialiased_bad_inputs_are_named(native):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image must be"):
+        native.invp_resize_antialiased(tf.zeros([2, 4, 4, 3], tf.uint8), [2, 2])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="size must be positive"):
+        native.invp_resize_antialiased(tf.zeros([4, 4, 3], tf.uint8), [0, 2])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image must not be empty"):
+        native.invp_resize_antialiased(tf.zeros([0, 4, 3], tf.uint8), [2, 2])
+
+
+@pytest.mark.parametrize(
+    "n, h, w, c", [(4, 224, 224, 3), (3, 56, 40, 3), (2, 21, 20, 1), (0, 30, 30, 3)]
+)
+def test_gaussian_blur_is_the_recipes_blur(native, n, h, w, c):
+    # augment.gaussian_blur (TensorFlow ops) with sigma fixed to each image's own.
+    rng = np.random.default_rng(n + h)
+    images = rng.random((n, h, w, c), dtype=np.float32)
+    sigma = rng.uniform(0.1, 2.0, n).astype(np.float32)
+    radius = min(h, w) // 20
+    got = native.invp_gaussian_blur(images, sigma, radius).numpy()
+    assert got.shape == images.shape
+    for image, s, out in zip(images, sigma, got, strict=True):
+        if c == 1:  # the recipe's blur is RGB: blur the grey channel tiled
+            image = np.repeat(image, 3, axis=-1)
+        want = augment.gaussian_blur(tf.constant(image), tf.constant([0, 0]), sigma=(s, s))
+        np.testing.assert_allclose(out, want.numpy()[..., :c], rtol=0, atol=1e-6)
+
+
+def test_gaussian_blur_keeps_constants_and_names_bad_inputs(native):
+    images = np.full((2, 40, 40, 3), 0.3, np.float32)
+    got = native.invp_gaussian_blur(images, [0.5, 2.0], 2).numpy()
+    np.testing.assert_allclose(got, 0.3, rtol=0, atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"sigma must be \[2\]"):
+        native.invp_gaussian_blur(images, [0.5], 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="radius 40 must be in"):
+        native.invp_gaussian_blur(images, [0.5, 1.0], 40)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="images must be"):
+        native.invp_gaussian_blur(images[0], [0.5], 2)

@@ -10,7 +10,7 @@ the trained weights, so it is computed once per `inputs(...)` and kept in a cach
     ~/.cache/invp_tf/baselines    (one JSON file per key, created 0700)
 
 The key is a SHA-256 over everything the numbers depend on: the datasets' fingerprints
-(`data.fingerprint`: file bytes, tfds version, folder listing), the labelled train rows
+(`identity.fingerprint`: file bytes, tfds version, folder listing), the labelled train rows
 and evaluated rows, the image size, the kNN and fine-tuning settings, the seed, every
 run flag that can shape a random-initialised encoder, and the source of the code that
 computes them. Any change is a new key (a miss); `--recompute_baselines` ignores hits.
@@ -26,9 +26,9 @@ import pathlib
 import keras
 import numpy as np
 
-from invp_tf import data
 from invp_tf import encoder as encoder_lib
 from invp_tf import evaluation
+from invp_tf import identity
 from invp_tf import kernels
 from invp_tf import model as model_lib
 from invp_tf import workdir as workdir_lib
@@ -91,8 +91,8 @@ def inputs(settings, config, splits, dataset, crop_scale=None):
         "version": CACHE_VERSION,
         "kind": kind,
         "dataset": dataset,
-        "train": data.fingerprint(splits.train),
-        "test": data.fingerprint(splits.test),
+        "train": identity.fingerprint(splits.train),
+        "test": identity.fingerprint(splits.test),
         "test_name": splits.test_name,
         "train_rows": _sha256(np.asarray(splits.train_rows, np.int64).tobytes()),
         "test_rows": _sha256(np.asarray(splits.test_rows, np.int64).tobytes()),

@@ -1,4 +1,4 @@
-"""Dataset sources with a stable example index, their fingerprint, subsets and image checks.
+"""Dataset sources with a stable example index, their image files, subsets and image checks.
 
 Every source yields unbatched dicts
   {"image": uint8 [H, W, 3], "index": int32 in [0, N), "label": int32 (-1 when unknown)}.
@@ -16,7 +16,6 @@ The train and eval tf.data pipelines over a Source are in `input_pipeline`.
 
 import dataclasses
 import gzip
-import hashlib
 import itertools
 import math
 import os
@@ -42,6 +41,9 @@ _IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Other image formats: not read (tf.io.decode_image cannot decode most of them, and serving
+# reads only the four above), but named in a warning, never left out silently.
+OTHER_IMAGE_EXTENSIONS = tuple(".webp .tif .tiff .heic .heif .avif .jp2 .jxl .ico .psd".split())
 # File signatures of the formats tf.io.decode_image reads.
 _IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 # Folders up to this size get a cheap signature check of every file in load_source.
@@ -59,6 +61,8 @@ class Source:
       num_classes: number of classes, or None when unknown / unlabelled.
       image_shape: native (H, W, 3) of the yielded images, or None when sizes vary.
       paths: folder sources: the image file of each index (paths[index]); else None.
+      sizes: folder sources: the size in bytes of each file (sizes[index]), read while
+        listing (-1: the file could not be read); else None.
       exact_shuffle: True when `dataset(shuffle_files=True)` is already a uniform random
         permutation of the examples (in-memory and folder sources shuffle the example list
         before decoding), so no shuffle buffer of decoded images is needed. tfds sources only
@@ -77,6 +81,7 @@ class Source:
     num_classes: int | None
     image_shape: tuple[int, int, int] | None
     paths: tuple[str, ...] | None = dataclasses.field(default=None, repr=False)
+    sizes: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
     exact_shuffle: bool = False
     make_dataset: Callable[[bool, int], tf.data.Dataset] | None = dataclasses.field(
         default=None, repr=False, compare=False
@@ -85,7 +90,7 @@ class Source:
         default=None, repr=False, compare=False
     )
     read: Callable[[dict], dict] | None = dataclasses.field(default=None, repr=False, compare=False)
-    # What else identifies the examples, for `fingerprint`: IDX files read, or tfds'
+    # What else identifies the examples, for `identity.fingerprint`: IDX files read, or tfds'
     # (name, version, split read).
     origin: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
@@ -348,13 +353,20 @@ def _tfds_source(dataset, split, data_dir, train_examples):
 
 
 def list_images(folder):
-    """Sorted relative paths ("class/x.png") of the images under `folder`, recursively.
+    """Sorted relative paths ("class/x.png") of the images under `folder` (`scan_images`)."""
+    return [name for name, _ in scan_images(folder)]
+
+
+def scan_images(folder):
+    """[(relative path, size in bytes)] of the images under `folder`, recursively, sorted by
+    path; one stat per image while listing (-1 where it fails).
 
     Symlinked folders are followed, each real folder at most once: a link back to a folder
     above it (a loop) or to a folder already listed is skipped and named in a warning, so
-    every real image is listed once.
+    every real image is listed once. Files of other image formats (OTHER_IMAGE_EXTENSIONS)
+    are named in a warning, never left out silently.
     """
-    found = []
+    found, others = [], []
     seen = {os.path.realpath(folder)}
     for parent, dirs, files in os.walk(folder, followlinks=True):
         kept = []
@@ -373,8 +385,25 @@ def list_images(folder):
         dirs[:] = kept
         rel = os.path.relpath(parent, folder)
         for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                found.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
+            name = f if rel == "." else os.path.join(rel, f).replace(os.sep, "/")
+            if f.startswith("."):
+                continue
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                try:
+                    found.append((name, os.stat(os.path.join(parent, f)).st_size))
+                except OSError:  # a dangling link: the signature check names it
+                    found.append((name, -1))
+            elif f.lower().endswith(OTHER_IMAGE_EXTENSIONS):
+                others.append(name)
+    if others:
+        logging.warning(
+            "%s holds %d image file(s) in formats this code does not read (it reads %s), left "
+            "out: %s; convert them to JPEG or PNG to use them.",
+            folder,
+            len(others),
+            ", ".join(IMAGE_EXTENSIONS),
+            ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else ""),
+        )
     return sorted(found)
 
 
@@ -419,10 +448,11 @@ def _folder_source(dataset, split, train_examples):
     if split not in split_dirs:
         return None
     folder = split_dirs[split]
-    files = list_images(folder)
-    if not files:
+    listed = scan_images(folder)
+    if not listed:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
-    files = files[: _check_train_examples(train_examples, len(files), dataset, split)]
+    listed = listed[: _check_train_examples(train_examples, len(listed), dataset, split)]
+    files = [name for name, _ in listed]
     classes = _class_names(split_dirs.values())
     class_ids = {c: i for i, c in enumerate(classes)}
     # Images at the top level of a split folder have no class: label -1.
@@ -467,6 +497,7 @@ def _folder_source(dataset, split, train_examples):
         num_classes=len(classes) or None,
         image_shape=None,
         paths=paths,
+        sizes=tuple(size for _, size in listed),
         exact_shuffle=True,
         make_dataset=make_dataset,
         decode=decode,
@@ -474,44 +505,34 @@ def _folder_source(dataset, split, train_examples):
     )
 
 
-def fingerprint(source: Source) -> str:
-    """SHA-256 (hex) of what defines the examples of `source`, read without decoding.
-
-    The dataset's name (not a folder's path), split and size; for IDX data the bytes of its
-    files; for tfds the dataset's version and the split read; for folders every image's path
-    under the root and its size (one stat per file). Two sources with the same fingerprint
-    yield the same examples at the same indices (a folder file rewritten in place at the same
-    size aside).
-    """
-    # A folder is known by its listing, wherever it lies.
-    name = "folder:" if source.paths is not None else source.name
-    digest = hashlib.sha256(f"{name}\0{source.split}\0{source.num_examples}".encode())
-    for item in source.origin:
-        if os.path.isfile(item):
-            with open(item, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        else:
-            digest.update(f"\0{item}".encode())
-    if source.paths is not None:
-        root = source.name[len("folder:") :]
-        for path in source.paths:
-            digest.update(f"\0{os.path.relpath(path, root)}\0{os.path.getsize(path)}".encode())
-    return digest.hexdigest()
-
-
 def find_unreadable_images(source: Source, limit: int | None = None) -> list[str]:
-    """Decodes every image file of a folder source eagerly and lists the ones that fail.
+    """The image files of a folder source that cannot be read: gone or unreadable ones first
+    (a cheap check of each), then the ones that fail an eager decode.
 
     Args:
       source: a Source; non-folder sources (paths None) have no files and give [].
       limit: stop after this many bad files (None: check all).
 
     Returns:
-      The paths that tf.io.decode_image cannot decode, in index order.
+      The paths that cannot be read, then those that tf.io.decode_image cannot decode, each
+      in index order.
     """
-    bad = []
+    paths = source.paths or ()
+    bad = [path for path in paths if not os.access(path, os.R_OK)]  # gone: cheap to find
+    gone = set(bad)
+    for path in paths:
+        if limit is not None and len(bad) >= limit:
+            break
+        if path in gone:
+            continue
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.OpError, ValueError):
+            bad.append(path)
+    return bad[:limit]
     for path in source.paths or ():
+        if path in bad:
+            continue
         try:
             tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError):
@@ -522,11 +543,8 @@ def find_unreadable_images(source: Source, limit: int | None = None) -> list[str
 
 
 def check_images(source: Source) -> None:
-    """Raises ValueError("unreadable image: <path>") for the first undecodable file.
-
-    Args:
-      source: a Source (non-folder sources always pass).
-    """
+    """Raises ValueError("unreadable image: <path>") for the first unreadable file of a folder
+    source (`find_unreadable_images`); other sources always pass."""
     bad = find_unreadable_images(source, limit=1)
     if bad:
         raise ValueError(f"unreadable image: {bad[0]}")

@@ -2,15 +2,18 @@
 
 Training speaks to its --workdir through a RunDir alone, in a handful of calls:
 
-    RunDir.check(workdir)                          # before anything else: can it hold a run?
-    run_dir = RunDir.open(config, workdir, chief)  # lock, the run's identity, repair, flags
-    run_dir.restore(strategy, **parts)             # the newest readable checkpoint, if any
-    run_dir.append(row); run_dir.save(epoch)       # every epoch: metrics row, then checkpoint
-    run_dir.close()                                # the lock released (or `with RunDir.open`)
+    RunDir.check(workdir)                # before anything else: can it hold a run?
+    run_dir = RunDir.open(config, workdir, chief, dataset)  # lock, identity, repair, flags
+    run_dir.restore(strategy, **parts)   # the newest readable finite checkpoint, if any
+    run_dir.append(row); run_dir.save(epoch)  # every epoch: metrics row, then checkpoint
+    run_dir.close()                      # the lock released (or `with RunDir.open`)
 
-The files' formats and the readers that evaluation, export and analysis use are
-`workdir` (flags.txt, checkpoints and their named parts, metrics.jsonl). Workers other than
-the chief take no lock and write only scratch checkpoints, which they delete again.
+The run's identity (its flags and its training data's fingerprint) travels inside every
+checkpoint it saves (`identity`); a rerun is checked against the newest one, flags.txt being
+its readable copy. Every checkpoint saved holds finite values only. The files' formats and
+the readers that evaluation, export and analysis use are `workdir` (flags.txt, checkpoints
+and their named parts, metrics.jsonl). Workers other than the chief take no lock and write
+only scratch checkpoints, which they delete again.
 """
 
 import contextlib
@@ -26,6 +29,7 @@ from absl import logging
 
 from invp_tf import config as config_lib
 from invp_tf import distribute
+from invp_tf import identity
 from invp_tf import workdir as workdir_lib
 
 # Flags a rerun may change (Config fields marked safe_to_change), with why; any other
@@ -36,6 +40,12 @@ SAFE_TO_CHANGE = {
     for field in dataclasses.fields(config_lib.Config)
     if "safe_to_change" in field.metadata
 }
+# The flags that define the run: the ones its checkpoints must be continued with.
+_DEFINING = [
+    field.name
+    for field in dataclasses.fields(config_lib.Config)
+    if field.name not in SAFE_TO_CHANGE
+]
 
 
 class RunDir:
@@ -53,6 +63,7 @@ class RunDir:
         self.manager = self.writer = None
         self._changed, self._previous = [], None
         self._write_manager = None
+        self._parts, self._dataset, self._record = {}, None, None
         self._exit = contextlib.ExitStack()
 
     @staticmethod
@@ -78,26 +89,47 @@ class RunDir:
             raise workdir_lib.WorkdirError(f"--workdir={workdir} {what} (permission denied)")
 
     @classmethod
-    def open(cls, config, workdir, chief=True):
-        """Takes the run's lock (chief), checks a rerun's flag changes against flags.txt (the
-        run's identity), removes partial saves and repairs the checkpoint state (chief), and
-        writes a new run's flags.
+    def open(cls, config, workdir, chief=True, dataset=None):
+        """Takes the run's lock (chief), checks a rerun against the run's identity (the record
+        in its newest checkpoint; flags.txt for checkpoints written before they carried one),
+        removes partial saves and repairs the checkpoint state and a lost or edited flags.txt
+        (chief), and writes a new run's flags and its folder data's listing.
+
+        Args:
+          config: the run's config.Config.
+          workdir: the run folder.
+          chief: whether this process writes the run (takes the lock, repairs, writes).
+          dataset: the training data (a data.Source), checked against the record and recorded
+            in each checkpoint; None where it is not known (an imported checkpoint).
 
         Raises:
-          WorkdirError: the run is in use, or a flag outside SAFE_TO_CHANGE differs from a
-            run with a checkpoint; nothing is written then.
+          WorkdirError: the run is in use, a flag outside SAFE_TO_CHANGE differs from a run
+            with a checkpoint, or the training data differs from the checkpoint's; nothing is
+            written then.
         """
         run_dir = cls(workdir, config, chief)
         try:
             if chief:  # one training per run; a second one stops here naming the first
                 run_dir._exit.enter_context(_lock(workdir))
-            run_dir._changed = _flag_changes(workdir, config)
-            run_dir._previous = workdir_lib.read_flags(workdir)
+            record = identity.read(workdir)
+            saved = workdir_lib.read_flags(workdir)
+            run_dir._previous = _run_flags(workdir, config, saved, record)
+            run_dir._changed = _changes(run_dir._previous, config)
+            files = None
+            if dataset is not None:
+                run_dir._dataset = identity.dataset_record(dataset)
+                files = identity.listing(dataset)
+                if record is not None:
+                    identity.check_dataset(workdir, record, run_dir._dataset, files)
             if chief:
                 _prepare(workdir)  # removes partial saves of earlier crashes
                 workdir_lib.repair_checkpoint_state(workdir)
                 if not workdir_lib.checkpoint_paths(workdir):  # a new run (or no checkpoint yet)
                     _write_flags(workdir, config)
+                elif record is not None and run_dir._previous != saved:
+                    _restore_flags(workdir, run_dir._previous, saved, record)
+                if files is not None:
+                    identity.keep_listing(workdir, run_dir._dataset, files)
         except BaseException:
             run_dir.close()
             raise
@@ -110,25 +142,29 @@ class RunDir:
         self.close()
 
     def restore(self, strategy, **parts):
-        """Restores the newest readable checkpoint into `parts` (every name of
-        workdir.CHECKPOINT_PARTS; a corrupt checkpoint is named and set aside), records a
-        rerun's flag changes once the state is back, and readies the checkpoint saves,
-        metrics.jsonl (rows of epochs not in the checkpoint dropped) and TensorBoard.
+        """Restores the newest readable checkpoint holding finite values only into `parts`
+        (every name of workdir.CHECKPOINT_PARTS; a corrupt or non-finite checkpoint is named
+        and set aside), records a rerun's flag changes once the state is back, and readies the
+        checkpoint saves, metrics.jsonl (rows of epochs not in the checkpoint dropped) and
+        TensorBoard.
 
         Returns:
           The path restored; None for a new run.
         """
-        checkpoint = workdir_lib.training_checkpoint(**parts)
+        restoring = workdir_lib.training_checkpoint(**parts)
 
         def restore(path):
             if workdir_lib.read_counter(tf.train.load_checkpoint(path), "step") is not None:
-                checkpoint.restore(path).assert_existing_objects_matched()
+                restoring.restore(path).assert_existing_objects_matched()
             else:  # written before steps were counted apart: every step was applied then
                 older = {name: part for name, part in parts.items() if name != "step"}
                 workdir_lib.training_checkpoint(**older).restore(
                     path
                 ).assert_existing_objects_matched()
                 parts["step"].assign(parts["optimizer"].iterations)
+            bad = workdir_lib.nonfinite_variables(_variables(parts))
+            if bad:  # a diverged training's state (older versions saved such checkpoints)
+                raise workdir_lib.NonFiniteError(bad)
 
         # Before the managers read the checkpoint list.
         path = workdir_lib.restore_newest(self.path, restore, set_aside=self.chief)
@@ -137,8 +173,11 @@ class RunDir:
             _write_flags(self.path, self.config, self._changed, epoch, self._previous)
         # CheckpointManager writes the data files first and then replaces the small
         # `checkpoint` index file, so a crash mid-save leaves the previous one valid. Every
-        # worker reads the chief's checkpoints; the others write scratch copies.
+        # worker reads the chief's checkpoints; the others write scratch copies. Saves carry
+        # the run's identity record beside the parts (restores read it apart: `identity`).
         checkpoint_dir = os.path.join(self.path, workdir_lib.CHECKPOINT_DIR)
+        self._parts, self._record = parts, identity.variable()
+        checkpoint = tf.train.Checkpoint(**parts, **{identity.NAME: self._record})
         self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
         self._write_manager = self.manager
         if not self.chief:
@@ -150,11 +189,35 @@ class RunDir:
         return path
 
     def save(self, number):
-        """Writes checkpoint ckpt-`number` (other workers: a scratch copy); returns its path."""
+        """Writes checkpoint ckpt-`number` (other workers: a scratch copy) with the run's
+        identity record; returns its path.
+
+        Raises:
+          NonFiniteError: a variable holds inf or NaN; nothing is written.
+        """
+        bad = self.nonfinite()
+        if bad:
+            raise workdir_lib.NonFiniteError(bad)
+        self._record.assign(identity.record_text(self.config, self._dataset))
         path = _save_checkpoint(self._write_manager, number)
         if not self.chief:
             tf.io.gfile.rmtree(self._write_manager.directory)
         return path
+
+    def nonfinite(self):
+        """Names of the variables of the restored parts that hold inf or NaN."""
+        return workdir_lib.nonfinite_variables(_variables(self._parts))
+
+    def last_good(self):
+        """The newest checkpoint on disk that reads back whole with finite values only; None
+        when there is none."""
+        for path in workdir_lib.checkpoint_paths(self.path):
+            try:
+                if not workdir_lib.nonfinite_tensors(path):
+                    return path
+            except Exception:  # noqa: BLE001 (unreadable: not a good one)
+                continue
+        return None
 
     def append(self, row):
         """Appends an epoch's row to metrics.jsonl and its numbers to TensorBoard (chief)."""
@@ -324,33 +387,71 @@ def _flag(config, name):
     return f"--{name}={value}"
 
 
-def _flag_changes(workdir, config):
-    """Names of the flags of `config` that differ from the run's flags.txt; [] for a new run.
+def _run_flags(workdir, config, saved, record):
+    """The run's flags, which a rerun with `config` is checked against; None for a new run.
+
+    Args:
+      saved: the Config of flags.txt, or None.
+      record: the identity.Record of the newest checkpoint, or None (none yet, or written
+        before checkpoints carried one: flags.txt is the record then).
+
+    Returns:
+      flags.txt, with the record's values of the flags outside SAFE_TO_CHANGE (the record
+      alone when flags.txt is missing).
 
     Raises:
       WorkdirError: a flag outside SAFE_TO_CHANGE differs and the run has a checkpoint,
-        listing every such flag with the run's value. Nothing is written.
+        listing every such flag with the run's value and where it was read. Nothing is written.
     """
-    saved = workdir_lib.read_flags(workdir)
-    if saved is None:
-        return []
-    changed = [
-        field.name
-        for field in dataclasses.fields(config_lib.Config)
-        if field.name != "workdir" and getattr(saved, field.name) != getattr(config, field.name)
-    ]
-    refused = [name for name in changed if name not in SAFE_TO_CHANGE]
+    run, where = saved, f"in {workdir_lib.FLAGS_FILE}"
+    if record is not None:
+        defining = {name: getattr(record.config, name) for name in _DEFINING}
+        run = dataclasses.replace(saved or record.config, **defining)
+        if run != saved:
+            state = "is missing" if saved is None else "was edited"
+            where = f"in its checkpoint {os.path.basename(record.checkpoint)}; "
+            where += f"{workdir_lib.FLAGS_FILE} {state}"
+    if run is None:
+        return None
+    refused = [name for name in _DEFINING if getattr(run, name) != getattr(config, name)]
     if refused and workdir_lib.checkpoint_paths(workdir):
         given = " ".join(_flag(config, name) for name in refused)
-        theirs = " ".join(_flag(saved, name) for name in refused)
+        theirs = " ".join(_flag(run, name) for name in refused)
         safe = ", ".join(f"--{name}" for name in SAFE_TO_CHANGE if name != "workdir")
         verb = "differs" if len(refused) == 1 else "differ"
         raise workdir_lib.WorkdirError(
-            f"{given} {verb} from the run in {workdir} ({theirs} in {workdir_lib.FLAGS_FILE}): a "
-            f"checkpoint cannot continue with another model, data, bank or optimizer; rerun with "
-            f"the run's values or use a new --workdir (a rerun may change only {safe})"
+            f"{given} {verb} from the run in {workdir} ({theirs} {where}): a checkpoint "
+            f"cannot continue with another model, data, bank or optimizer; rerun with the "
+            f"run's values or use a new --workdir (a rerun may change only {safe})"
         )
-    return changed
+    return run
+
+
+def _changes(run, config):
+    """Names of the flags of `config` that differ from the run's flags `run` ([]: None)."""
+    return [
+        field.name
+        for field in dataclasses.fields(config_lib.Config)
+        if run is not None
+        and field.name != "workdir"
+        and getattr(run, field.name) != getattr(config, field.name)
+    ]
+
+
+def _restore_flags(workdir, run, saved, record):
+    """Rewrites a missing or edited flags.txt as the run's flags `run` (from the checkpoint's
+    record), with a warning naming what was wrong, and notes it in the history."""
+    where = os.path.basename(record.checkpoint)
+    path = os.path.join(workdir, workdir_lib.FLAGS_FILE)
+    what = "is missing"
+    if saved is not None:
+        edited = [name for name in _DEFINING if getattr(saved, name) != getattr(run, name)]
+        there = " ".join(_flag(saved, name) for name in edited)
+        what = f"was edited ({there}; the record: {' '.join(_flag(run, n) for n in edited)})"
+    logging.warning("%s %s; rewrote it from the run's record in checkpoint %s.", path, what, where)
+    run = dataclasses.replace(run, workdir=workdir)
+    workdir_lib.write_atomically(path, "\n".join(run.flagfile_lines()) + "\n", "the run's flags")
+    _history(workdir, f"{workdir_lib.FLAGS_FILE} {what}: rewritten from the record in {where}")
 
 
 def _history(workdir, line):
@@ -385,6 +486,15 @@ def _write_flags(workdir, config, changed=(), epoch=0, previous=None):
 
 # ---------------------------------------------------------------------------
 # Checkpoint saves and metrics.jsonl.
+
+
+def _variables(parts):
+    """Every variable of the checkpoint parts `parts` (variables, modules, models, optimizers)."""
+    return [
+        variable
+        for part in parts.values()
+        for variable in ([part] if isinstance(part, tf.Variable) else part.variables)
+    ]
 
 
 def _save_checkpoint(manager, number):

@@ -36,6 +36,7 @@ from invp_tf import input_pipeline
 from invp_tf import memory_plan
 from invp_tf import model as model_lib
 from invp_tf import neighbors
+from invp_tf import progress as progress_lib
 from invp_tf import propagation
 from invp_tf import rundir
 from invp_tf import workdir as workdir_lib
@@ -47,7 +48,8 @@ PREEMPTED_EXIT_CODE = 42
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (NaN loss); the last good checkpoint is kept."""
+    """A run that cannot go on (NaN loss, a state holding inf or NaN); the last good
+    checkpoint is kept."""
 
 
 class Preempted(RuntimeError):
@@ -77,16 +79,46 @@ def graph_monitor(config, graph, rows, bank, train_labels, anchors, seed):
     return out
 
 
+# What tf.data raises when an image file cannot be read or decoded.
+_FILE_ERRORS = (
+    tf.errors.NotFoundError,
+    tf.errors.PermissionDeniedError,
+    tf.errors.InvalidArgumentError,
+    tf.errors.DataLossError,
+)
+
+
 @contextlib.contextmanager
-def _naming_unreadable_images(source):
-    """Turns a decode failure deep inside tf.data into an error naming the file."""
+def _naming_unreadable_images(sources, t=None):
+    """Turns a failed read or decode deep inside tf.data into one line naming the file.
+
+    A file that vanished or broke during training (`t`: the run) stops it: its epoch is not
+    saved and the last good checkpoint stays (every training image owns a row of the bank,
+    which would silently go stale without it).
+    """
     try:
         yield
-    except tf.errors.InvalidArgumentError as e:
-        bad = data.find_unreadable_images(source, limit=1) if source.paths else []
-        if bad:
-            raise ValueError(f"unreadable image: {bad[0]}") from e
+    except _FILE_ERRORS as e:
+        for source in sources:
+            bad = data.find_unreadable_images(source, limit=1) if source and source.paths else []
+            if not bad:
+                continue
+            if t is None:
+                raise ValueError(f"unreadable image: {bad[0]}") from e
+            epoch = int(t.epoch_counter.numpy())
+            what = "is gone" if not os.path.exists(bad[0]) else "cannot be read or decoded"
+            raise ValueError(
+                f"unreadable image: {bad[0]} {what} (epoch {epoch}); nothing was saved for "
+                f"this epoch, {_last_good(t)}; training stops, as each image owns a row of the "
+                "memory bank: restore the file and rerun the same command"
+            ) from e
         raise
+
+
+def _last_good(t):
+    """'the last good checkpoint is PATH' (read back, every value finite), or that none is."""
+    path = t.run_dir.last_good()
+    return f"the last good checkpoint is {path}" if path else "no good checkpoint was saved yet"
 
 
 def finished_message(workdir, epochs):
@@ -102,42 +134,6 @@ def finished_message(workdir, epochs):
         f"python -m invp_tf.evaluate --workdir={workdir} --protocol=knn (or linear, semi), "
         f"python -m invp_tf.export --workdir={workdir} --export_dir=exported"
     )
-
-
-class _Progress:
-    """Logs "epoch e/E" lines: each epoch-boundary step with its seconds, each epoch with an ETA.
-
-    Epochs are counted from 1 here (metrics.jsonl and checkpoints count finished epochs).
-    """
-
-    def __init__(self, first_epoch, epochs):
-        self.first_epoch, self.epochs = first_epoch, epochs
-        self.start = time.perf_counter()
-
-    def begin(self, epoch, what):
-        logging.info("epoch %d/%d: %s ...", epoch + 1, self.epochs, what)
-        return time.perf_counter()
-
-    def end(self, epoch, what, start):
-        seconds = time.perf_counter() - start
-        logging.info("epoch %d/%d: %s took %.1f s", epoch + 1, self.epochs, what, seconds)
-        return seconds
-
-    def epoch_done(self, epoch, row):
-        seconds_per_epoch = (time.perf_counter() - self.start) / (epoch + 1 - self.first_epoch)
-        left = (self.epochs - epoch - 1) * seconds_per_epoch
-        finish = time.strftime("%H:%M", time.localtime(time.time() + left))
-        knn = row.get("knn_top1")
-        logging.info(
-            "epoch %d/%d done: loss %s, kNN top-1 %s; %.0f s per epoch, ETA %s (%s left)",
-            epoch + 1,
-            self.epochs,
-            "-" if row.get("loss") is None else f"{row['loss']:.4f}",
-            "-" if knn is None else f"{knn:.4f}",
-            seconds_per_epoch,
-            finish,
-            f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min",
-        )
 
 
 class _SaveIfPreempted(keras.callbacks.Callback):
@@ -199,6 +195,8 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
 def _train(config, workdir, callbacks, strategy, on_exit):
     """The epoch loop: graph, fit, monitor, metrics row, checkpoint; returns the last row."""
     t = _build(config, workdir, strategy, on_exit)
+    # An image file that vanished or broke mid-run: one line naming it (left with the lock).
+    on_exit.enter_context(_naming_unreadable_images((t.train_source, t.test_source), t))
     row = {}
     if t.chief and t.first_epoch >= config.epochs:  # a rerun of a finished run: its last row
         row = (workdir_lib.read_metrics(workdir) or [{}])[-1]
@@ -237,6 +235,7 @@ def _train(config, workdir, callbacks, strategy, on_exit):
             checkpoint_seconds=checkpoint_seconds,
         )
         row = _metrics_row(t, epoch, fit, graph, knn_top1, uses_invariance, seconds)
+        _check_finite(t, epoch)  # a state holding inf or NaN is never saved as good
         t.run_dir.append(row)
         checkpoint_seconds = _checkpoint(t, epoch)
         logging.info("epoch %d/%d metrics: %s", epoch + 1, config.epochs, json.dumps(row))
@@ -310,21 +309,19 @@ def _fit_epoch(t, epoch, skip_steps, callbacks):
     if remaining:
         dataset = _distributed_dataset(t.strategy, pipeline, config.batch_size)
         start = t.progress.begin(epoch, f"training {remaining} steps")
-        with _naming_unreadable_images(t.train_source):
-            history = t.model.fit(
-                dataset,
-                epochs=1,
-                steps_per_epoch=remaining,
-                verbose=t.verbose,
-                callbacks=[*t.fit_callbacks, *callbacks],
-            )
+        history = t.model.fit(
+            dataset,
+            epochs=1,
+            steps_per_epoch=remaining,
+            verbose=t.verbose,
+            callbacks=[*t.fit_callbacks, *callbacks],
+        )
         fit["seconds"] = t.progress.end(epoch, "training", start)
         logs = fit["logs"] = {name: values[-1] for name, values in history.history.items()}
         if not all(math.isfinite(logs.get(k, math.nan)) for k in ("loss_ins", "loss_inv")):
             raise TrainingError(
                 f"loss became {logs.get('loss')} in epoch {epoch}; nothing was saved for "
-                f"this epoch, the last good checkpoint is {t.run_dir.manager.latest_checkpoint} "
-                "(lower --learning_rate or raise --temperature)"
+                f"this epoch, {_last_good(t)} (lower --learning_rate or raise --temperature)"
             )
     steps = int(t.model.steps.numpy())
     if steps != (epoch + 1) * t.steps_per_epoch:
@@ -375,6 +372,17 @@ def _metrics_row(t, epoch, fit, graph, knn_top1, uses_invariance, seconds):
     }
 
 
+def _check_finite(t, epoch):
+    """Raises TrainingError when a variable holds inf or NaN after `epoch` (BatchNorm's
+    moving statistics can blow up while the loss stays finite)."""
+    bad = t.run_dir.nonfinite()
+    if bad:
+        raise TrainingError(
+            f"the state after epoch {epoch} holds {workdir_lib.NonFiniteError(bad)}; nothing was "
+            f"saved for this epoch, {_last_good(t)} (lower --learning_rate or --weight_decay)"
+        )
+
+
 def _checkpoint(t, epoch):
     """Saves the state after `epoch` as ckpt-(epoch + 1); returns the seconds it took."""
     t.epoch_counter.assign(epoch + 1)
@@ -411,7 +419,7 @@ class _Training:
     verbose: object
     train_labels: np.ndarray | None  # [N] by index, for the monitors only
     purity_anchors: np.ndarray
-    progress: _Progress
+    progress: progress_lib.EpochProgress
 
 
 def _build(config, workdir, strategy, on_exit):
@@ -426,7 +434,7 @@ def _build(config, workdir, strategy, on_exit):
     # Before anything is written or allocated: over the device's memory is one line.
     memory_plan.check_config(config, num_examples, strategy)
     # A rerun may change only flags that keep the model, data, bank and optimizer state.
-    run_dir = on_exit.enter_context(rundir.RunDir.open(config, workdir, chief))
+    run_dir = on_exit.enter_context(rundir.RunDir.open(config, workdir, chief, train_source))
     steps_per_epoch = num_examples // config.batch_size
     model, epoch_counter = _build_model(config, strategy, num_examples, steps_per_epoch)
     resumed_from = run_dir.restore(
@@ -479,7 +487,7 @@ def _build(config, workdir, strategy, on_exit):
         verbose=("auto" if sys.stdout.isatty() else 2) if chief else 0,  # the chief's is enough
         train_labels=train_labels,
         purity_anchors=purity_anchors,
-        progress=_Progress(first_epoch, config.epochs),
+        progress=progress_lib.EpochProgress(first_epoch, config.epochs),
     )
 
 
@@ -569,7 +577,7 @@ def _monitor_labels(config, train_source):
     """(labels by index or None, the purity monitor's anchors: all rows of small banks, a
     fixed sample of large ones). Labels only measure; training never sees them."""
     num_examples = train_source.num_examples
-    with _naming_unreadable_images(train_source):
+    with _naming_unreadable_images((train_source,)):
         train_labels = data.labels_by_index(train_source) if train_source.num_classes else None
     purity_anchors = np.arange(num_examples)
     if num_examples > _PURITY_MAX_ANCHORS:

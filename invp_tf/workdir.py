@@ -4,9 +4,13 @@ Training writes a run through `rundir.RunDir`; the analysis, evaluation and expo
 points read it through `load_run`, so none of them has to import train's flags.
 
 What lives in `--workdir` (names below):
-  - flags.txt: the run's flags (rewritten only after a successful restore);
+  - flags.txt: a readable copy of the run's flags (rewritten only after a successful restore;
+    a lost or edited one is rewritten from the checkpoint's record, see `identity`);
   - flags_history.txt: one appended line per start and per accepted flag change;
-  - checkpoints/: `ckpt-N` of `tf.train.CheckpointManager` (parts in CHECKPOINT_PARTS);
+  - checkpoints/: `ckpt-N` of `tf.train.CheckpointManager` (parts in CHECKPOINT_PARTS, and
+    the run's identity record: its flags and its data's fingerprint); every value finite;
+  - dataset.json.gz: folder datasets: the fingerprint and [[path, size]] of the training
+    images the run is trained on (gzip'd JSON), to name the files that changed;
   - metrics.jsonl: one JSON row per finished epoch;
   - train.lock: the pid and host of the training that writes the run.
 
@@ -33,6 +37,7 @@ FLAGS_FILE = "flags.txt"
 HISTORY_FILE = "flags_history.txt"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+DATASET_FILE = "dataset.json.gz"
 LOCK_FILE = "train.lock"
 # The named parts of a training checkpoint. Training saves exactly these objects
 # (`training_checkpoint`); every reader finds a part by its name in the checkpoint's object
@@ -45,6 +50,15 @@ class WorkdirError(ValueError):
 
     A ValueError, so every entry point's one-line error handler reports it.
     """
+
+
+class NonFiniteError(ValueError):
+    """Variables holding inf or NaN (a training that diverged); the message names them."""
+
+    def __init__(self, names):
+        more = f" and {len(names) - 1} more variables" if len(names) > 1 else ""
+        super().__init__(f"inf or NaN in {names[0]}{more}")
+        self.names = names
 
 
 def reason(error):
@@ -96,6 +110,38 @@ def read_flags(workdir):
 
 # ---------------------------------------------------------------------------
 # Checkpoints.
+
+
+def _all_finite(value, rows=1 << 16):
+    """Whether every element of the variable `value` is finite, read on its device (a large
+    matrix, the bank, in chunks of rows: is_finite's boolean copy stays small)."""
+    if len(value.shape) < 2 or int(tf.size(value)) <= 1 << 24:
+        return bool(tf.reduce_all(tf.math.is_finite(value)))
+    return all(
+        bool(tf.reduce_all(tf.math.is_finite(value[start : start + rows])))
+        for start in range(0, int(tf.shape(value)[0]), rows)
+    )
+
+
+def nonfinite_variables(variables):
+    """Names ("encoder/backbone/stem_bn/moving_variance") of the float variables among
+    `variables` that hold inf or NaN, in their order."""
+    return [
+        getattr(v, "path", None) or v.name.removesuffix(":0")
+        for v in variables
+        if tf.as_dtype(v.dtype).is_floating and not _all_finite(v)
+    ]
+
+
+def nonfinite_tensors(path):
+    """Names of the float tensors of the checkpoint at `path` that hold inf or NaN, read back
+    from its files (each tensor once)."""
+    reader = tf.train.load_checkpoint(path)
+    return [
+        key.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")
+        for key, dtype in sorted(reader.get_variable_to_dtype_map().items())
+        if dtype.is_floating and not np.isfinite(reader.get_tensor(key)).all()
+    ]
 
 
 def _checkpoint_state_ok(checkpoint_dir, newest):
@@ -247,9 +293,10 @@ def repair_checkpoint_state(workdir):
 def restore_newest(workdir, restore, checkpoint=None, set_aside=False):
     """Restores the newest readable checkpoint of `workdir` with `restore(path)`.
 
-    A checkpoint that fails (truncated, checksum, unreadable index) is named in a warning and
-    the next older one is tried, so a corrupt latest file costs the epochs since the previous
-    one, never the run.
+    A checkpoint that fails (truncated, checksum, unreadable index) or holds inf or NaN (the
+    training diverged: `restore` raises NonFiniteError) is named in a warning and the next
+    older one is tried, so a corrupt latest file costs the epochs since the previous one,
+    never the run.
 
     Args:
       workdir: the run folder.
@@ -262,7 +309,8 @@ def restore_newest(workdir, restore, checkpoint=None, set_aside=False):
       The path restored; None when the run has no checkpoint yet.
 
     Raises:
-      WorkdirError: `checkpoint` or every checkpoint failed; names each with its error.
+      WorkdirError: `checkpoint` or every checkpoint failed; names each with its error (or
+        the variables holding inf or NaN).
     """
     if checkpoint:
         path = checkpoint
@@ -273,25 +321,35 @@ def restore_newest(workdir, restore, checkpoint=None, set_aside=False):
         candidates = [path]
     else:
         candidates = checkpoint_paths(workdir)
-    failures = []
+    failures, nonfinite = [], []
     for path in candidates:
         try:
             restore(path)
         except WorkdirError:
             raise  # not a damaged file: the checkpoint does not fit the run's flags
+        except NonFiniteError as e:
+            nonfinite.append(path)
+            reason = f"it holds {e}"
+            failures.append(f"{os.path.basename(path)} ({e})")
         except Exception as e:  # noqa: BLE001 (any failure: try the previous checkpoint)
             reason = " ".join(str(e).split())[:200]
             failures.append(f"{os.path.basename(path)} ({type(e).__name__}: {reason})")
-            if path != candidates[-1]:
-                logging.warning("Cannot restore %s: %s; trying an older checkpoint.", path, reason)
-            continue
-        if failures:
-            logging.warning(
-                "Restored %s; unreadable newer checkpoint(s): %s.", path, "; ".join(failures)
-            )
-        if failures and set_aside:
-            _set_aside(workdir, candidates[: candidates.index(path)])
-        return path
+        else:
+            if failures:
+                logging.warning(
+                    "Restored %s; newer checkpoint(s) it skipped: %s.", path, "; ".join(failures)
+                )
+            if failures and set_aside:
+                _set_aside(workdir, candidates[: candidates.index(path)], nonfinite)
+            return path
+        if path != candidates[-1]:
+            logging.warning("Cannot restore %s: %s; trying an older checkpoint.", path, reason)
+    if failures and len(nonfinite) == len(failures):
+        raise WorkdirError(
+            f"no checkpoint of {workdir} is finite: {'; '.join(failures)}; the training "
+            "diverged before it was saved: train into a new --workdir with a lower "
+            "--learning_rate"
+        )
     if failures:
         raise WorkdirError(
             f"no checkpoint of {workdir} can be restored: {'; '.join(failures)}; restore the "
@@ -300,7 +358,7 @@ def restore_newest(workdir, restore, checkpoint=None, set_aside=False):
     return None
 
 
-def _set_aside(workdir, paths):
+def _set_aside(workdir, paths, nonfinite):
     corrupt = os.path.join(workdir, CHECKPOINT_DIR, "corrupt")
     with writing(corrupt, "the unreadable checkpoints to"):
         tf.io.gfile.makedirs(corrupt)
@@ -309,7 +367,8 @@ def _set_aside(workdir, paths):
                 tf.io.gfile.rename(
                     name, os.path.join(corrupt, os.path.basename(name)), overwrite=True
                 )
-            logging.warning("Moved the unreadable %s to %s.", os.path.basename(path), corrupt)
+            what = "non-finite" if path in nonfinite else "unreadable"
+            logging.warning("Moved the %s %s to %s.", what, os.path.basename(path), corrupt)
     repair_checkpoint_state(workdir)
 
 
@@ -374,12 +433,14 @@ def load_run(workdir, checkpoint=None):
     """Restores encoder, bank and graph of the newest readable checkpoint in `workdir`.
 
     The checkpoint must match flags.txt: every encoder variable restored with its shape, and
-    the bank's width the --embedding_dim. A corrupt newest checkpoint falls back to the
-    previous one with a warning; `checkpoint` ("ckpt-2" or a path) picks one.
+    the bank's width the --embedding_dim, every value of encoder and bank finite. A corrupt or
+    non-finite newest checkpoint falls back to the previous one with a warning; `checkpoint`
+    ("ckpt-2" or a path) picks one.
 
     Raises:
       FileNotFoundError: no flags.txt or no checkpoint in `workdir`.
-      WorkdirError: no checkpoint can be restored, or it does not match flags.txt.
+      WorkdirError: no checkpoint can be restored (or none is finite), or it does not match
+        flags.txt.
     """
     flagfile = os.path.join(workdir, FLAGS_FILE)
     if not tf.io.gfile.exists(flagfile):
@@ -421,6 +482,11 @@ def load_run(workdir, checkpoint=None):
         loaded.update(
             bank=read_part(reader, parts, "bank"), graph=read_part(reader, parts, "graph")
         )
+        # A diverged training's checkpoint (older versions saved them) gives NaN embeddings.
+        bad = nonfinite_variables(encoder.weights)
+        bad += [] if np.isfinite(loaded["bank"]).all() else ["memory_bank/bank"]
+        if bad:
+            raise NonFiniteError(bad)
 
     path = restore_newest(workdir, restore, checkpoint)
     return Run(config, encoder, loaded["bank"], loaded["graph"], int(epoch), path)

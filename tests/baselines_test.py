@@ -9,6 +9,7 @@ import numpy as np
 
 from invp_tf import baselines
 from invp_tf import data
+from invp_tf import identity
 from invp_tf import protocols
 from tests import conftest
 
@@ -23,25 +24,25 @@ def _folder(root, sizes):
 
 def test_fingerprint_of_idx_follows_the_files_bytes_and_the_slice(tmp_path):
     conftest.write_idx_dataset(tmp_path, num_train=20, num_test=5, height=4, width=4)
-    first = data.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path)))
-    again = data.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path)))
-    sliced = data.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path), 10))
-    test = data.fingerprint(data.load_source("fashion_mnist", "test", str(tmp_path)))
+    first = identity.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path)))
+    again = identity.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path)))
+    sliced = identity.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path), 10))
+    test = identity.fingerprint(data.load_source("fashion_mnist", "test", str(tmp_path)))
     assert first == again and len({first, sliced, test}) == 3
     # One pixel changed: same shape and size, another fingerprint.
     conftest.write_idx_dataset(tmp_path, num_train=20, num_test=5, height=4, width=4, seed=1)
-    assert data.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path))) != first
+    assert identity.fingerprint(data.load_source("fashion_mnist", "train", str(tmp_path))) != first
 
 
 def test_fingerprint_of_a_folder_follows_names_and_sizes(tmp_path):
     base = {"a/1.png": 10, "a/2.png": 10, "b/3.png": 10}
-    first = data.fingerprint(_folder(tmp_path / "x", base))
+    first = identity.fingerprint(_folder(tmp_path / "x", base))
     # The same listing elsewhere: the same examples.
-    assert data.fingerprint(_folder(tmp_path / "y", base)) == first
+    assert identity.fingerprint(_folder(tmp_path / "y", base)) == first
     renamed = {"a/1.png": 10, "a/2.png": 10, "b/4.png": 10}  # one removed, one added: same N
-    assert data.fingerprint(_folder(tmp_path / "z", renamed)) != first
+    assert identity.fingerprint(_folder(tmp_path / "z", renamed)) != first
     resized = {"a/1.png": 10, "a/2.png": 11, "b/3.png": 10}
-    assert data.fingerprint(_folder(tmp_path / "w", resized)) != first
+    assert identity.fingerprint(_folder(tmp_path / "w", resized)) != first
 
 
 def _inputs(tiny_run, **changes):

@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong: reruns with changed flags, torn and lost files, full
-disks, corrupt checkpoints, a second writer, bad workdirs, symlink loops, serving limits.
+disks, corrupt checkpoints, a second writer, bad workdirs, symlink loops, serving limits,
+diverged states, a lost or edited flags.txt, changed or vanished training data.
 
 Each test asserts the exact line a user sees, the files left behind, and that rerunning the
 same command then completes; where the fault lost no finished epoch, the final checkpoint is
@@ -12,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,12 +22,14 @@ import sys
 import time
 import zlib
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from invp_tf import analysis
 from invp_tf import data
+from invp_tf import identity
 from invp_tf import protocols
 from invp_tf import rundir
 from invp_tf import saved_model
@@ -594,3 +598,365 @@ def test_analyze_reads_a_run_with_a_torn_metrics_line(runs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [row["epoch"] for row in analysis.read_metrics(run.workdir)] == [0]
     assert "line 2 is incomplete (a crash while it was written); dropped" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Poisoned checkpoints, the run's identity and the dataset's identity.
+
+_ONLY = (
+    "a checkpoint cannot continue with another model, data, bank or optimizer; rerun with the "
+    "run's values or use a new --workdir (a rerun may change only --epochs, --knn_k, "
+    "--knn_temperature, --knn_features, --eval_every, --jit_compile, --strategy, --tpu, "
+    "--cpu_devices, --device_memory_gb, --dry_run)"
+)
+
+
+class _PoisonMovingVariance(keras.callbacks.Callback):
+    """Sets the stem BatchNorm's moving variance to inf when the fit of the process's
+    `fit`-th epoch begins: training reads batch statistics, so the loss stays finite."""
+
+    def __init__(self, fit):
+        super().__init__()
+        self.fits, self.fit = 0, fit
+
+    def on_train_begin(self, logs=None):
+        self.fits += 1
+        if self.fits - 1 == self.fit:
+            for variable in self.model.encoder.weights:
+                if variable.path == "encoder/backbone/stem_bn/moving_variance":
+                    variable.assign(np.full(variable.shape, np.inf, np.float32))
+
+
+def test_a_diverged_state_with_a_finite_loss_is_not_saved(tiny_idx_dir, tmp_path):
+    # The issue's recipe: BatchNorm's moving variance overflows while the loss stays finite.
+    config = tiny_config(
+        tiny_idx_dir,
+        tmp_path / "run",
+        epochs=2,
+        head="mlp_bn",
+        learning_rate=1e4,
+        weight_decay=0.05,
+    )
+    with pytest.raises(training.TrainingError) as error:
+        training.train_and_evaluate(config, config.workdir)
+    assert re.fullmatch(
+        r"the state after epoch 0 holds inf or NaN in encoder/backbone/\S+ and \d+ more "
+        r"variables; nothing was saved for this epoch, no good checkpoint was saved yet "
+        r"\(lower --learning_rate or --weight_decay\)",
+        str(error.value),
+    ), str(error.value)
+    assert os.listdir(_checkpoints(config.workdir)) == []
+    assert not os.path.exists(os.path.join(config.workdir, "metrics.jsonl"))
+    # No checkpoint yet: the rerun may change any flag, and trains.
+    rerun = dataclasses.replace(config, learning_rate=0.05, weight_decay=5e-4)
+    training.train_and_evaluate(rerun, rerun.workdir)
+    assert _epochs(rerun.workdir) == [0, 1]
+
+
+def test_checkpoints_holding_inf_are_never_saved_nor_used(runs, tmp_path, monkeypatch, caplog):
+    straight, halfway = runs
+    run = _copy(halfway, tmp_path)
+    ckpt_1, ckpt_2 = (os.path.join(_checkpoints(run.workdir), f"ckpt-{n}") for n in (1, 2))
+    inf = "inf or NaN in encoder/backbone/stem_bn/moving_variance"
+    # Checked before every save: the run stops, ckpt-1 stays the last good checkpoint.
+    with pytest.raises(training.TrainingError) as error:
+        training.train_and_evaluate(run, run.workdir, callbacks=[_PoisonMovingVariance(0)])
+    assert str(error.value) == (
+        f"the state after epoch 1 holds {inf}; nothing was saved for this epoch, the last good "
+        f"checkpoint is {ckpt_1} (lower --learning_rate or --weight_decay)"
+    )
+    assert sorted(os.listdir(_checkpoints(run.workdir))) == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+    ]
+    assert _epochs(run.workdir) == [0]
+    # What older versions did: save that state as ckpt-2, as if it were good.
+    with monkeypatch.context() as patch:
+        patch.setattr(workdir_lib, "nonfinite_variables", lambda variables: [])
+        training.train_and_evaluate(run, run.workdir, callbacks=[_PoisonMovingVariance(0)])
+    # Evaluate and export fall back to ckpt-1 with a warning, and refuse ckpt-2 in one line.
+    with caplog.at_level(logging.WARNING):
+        assert workdir_lib.load_run(run.workdir).checkpoint == ckpt_1
+    assert f"Cannot restore {ckpt_2}: it holds {inf}; trying an older checkpoint." in caplog.text
+    refused = (
+        f"no checkpoint of {run.workdir} is finite: ckpt-2 ({inf}); the training diverged "
+        "before it was saved: train into a new --workdir with a lower --learning_rate"
+    )
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        saved_model.export_run(run.workdir, str(tmp_path / "models"), "invp", checkpoint="ckpt-2")
+    assert str(error.value) == refused
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        protocols.evaluate(
+            protocols.make_settings(run.workdir, "knn", baselines=False, checkpoint="ckpt-2")
+        )
+    assert str(error.value) == refused
+    # Training skips it, sets it aside and redoes epoch 1 from ckpt-1, as if it never was.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        training.train_and_evaluate(run, run.workdir)
+    corrupt = os.path.join(_checkpoints(run.workdir), "corrupt")
+    assert f"Cannot restore {ckpt_2}: it holds {inf}; trying an older checkpoint." in caplog.text
+    assert f"Moved the non-finite ckpt-2 to {corrupt}." in caplog.text
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+
+
+@pytest.mark.parametrize(
+    "overrides,refused",
+    [
+        (dict(seed=1), "--seed=1 differs from the run in {} (--seed=3 in its checkpoint"),
+        (
+            dict(temperature=0.5),
+            "--temperature=0.5 differs from the run in {} (--temperature=0.2 in its checkpoint",
+        ),
+        (
+            dict(head="linear"),
+            "--head=linear differs from the run in {} (--head=mlp in its checkpoint",
+        ),
+    ],
+)
+def test_a_rerun_without_flags_txt_is_checked_against_the_checkpoint(
+    runs, tmp_path, caplog, overrides, refused
+):
+    straight, halfway = runs
+    run = _copy(halfway, tmp_path)
+    flagfile = os.path.join(run.workdir, "flags.txt")
+    os.remove(flagfile)
+    before = _file_hashes(run.workdir)
+    changed = dataclasses.replace(run, **overrides)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        training.train_and_evaluate(changed, changed.workdir)
+    assert str(error.value) == (
+        refused.format(run.workdir) + f" ckpt-1; flags.txt is missing): {_ONLY}"
+    )
+    assert _file_hashes(run.workdir) == before
+    # The run's own flags: flags.txt comes back from the checkpoint's record.
+    with caplog.at_level(logging.WARNING):
+        training.train_and_evaluate(run, run.workdir)
+    assert (
+        f"{flagfile} is missing; rewrote it from the run's record in checkpoint ckpt-1."
+        in caplog.text
+    )
+    with open(flagfile) as f:
+        assert f.read() == "\n".join(run.flagfile_lines()) + "\n"
+    with open(os.path.join(run.workdir, "flags_history.txt")) as f:
+        assert (
+            f.read()
+            .splitlines()[-1]
+            .endswith("flags.txt is missing: rewritten from the record in ckpt-1")
+        )
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+
+
+def test_an_edited_flags_txt_is_checked_against_the_checkpoint(runs, tmp_path, caplog):
+    straight, halfway = runs
+    run = _copy(halfway, tmp_path)
+    flagfile = os.path.join(run.workdir, "flags.txt")
+    with open(flagfile) as f:
+        text = f.read()
+    with open(flagfile, "w") as f:
+        f.write(text.replace("--seed=3\n", "--seed=1\n"))
+    before = _file_hashes(run.workdir)
+    changed = dataclasses.replace(run, seed=1)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        training.train_and_evaluate(changed, changed.workdir)
+    assert str(error.value) == (
+        f"--seed=1 differs from the run in {run.workdir} (--seed=3 in its checkpoint ckpt-1; "
+        f"flags.txt was edited): {_ONLY}"
+    )
+    assert _file_hashes(run.workdir) == before
+    with caplog.at_level(logging.WARNING):
+        training.train_and_evaluate(run, run.workdir)
+    assert (
+        f"{flagfile} was edited (--seed=1; the record: --seed=3); rewrote it from the run's "
+        "record in checkpoint ckpt-1." in caplog.text
+    )
+    assert "--seed=3\n" in open(flagfile).read()
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+
+
+def test_a_checkpoint_without_a_record_resumes_by_flags_txt_and_gets_one(
+    runs, tmp_path, monkeypatch
+):
+    """Checkpoints of older versions carry no identity: flags.txt is the record, as before."""
+    straight, _ = runs
+    legacy = dataclasses.replace(straight, workdir=str(tmp_path / "legacy"))
+    checkpoint = tf.train.Checkpoint
+
+    def without_identity(identity=None, **parts):  # the checkpoint layout of older versions
+        return checkpoint(**parts)
+
+    with monkeypatch.context() as patch, pytest.raises(conftest.Interrupt):
+        patch.setattr(tf.train, "Checkpoint", without_identity)
+        training.train_and_evaluate(legacy, legacy.workdir, callbacks=[conftest.InterruptAt(1, 1)])
+    assert identity.read(legacy.workdir) is None
+    changed = dataclasses.replace(legacy, seed=1)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        training.train_and_evaluate(changed, changed.workdir)
+    assert str(error.value) == (
+        f"--seed=1 differs from the run in {legacy.workdir} (--seed=3 in flags.txt): {_ONLY}"
+    )
+    training.train_and_evaluate(legacy, legacy.workdir)
+    assert _epochs(legacy.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, legacy.workdir)
+    record = identity.read(legacy.workdir)  # the checkpoints saved now carry the record
+    assert record.config == legacy and record.checkpoint.endswith("ckpt-2")
+    source = data.load_source("fashion_mnist", "train", legacy.data_dir)
+    assert record.dataset == identity.dataset_record(source)
+
+
+def _image_folder(root, num_train=64, num_test=24):
+    """A folder dataset: train/ and test/, each with class folders a, b, c of 12x12 PNGs."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", num_train), ("test", num_test)):
+        for i in range(n):
+            path = root / split / "abc"[i % 3] / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            path.write_bytes(tf.io.encode_png(pixels).numpy())
+    return root
+
+
+def test_changed_training_images_stop_the_rerun_naming_them(tmp_path):
+    root = _image_folder(tmp_path / "images")
+    config = tiny_config("", tmp_path / "run", dataset=f"folder:{root}", epochs=1)
+    training.train_and_evaluate(config, config.workdir)
+    train = root / "train"
+    # The run keeps the listing it was trained on.
+    listed = identity.read_listing(config.workdir)["files"]
+    names = data.list_images(str(train))
+    assert listed == [[f"train/{name}", os.path.getsize(train / name)] for name in names]
+    rerun = dataclasses.replace(config, epochs=2)
+    before = _file_hashes(config.workdir)
+    start = (
+        f"the training images of --dataset=folder:{root} changed since the run in "
+        f"{config.workdir} was trained on it (ckpt-1): "
+    )
+    end = (
+        "; its memory bank holds one row per training example, so it cannot continue on other "
+        "images: restore the images or train into a new --workdir"
+    )
+    original = (train / "b" / "01.png").read_bytes()
+
+    def swap():  # one file removed, another added: the same number of images
+        os.rename(train / "a" / "00.png", train / "c" / "99.png")
+
+    def grow():
+        for i in range(6):
+            (train / "b" / f"x{i}.png").write_bytes(original)
+
+    def replace():
+        (train / "b" / "01.png").write_bytes(
+            tf.io.encode_png(np.zeros([12, 12, 3], np.uint8)).numpy()
+        )
+
+    def undo():
+        if (train / "c" / "99.png").exists():
+            os.rename(train / "c" / "99.png", train / "a" / "00.png")
+        for i in range(6):
+            (train / "b" / f"x{i}.png").unlink(missing_ok=True)
+        (train / "b" / "01.png").write_bytes(original)
+
+    for change, changes in [
+        (swap, "1 added (train/c/99.png), 1 removed (train/a/00.png)"),
+        (
+            grow,
+            "6 added (train/b/x0.png, train/b/x1.png, train/b/x2.png, train/b/x3.png, "
+            "train/b/x4.png and 1 more)",
+        ),
+        (replace, "1 replaced (size changed: train/b/01.png)"),
+    ]:
+        change()
+        with pytest.raises(workdir_lib.WorkdirError) as error:
+            training.train_and_evaluate(rerun, rerun.workdir)
+        assert str(error.value) == start + changes + end
+        assert _file_hashes(config.workdir) == before
+        undo()
+    training.train_and_evaluate(rerun, rerun.workdir)
+    assert _epochs(rerun.workdir) == [0, 1]
+
+
+def test_changed_idx_bytes_stop_the_rerun_naming_the_file(tiny_idx_dir, tmp_path):
+    config = tiny_config(tiny_idx_dir, tmp_path / "run", epochs=1)
+    training.train_and_evaluate(config, config.workdir)
+    images = tiny_idx_dir / "train-images-idx3-ubyte.gz"
+    old = hashlib.sha256(images.read_bytes()).hexdigest()
+    with open(tiny_idx_dir / "train-images-idx3-ubyte.gz", "rb") as f:
+        kept = f.read()
+    # Other pixels, the same labels, shape and size.
+    conftest.write_idx(images, np.zeros([64, 12, 12], np.uint8))
+    new = hashlib.sha256(images.read_bytes()).hexdigest()
+    rerun = dataclasses.replace(config, epochs=2)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        training.train_and_evaluate(rerun, rerun.workdir)
+    assert str(error.value) == (
+        f"the training data of --dataset=fashion_mnist changed since the run in "
+        f"{config.workdir} was trained on it (ckpt-1): train-images-idx3-ubyte.gz has other "
+        f"bytes (sha256 {new[:12]}..., the run's {old[:12]}...); its memory bank holds one row "
+        "per training example, so it cannot continue on other data: restore the data or train "
+        "into a new --workdir"
+    )
+    images.write_bytes(kept)
+    training.train_and_evaluate(rerun, rerun.workdir)
+    assert _epochs(rerun.workdir) == [0, 1]
+
+
+class _MoveAwayAt(keras.callbacks.Callback):
+    """Moves `path` to `away` when the fit of epoch `epoch` begins: a file lost mid-run."""
+
+    def __init__(self, epoch, path, away):
+        super().__init__()
+        self.fits, self.epoch, self.path, self.away = 0, epoch, path, away
+
+    def on_train_begin(self, logs=None):
+        self.fits += 1
+        if self.fits - 1 == self.epoch:
+            os.rename(self.path, self.away)
+
+
+def test_an_image_lost_while_training_stops_in_one_line(tmp_path):
+    root = _image_folder(tmp_path / "images")
+    straight = tiny_config("", tmp_path / "straight", dataset=f"folder:{root}", epochs=2)
+    training.train_and_evaluate(straight, straight.workdir)
+    run = dataclasses.replace(straight, workdir=str(tmp_path / "run"))
+    lost, away = root / "train" / "b" / "04.png", tmp_path / "away.png"
+    with pytest.raises(ValueError) as error:
+        training.train_and_evaluate(run, run.workdir, callbacks=[_MoveAwayAt(1, lost, away)])
+    checkpoints = _checkpoints(run.workdir)
+    assert str(error.value) == (
+        f"unreadable image: {lost} is gone (epoch 1); nothing was saved for this epoch, the "
+        f"last good checkpoint is {checkpoints}/ckpt-1; training stops, as each image owns a "
+        "row of the memory bank: restore the file and rerun the same command"
+    )
+    assert sorted(os.listdir(checkpoints)) == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+    ]
+    assert _epochs(run.workdir) == [0]
+    # Rerun before the file is back: named again, before anything is written.
+    with pytest.raises(workdir_lib.WorkdirError, match=r": 1 removed \(train/b/04.png\); its"):
+        training.train_and_evaluate(run, run.workdir)
+    os.rename(away, lost)
+    training.train_and_evaluate(run, run.workdir)
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+
+
+def test_image_files_of_other_formats_are_named_at_start(tmp_path, caplog):
+    folder = tmp_path / "images"
+    for name in ("a/1.png", "a/2.png", "b/3.jpg", "b/4.webp", "c/5.tiff", "c/6.heic", "7.TIF"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(tf.io.encode_png(np.zeros([4, 4, 3], np.uint8)).numpy())
+    (folder / "b" / "3.jpg").write_bytes(tf.io.encode_jpeg(np.zeros([4, 4, 3], np.uint8)).numpy())
+    with caplog.at_level(logging.WARNING):
+        source = data.load_source(f"folder:{folder}", "train")
+    assert source.num_examples == 3
+    assert (
+        f"{folder} holds 4 image file(s) in formats this code does not read (it reads .jpg, "
+        ".jpeg, .png, .bmp, .gif), left out: 7.TIF, b/4.webp, c/5.tiff, c/6.heic; convert them "
+        "to JPEG or PNG to use them." in caplog.text
+    )

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from invp_tf import config as config_lib
+from invp_tf import identity
 from invp_tf import rundir
 from invp_tf import workdir as workdir_lib
 
@@ -82,3 +83,24 @@ def test_a_changed_model_flag_stops_the_open_and_writes_nothing(tmp_path):
         rundir.RunDir.open(config_lib.Config(workdir=workdir, head="linear"), workdir)
     assert sorted(os.listdir(workdir)) == before  # the lock released, nothing added
     assert workdir_lib.read_flags(workdir).head == "mlp"
+
+
+def test_saves_carry_the_record_refuse_inf_and_last_good_reads_back(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    config = config_lib.Config(workdir=workdir, seed=7, hard_negatives=False)
+    with rundir.RunDir.open(config, workdir) as run_dir:
+        parts = _parts(1.0)
+        run_dir.restore(tf.distribute.get_strategy(), **parts)
+        first = run_dir.save(1)
+        record = identity.read(workdir)
+        assert (record.config, record.dataset, record.checkpoint) == (config, None, first)
+        parts["bank"].assign(tf.fill([4, 2], np.inf))
+        assert run_dir.nonfinite() == ["Variable"]
+        with pytest.raises(workdir_lib.NonFiniteError, match="^inf or NaN in Variable$"):
+            run_dir.save(2)
+        assert workdir_lib.checkpoint_paths(workdir) == [first]  # nothing written
+        with monkeypatch.context() as patch:  # what older versions saved
+            patch.setattr(workdir_lib, "nonfinite_variables", lambda variables: [])
+            second = run_dir.save(2)
+        assert workdir_lib.nonfinite_tensors(second) == ["bank"]
+        assert run_dir.last_good() == first

@@ -28,6 +28,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from invp_tf import image_headers
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 DATASET_FORMS = "fashion_mnist, mnist, tfds:NAME (e.g. tfds:cifar10), folder:/path/to/images"
@@ -456,7 +458,7 @@ def _folder_source(dataset, split, train_examples):
 
     def decode(ex):
         # An unreadable file raises tf.errors.InvalidArgumentError when iterated.
-        data = tf.io.read_file(ex["image"])
+        data = image_headers.read_file(ex["image"])  # refused above the pixel limit
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         return dict(ex, image=tf.ensure_shape(image, [None, None, 3]))
 
@@ -470,7 +472,7 @@ def _folder_source(dataset, split, train_examples):
         exact_shuffle=True,
         make_dataset=make_dataset,
         decode=decode,
-        read=lambda ex: dict(ex, image=tf.io.read_file(ex["image"])),
+        read=lambda ex: dict(ex, image=image_headers.read_file(ex["image"])),
     )
 
 
@@ -509,11 +511,15 @@ def find_unreadable_images(source: Source, limit: int | None = None) -> list[str
 
     Returns:
       The paths that tf.io.decode_image cannot decode, in index order.
+
+    Raises:
+      ValueError: a file above `image_headers.read_file`'s limit, named (it is not decoded).
     """
     bad = []
     for path in source.paths or ():
+        image_headers.check_file(path)
         try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            tf.io.decode_image(image_headers.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError):
             bad.append(path)
             if limit is not None and len(bad) >= limit:

@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from invp_tf import image_headers
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 DATASET_FORMS = "fashion_mnist, mnist, tfds:NAME (e.g. tfds:cifar10), folder:/path/to/images"
@@ -486,7 +488,7 @@ def _folder_source(dataset, split, train_examples):
 
     def decode(ex):
         # An unreadable file raises tf.errors.InvalidArgumentError when iterated.
-        data = tf.io.read_file(ex["image"])
+        data = image_headers.read_file(ex["image"])  # refused above the pixel limit
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         return dict(ex, image=tf.ensure_shape(image, [None, None, 3]))
 
@@ -501,7 +503,7 @@ def _folder_source(dataset, split, train_examples):
         exact_shuffle=True,
         make_dataset=make_dataset,
         decode=decode,
-        read=lambda ex: dict(ex, image=tf.io.read_file(ex["image"])),
+        read=lambda ex: dict(ex, image=image_headers.read_file(ex["image"])),
     )
 
 
@@ -516,6 +518,9 @@ def find_unreadable_images(source: Source, limit: int | None = None) -> list[str
     Returns:
       The paths that cannot be read, then those that tf.io.decode_image cannot decode, each
       in index order.
+
+    Raises:
+      ValueError: a file above `image_headers.read_file`'s limit, named (it is not decoded).
     """
     paths = source.paths or ()
     bad = [path for path in paths if not os.access(path, os.R_OK)]  # gone: cheap to find
@@ -525,21 +530,12 @@ def find_unreadable_images(source: Source, limit: int | None = None) -> list[str
             break
         if path in gone:
             continue
+        image_headers.check_file(path)
         try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            tf.io.decode_image(image_headers.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError):
             bad.append(path)
     return bad[:limit]
-    for path in source.paths or ():
-        if path in bad:
-            continue
-        try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        except (tf.errors.OpError, ValueError):
-            bad.append(path)
-            if limit is not None and len(bad) >= limit:
-                break
-    return bad
 
 
 def check_images(source: Source) -> None:

@@ -13,6 +13,7 @@ loader, then published atomically; the command prints its folder.
 import dataclasses
 
 from invp_tf import command
+from invp_tf import image_headers
 from invp_tf import saved_model
 
 
@@ -27,9 +28,20 @@ class ExportFlags:
     model_name: str = command.field("invp", "Model name: folder under export_dir.")
     version: int = command.field(0, "Version number; 0 = the next free one.")
     max_image_pixels: int = command.field(
-        saved_model.DEFAULT_MAX_IMAGE_PIXELS,
-        "Largest width x height serving_bytes decodes; larger images fail before decoding "
-        "(read from the file header). Stored in assets/invp_export.json.",
+        image_headers.DEFAULT_MAX_IMAGE_PIXELS,
+        "Largest frames x width x height serving_bytes decodes (a GIF: every frame, at its "
+        "largest frame's size); larger images fail before decoding (read from the headers). "
+        "This and the next three limits are stored in assets/invp_export.json.",
+    )
+    max_image_frames: int = command.field(
+        0, "Most frames of one image (GIF) serving_bytes accepts; 0: no limit but the pixels."
+    )
+    max_batch_size: int = command.field(
+        image_headers.DEFAULT_MAX_BATCH_SIZE, "Most images in one serving_bytes request."
+    )
+    max_request_bytes: int = command.field(
+        image_headers.DEFAULT_MAX_REQUEST_BYTES,
+        "Most encoded bytes in one serving_bytes request, all images together.",
     )
     checkpoint: str | None = command.field(
         None,

@@ -6,8 +6,9 @@ next free version unless `version` is given) holding:
     -> {"embedding": [None, D] L2-normalised, "features": [None, F] pooled backbone,
     "projection": [None, D] the head's output before the L2 normalisation};
   - signature `serving_bytes`: image_bytes string [None] (encoded JPEG/PNG/GIF/BMP)
-    -> the same outputs, after the training-time `augment.eval_view` resize/crop; an image
-    above --max_image_pixels (width x height, read from its header) fails before decoding;
+    -> the same outputs, after the training-time `augment.eval_view` resize/crop; a request
+    above the export's `image_headers.DecodeLimits` (batch size, bytes; per image frames and
+    frames x width x height, read from the headers) fails before anything is decoded;
   - both signatures take an empty batch and return empty outputs ([0, D], [0, F]);
   - the TF-Hub reusable SavedModel API: `__call__(images, training)` -> features [None, F], one
     tensor (TF-Hub's image feature-vector convention; `return_dict=True` gives both outputs),
@@ -16,8 +17,9 @@ next free version unless `version` is given) holding:
     `trainable_variables`, `regularization_losses`; and `serve` (images -> outputs), the
     default endpoint of `keras.layers.TFSMLayer`; `stage_outputs` (images -> every stage's
     feature map);
-  - assets/invp_export.json (image_size, dims, normalisation, source run and checkpoint,
-    max_image_pixels, the import's origin), assets/flags.txt (the recipe), the model card
+  - assets/invp_export.json (image_size, dims, normalisation, source run's name and checkpoint,
+    the decode limits, the import's origin), assets/flags.txt (the recipe, local paths cut to
+    their last name: an export discloses no folder of the machine it was made on), the model card
     (`model_card`: README.md, assets/MODEL_CARD.md, Kaggle's model-metadata.json) and, for a run
     imported from PyTorch, assets/imported.json.
 
@@ -26,18 +28,26 @@ object, so hub cannot fine-tune it; lists of Keras `Variable`s load in Python bu
 TF1 session loader of `saved_model_cli` and TF Serving, so the lists hold the backing
 `tf.Variable`s. The export is checked through that TF1 loader before it is published, and it is
 published atomically (written beside the target, then renamed), so TF Serving, which polls the
-base folder for numeric version folders, never sees half an export.
+base folder for numeric version folders, never sees half an export. A staging folder left by a
+killed export is removed by the next export of the model, with a warning naming it.
 """
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import re
+import socket
+import time
 import uuid
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from invp_tf import augment
+from invp_tf import image_headers
 from invp_tf import model_card
 from invp_tf import pretrained
 from invp_tf import workdir as workdir_lib
@@ -48,15 +58,11 @@ METADATA_FILE = "invp_export.json"
 # in a client's own preprocessing, narrow enough to reject 0..255 pixels and mean/std-normalised
 # images (both silently give wrong embeddings; REST clients cannot send a dtype to catch them).
 PIXEL_RANGE = (-0.1, 1.1)
-# File signatures tf.io.decode_image reads (JPEG, PNG, GIF, BMP).
-_IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-# Default largest image `serving_bytes` decodes (width x height, read from the file header
-# before decoding): 50 megapixels, 150 MB as RGB. A small file can hold a huge image (a
-# 291 KB PNG of 10000x10000 took 1.3 GB to decode); --max_image_pixels sets it per export.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 # Largest difference allowed between the reloaded export and the in-memory encoder, relative to
 # the largest output value: kernel-order round-off is ~1e-5; a wrong variable or view is ~1.
 _VERIFY_TOLERANCE = 1e-3
+# A staging folder of another host this old is a leftover (an export takes minutes).
+_LEFTOVER_AGE_S = 24 * 3600
 
 
 class ExportError(RuntimeError):
@@ -123,89 +129,6 @@ def check_images(images, image_size):
     return tf.reshape(images, [-1, image_size, image_size, 3])
 
 
-def _header_pixels(data):
-    """width * height (int64) of an encoded image, read from its header without decoding."""
-    head = tf.strings.substr(data, 0, 32) + b"\0" * 32  # short files: zeros, not errors
-    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(head, 0, 32), tf.uint8), tf.int64)
-
-    def number(offset, size, big_endian):
-        digits = [raw[offset + i] for i in range(size)]
-        if not big_endian:
-            digits.reverse()
-        value = tf.constant(0, tf.int64)
-        for digit in digits:
-            value = value * 256 + digit
-        return value
-
-    def signed32(value):  # BMP stores a negative height for top-down rows
-        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
-
-    def jpeg():
-        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
-        return shape[0] * shape[1]
-
-    png = lambda: number(16, 4, True) * number(20, 4, True)  # noqa: E731 (IHDR)
-    gif = lambda: number(6, 2, False) * number(8, 2, False)  # noqa: E731 (logical screen)
-    bmp = lambda: signed32(number(18, 4, False)) * signed32(number(22, 4, False))  # noqa: E731
-    prefix = lambda magic: tf.strings.substr(data, 0, len(magic)) == magic  # noqa: E731
-    return tf.case(
-        [
-            (prefix(_IMAGE_MAGICS[0]), jpeg),
-            (prefix(_IMAGE_MAGICS[1]), png),
-            (tf.logical_or(prefix(_IMAGE_MAGICS[2]), prefix(_IMAGE_MAGICS[3])), gif),
-            (prefix(_IMAGE_MAGICS[4]), bmp),
-        ],
-        default=lambda: tf.constant(0, tf.int64),
-    )
-
-
-def decode_images(image_bytes, image_size, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
-    """Encoded images -> the evaluation view of training, [B, S, S, 3] float32 in [0, 1].
-
-    Each element is decoded with `tf.io.decode_image` (first frame of a GIF, grey and RGBA
-    converted to RGB), then resized/cropped by `augment.eval_view`, exactly as the eval pipeline
-    does for image folders. An image above `max_pixels` (width x height from its header) fails
-    before it is decoded.
-
-    Args:
-      image_bytes: string [B], encoded JPEG, PNG, GIF or BMP images.
-      image_size: S.
-      max_pixels: the largest width x height decoded.
-
-    Returns:
-      float32 [B, S, S, 3].
-    """
-
-    def decode_one(i):
-        data = image_bytes[i]
-        is_image = tf.reduce_any(
-            [tf.strings.substr(data, 0, len(m)) == m for m in _IMAGE_MAGICS], axis=0
-        )
-        message = tf.strings.format(
-            "image_bytes[{}] is not an encoded JPEG, PNG, GIF or BMP image; it starts with {}",
-            (i, tf.strings.substr(data, 0, 8)),
-        )
-        checked = tf.debugging.Assert(is_image, [message])
-        with tf.control_dependencies([checked]):
-            pixels = _header_pixels(data)
-        too_large = tf.strings.format(
-            "image_bytes[{}] has {} pixels (width x height), above the limit of "
-            f"{int(max_pixels)} of this export (--max_image_pixels of invp_tf.export)",
-            (i, pixels),
-        )
-        small = tf.debugging.Assert(pixels <= max_pixels, [too_large])
-        with tf.control_dependencies([small]):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return augment.eval_view(tf.ensure_shape(image, [None, None, 3]), image_size)
-
-    indices = tf.range(tf.shape(image_bytes)[0])
-    return tf.map_fn(
-        decode_one,
-        indices,
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-    )
-
-
 def _regularization_loss(kernels, l2):
     # A zero-argument tf.function, the form hub.KerasLayer adds to the model's losses.
     return tf.function(
@@ -230,7 +153,7 @@ class EncoderModule(tf.Module):
         (`regularization_losses`; none when 0).
       metadata_path: optional JSON file saved as the asset `invp_export.json`.
       flags_path: optional flags.txt of the run, saved as the asset `flags.txt`.
-      max_image_pixels: largest width x height `serving_bytes` decodes.
+      limits: the `image_headers.DecodeLimits` of `serving_bytes`; None: the defaults.
       card_path: optional model card, saved as the asset `MODEL_CARD.md`.
       origin_path: optional imported.json of a run imported from PyTorch (asset).
     """
@@ -247,14 +170,14 @@ class EncoderModule(tf.Module):
         l2_regularization=0.0,
         metadata_path=None,
         flags_path=None,
-        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+        limits=None,
         card_path=None,
         origin_path=None,
     ):
         super().__init__(name="invp_encoder")
         self._held = _Untracked(encoder)
         self._image_size = int(image_size)
-        self._max_image_pixels = int(max_image_pixels)
+        self._limits = limits or image_headers.DecodeLimits()
         # The backing tf.Variables, not the Keras Variables (see the module docstring).
         self.variables = [v.value for v in encoder.variables]
         self.trainable_variables = [v.value for v in encoder.trainable_variables]
@@ -329,9 +252,9 @@ class EncoderModule(tf.Module):
     def serve_bytes(self, image_bytes):
         """image_bytes string [B] of encoded images -> {"embedding", "features"}, inference.
 
-        Images above the export's --max_image_pixels fail before decoding; B may be 0.
+        A request above the export's `DecodeLimits` fails before decoding; B may be 0.
         """
-        images = decode_images(image_bytes, self._image_size, self._max_image_pixels)
+        images = image_headers.decode_images(image_bytes, self._image_size, self._limits)
         return self._serving_outputs(images)
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
@@ -422,7 +345,31 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
-def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
+def run_name(workdir):
+    """The name of the run folder `workdir` (its last path component): what an export says of
+    where it came from, rather than a folder of the machine it was made on."""
+    if "://" in workdir:
+        return workdir.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(os.path.abspath(workdir))
+
+
+def portable_flags(text, name):
+    """A run's flags.txt for an export: --workdir becomes the run's `name`, and every other
+    absolute local path (also in `folder:/path`) its last component."""
+    lines = ["# --workdir is the run's name; other local paths are cut to their last name."]
+    for line in text.splitlines():
+        flag, sep, value = line.partition("=")
+        prefix = "folder:" if value.startswith("folder:") else ""
+        path = value[len(prefix) :]
+        if flag == "--workdir":
+            value = name
+        elif sep and "://" not in path and os.path.isabs(path):
+            value = prefix + os.path.basename(os.path.normpath(path))
+        lines.append(flag + sep + value)
+    return "\n".join(lines) + "\n"
+
+
+def _write_metadata(path, run, workdir, l2_regularization, limits):
     # What a consumer needs without reading the graph (invp_tf.embed reads image_size and dims).
     config = run.config
     metadata = {
@@ -436,9 +383,9 @@ def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
         "head_hidden_dim": config.head_hidden_dim,
         "normalization": config.normalization,
         "epoch": run.epoch,
-        "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
+        "workdir": run_name(workdir),
         "l2_regularization": l2_regularization,
-        "max_image_pixels": max_image_pixels,
+        **dataclasses.asdict(limits),
         "checkpoint": os.path.basename(run.checkpoint),
         "signatures": list(SIGNATURES),
     }
@@ -448,6 +395,52 @@ def _write_metadata(path, run, workdir, l2_regularization, max_image_pixels):
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump(metadata, f, indent=2)
     return metadata, record
+
+
+def _host_tag():
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _staging_name(version):
+    # A dot-folder beside the target (not a numeric version: TF Serving ignores it), named
+    # after its writer so that the next export can tell a killed one from a running one.
+    return f".{version}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _is_leftover(model_dir, name):
+    """Whether the staging folder `name` in `model_dir` is of an export that is gone: its
+    process is not running on this host, it is older than a day (another host), or it has
+    the writer-less name of older versions."""
+    match = re.fullmatch(r"\.\d+\.tmp-(?:([0-9a-f]{8})-(\d+)-)?[0-9a-f]+", name)
+    if not match:
+        return False
+    host, pid = match.groups()
+    if host is None:
+        return True
+    if host == _host_tag():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError):
+            pass
+        return False
+    try:
+        age = time.time() - tf.io.gfile.stat(os.path.join(model_dir, name)).mtime_nsec / 1e9
+    except tf.errors.OpError:
+        return False
+    return age > _LEFTOVER_AGE_S
+
+
+def remove_leftovers(model_dir):
+    """Removes the staging folders of killed exports in `model_dir`, a warning naming each."""
+    names = [name.rstrip("/") for name in tf.io.gfile.listdir(model_dir)]
+    for name in sorted(names):
+        if _is_leftover(model_dir, name):
+            path = os.path.join(model_dir, name)
+            logging.warning("Removing %s, left by an export that did not finish.", path)
+            with contextlib.suppress(tf.errors.NotFoundError):
+                tf.io.gfile.rmtree(path)
 
 
 def _publish(source, target):
@@ -471,13 +464,50 @@ def _publish(source, target):
         tf.io.gfile.rename(os.path.join(source, name), os.path.join(target, name))
 
 
+def _write_staging(staging, run, workdir, model_name, l2_regularization, limits):
+    """Writes the SavedModel of `run` to `staging`/saved_model and checks it; returns its path."""
+    config = run.config
+    metadata_path = os.path.join(staging, METADATA_FILE)
+    metadata, record = _write_metadata(metadata_path, run, workdir, l2_regularization, limits)
+    card = model_card.text(metadata, record)
+    card_path = os.path.join(staging, model_card.CARD_ASSET)
+    flags_path = os.path.join(staging, "flags.txt")
+    with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt")) as f:
+        flags = portable_flags(f.read(), metadata["workdir"])
+    for path, text in ((card_path, card), (flags_path, flags)):
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+    module = EncoderModule(
+        run.encoder,
+        config.image_size,
+        l2_regularization=l2_regularization,
+        metadata_path=metadata_path,
+        flags_path=flags_path,
+        limits=limits,
+        card_path=card_path,
+        origin_path=os.path.join(workdir, pretrained.IMPORT_FILE) if record else None,
+    )
+    saved = os.path.join(staging, "saved_model")
+    save(module, saved)
+    verify(saved, run.encoder, config.image_size)
+    # Beside the SavedModel (loaders read only saved_model.pb, variables/ and assets/).
+    with tf.io.gfile.GFile(os.path.join(saved, model_card.CARD_FILE), "w") as f:
+        f.write(card)
+    with tf.io.gfile.GFile(os.path.join(saved, model_card.KAGGLE_FILE), "w") as f:
+        f.write(model_card.kaggle_metadata(metadata, model_name, card, record))
+    return saved
+
+
 def export_run(
     workdir,
     export_dir,
     model_name,
     version=0,
     l2_regularization=None,
-    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels=image_headers.DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_frames=0,
+    max_batch_size=image_headers.DEFAULT_MAX_BATCH_SIZE,
+    max_request_bytes=image_headers.DEFAULT_MAX_REQUEST_BYTES,
     checkpoint=None,
 ):
     """Exports the latest checkpoint of a training run to `export_dir/model_name/version/`.
@@ -489,7 +519,8 @@ def export_run(
       version: positive integer version; 0 picks the next free one.
       l2_regularization: coefficient of the exported L2 kernel penalty; None: half the run's
         --weight_decay (the pull SGD's decoupled weight decay had in training).
-      max_image_pixels: largest width x height `serving_bytes` decodes (in the metadata).
+      max_image_pixels, max_image_frames, max_batch_size, max_request_bytes: the
+        `image_headers.DecodeLimits` of `serving_bytes` (kept in the metadata).
       checkpoint: the checkpoint to export ("ckpt-2" or a path); None: the newest readable one
         (a corrupt newest one is skipped with a warning). It must match the run's flags.txt.
 
@@ -498,7 +529,7 @@ def export_run(
 
     Raises:
       FileNotFoundError: `workdir` is not a run or has no checkpoint.
-      ValueError: bad model name or version, or the version folder exists.
+      ValueError: bad model name, version or limit, or the version folder exists.
       ExportError: the written SavedModel failed its check (nothing is published).
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_name or ""):
@@ -507,51 +538,27 @@ def export_run(
         )
     if version < 0:
         raise ValueError(f"--version={version} must be a positive integer (0 = next free)")
-    if max_image_pixels < 1:
-        raise ValueError(f"--max_image_pixels={max_image_pixels} must be >= 1")
+    limits = image_headers.DecodeLimits(
+        max_image_pixels, max_image_frames, max_batch_size, max_request_bytes
+    )
+    limits.validate()
     run = workdir_lib.load_run(workdir, checkpoint=checkpoint)
     model_dir = os.path.join(export_dir, model_name)
     version = version or next_version(model_dir)
     target = os.path.join(model_dir, str(version))
     if tf.io.gfile.exists(target):
         raise ValueError(f"{target} already exists; pick another --version or omit it")
-    config = run.config
     if l2_regularization is None:
-        l2_regularization = config.weight_decay / 2
+        l2_regularization = run.config.weight_decay / 2
     if l2_regularization < 0:
         raise ValueError(f"--l2_regularization={l2_regularization} must be >= 0")
     # Every path goes through tf.io.gfile: export_dir may be gs://, s3://, hdfs://, ram://.
     tf.io.gfile.makedirs(model_dir)
-    # A dot-folder beside the target: not a numeric version, so TF Serving ignores it.
-    staging = os.path.join(model_dir, f".{version}.tmp-{uuid.uuid4().hex[:12]}")
+    remove_leftovers(model_dir)
+    staging = os.path.join(model_dir, _staging_name(version))
     tf.io.gfile.makedirs(staging)
     try:
-        metadata_path = os.path.join(staging, METADATA_FILE)
-        metadata, record = _write_metadata(
-            metadata_path, run, workdir, l2_regularization, max_image_pixels
-        )
-        card = model_card.text(metadata, record)
-        card_path = os.path.join(staging, model_card.CARD_ASSET)
-        with tf.io.gfile.GFile(card_path, "w") as f:
-            f.write(card)
-        module = EncoderModule(
-            run.encoder,
-            config.image_size,
-            l2_regularization=l2_regularization,
-            metadata_path=metadata_path,
-            flags_path=os.path.join(workdir, "flags.txt"),
-            max_image_pixels=max_image_pixels,
-            card_path=card_path,
-            origin_path=os.path.join(workdir, pretrained.IMPORT_FILE) if record else None,
-        )
-        saved = os.path.join(staging, "saved_model")
-        save(module, saved)
-        verify(saved, run.encoder, config.image_size)
-        # Beside the SavedModel (loaders read only saved_model.pb, variables/ and assets/).
-        with tf.io.gfile.GFile(os.path.join(saved, model_card.CARD_FILE), "w") as f:
-            f.write(card)
-        with tf.io.gfile.GFile(os.path.join(saved, model_card.KAGGLE_FILE), "w") as f:
-            f.write(model_card.kaggle_metadata(metadata, model_name, card, record))
+        saved = _write_staging(staging, run, workdir, model_name, l2_regularization, limits)
         try:
             _publish(saved, target)
         except tf.errors.OpError as e:  # another export took this version meanwhile

@@ -30,6 +30,7 @@ import tensorflow as tf
 from invp_tf import analysis
 from invp_tf import data
 from invp_tf import identity
+from invp_tf import image_headers
 from invp_tf import protocols
 from invp_tf import rundir
 from invp_tf import saved_model
@@ -569,24 +570,28 @@ def test_serving_bytes_refuses_images_above_the_pixel_limit(runs, tmp_path):
     )
     assert ok["serving_bytes"]["embedding"].shape == (1, 16)
     jpeg = tf.io.encode_jpeg(np.zeros([30, 40, 3], np.uint8)).numpy()
-    for huge, pixels in [(_png_header_only(100_000, 100_000), 10**10), (jpeg, 1200)]:
+    cases = [
+        (_png_header_only(100_000, 100_000), "100000x100000 (width x height) = 10000000000"),
+        (jpeg, "40x30 (width x height) = 1200"),
+    ]
+    for huge, shape in cases:
         with pytest.raises(tf.errors.InvalidArgumentError) as error:
             saved_model.run_signatures_tf1(
                 path, {"serving_bytes": {"image_bytes": np.array([small, huge], dtype=object)}}
             )
         assert (
-            f"image_bytes[1] has {pixels} pixels (width x height), above the limit of 1000 of "
-            "this export (--max_image_pixels of invp_tf.export)"
+            f"image_bytes[1] decodes to 1 frame(s) of {shape} pixels, above the limit of 1000 "
+            "of this export (--max_image_pixels of invp_tf.export)"
         ) in str(error.value)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP"])
-def test_header_pixels_of_each_format(fmt):
+def test_header_shape_of_each_format(fmt):
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.zeros([23, 37, 3], np.uint8)).save(buffer, format=fmt)
-    assert int(saved_model._header_pixels(tf.constant(buffer.getvalue()))) == 23 * 37
+    assert _shape(buffer.getvalue()) == (1, 37, 23)  # frames, width, height
 
 
 def test_analyze_reads_a_run_with_a_torn_metrics_line(runs, tmp_path, caplog):
@@ -960,3 +965,342 @@ def test_image_files_of_other_formats_are_named_at_start(tmp_path, caplog):
         ".jpeg, .png, .bmp, .gif), left out: 7.TIF, b/4.webp, c/5.tiff, c/6.heic; convert them "
         "to JPEG or PNG to use them." in caplog.text
     )
+
+
+# Decoding limits of serving_bytes and folder data; export leftovers and local paths.
+
+
+def _gif_walk(data):
+    """Oracle: [(start, end, width, height)] of every image descriptor of a GIF, walked in
+    plain Python as giflib reads it (an extension is its label, a first sub-block, then a chain
+    of sub-blocks up to one of length 0; a descriptor cut short is not a frame); and where the
+    walk stopped."""
+    table = lambda packed: 3 << ((packed & 7) + 1) if packed & 0x80 else 0  # noqa: E731
+    pos, frames = 13 + table(data[10]), []
+    while pos < len(data) and data[pos] in (0x21, 0x2C):
+        start = pos
+        if data[pos] == 0x2C:
+            if pos + 10 > len(data):
+                break
+            size = [int.from_bytes(data[pos + i : pos + i + 2], "little") for i in (5, 7)]
+            pos += 11 + table(data[pos + 9])
+        else:
+            pos += 3 + data[pos + 2]
+        while pos < len(data) and data[pos]:
+            pos += 1 + data[pos]
+        pos += 1
+        if data[start] == 0x2C:
+            frames.append((start, min(pos, len(data)), *size))
+    return frames, pos
+
+
+def _pil_gif(pixels):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def _gif(sizes, screen=(1, 1), between=b"", noise=False):
+    """A GIF whose logical screen is `screen` and whose frames have `sizes` (width, height):
+    the header and palette of a Pillow GIF, then each frame's block cut from a Pillow GIF of
+    that size (`noise`: random pixels, so the data takes many full 255-byte sub-blocks), with
+    the bytes `between` before each frame."""
+    rng = np.random.default_rng(0)
+    frames, head = [], None
+    for width, height in sizes:
+        pixels = rng.integers(0, 256, size=(height, width), dtype=np.uint8) if noise else None
+        encoded = _pil_gif(np.zeros((height, width), np.uint8) if pixels is None else pixels)
+        ((start, end, _, _),) = _gif_walk(encoded)[0]
+        frames.append(between + encoded[start:end])
+        head = head or bytearray(encoded[:start])  # the first frame's palette
+    head[6:10] = screen[0].to_bytes(2, "little") + screen[1].to_bytes(2, "little")
+    return bytes(head) + b"".join(frames) + b";"
+
+
+def _shape(data):
+    return tuple(int(v) for v in tf.function(image_headers.header_shape)(tf.constant(data)))
+
+
+def _animation():
+    """An animated GIF as Pillow writes it: NETSCAPE loop and comment extensions, a graphic
+    control extension before each frame, frames of other sizes and palettes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    frames = [
+        Image.fromarray(rng.integers(0, 256, (20 + 3 * i, 31 - 2 * i, 3), np.uint8))
+        for i in range(5)
+    ]
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer, format="GIF", save_all=True, append_images=frames[1:], duration=80, loop=0,
+        comment=b"c" * 600, disposal=2, optimize=False,
+    )  # fmt: skip
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "one frame",
+        "frames larger than the screen",
+        "animation",
+        "full sub-blocks",
+        "extensions",
+        "a frame after an empty extension",
+    ],
+)
+def test_header_shape_counts_every_gif_frame_at_the_largest_frame_size(case):
+    """(frames, largest width, largest height): what TF's decoder allocates (the decoded
+    animation's shape is the oracle, with the Python walk of the blocks)."""
+    data = {
+        "one frame": lambda: _gif([(30, 20)]),
+        "frames larger than the screen": lambda: _gif([(1, 1), (60, 2), (2, 50)]),
+        "animation": _animation,
+        "full sub-blocks": lambda: _gif([(1000, 700), (7, 9)], noise=True),
+        # An empty comment (giflib reads a chain after it), a comment of 3 sub-blocks, a
+        # graphic control extension.
+        "extensions": lambda: _gif(
+            [(5, 6), (8, 3)],
+            between=b"!\xfe\x00\x00!\xfe\x03abc\x02de\x00!\xf9\x04\x00\x00\x00\x00\x00",
+        ),
+        # After an empty comment, giflib reads ";" as the length of a sub-block: the GIF
+        # spec's walk would end there, before the 60 x 70 frame TF decodes.
+        "a frame after an empty extension": lambda: _gif(
+            [(3, 3), (60, 70)], between=b"!\xfe\x00;" + b"x" * 59 + b"\x00"
+        ),
+    }[case]()
+    frames, end = _gif_walk(data)
+    assert data[end - 1 : end + 1] == b"\x00;"  # the oracle walked the whole file
+    expected = (len(frames), max(f[2] for f in frames), max(f[3] for f in frames))
+    animation = tf.io.decode_image(data, expand_animations=True).shape  # [frames, H, W, 3]
+    assert expected == (animation[0], animation[2], animation[1])
+    assert _shape(data) == expected
+    if case == "full sub-blocks":
+        assert len(data) > 2 * 256 * image_headers._FULL_SKIP  # more than two steps skip
+
+
+def test_header_shape_of_cut_and_malformed_gifs(monkeypatch):
+    data = _gif([(3, 3), (70, 80)], screen=(10, 10))
+    second = _gif_walk(data)[0][1][0]
+    # Cut inside the second frame's data: TF has allocated it (its descriptor was read).
+    assert _shape(data[: second + 14]) == (2, 70, 80)
+    # Cut inside its descriptor: not a frame yet.
+    assert _shape(data[: second + 9]) == (1, 3, 3)
+    # An unknown record ends the walk, as it ends TF's.
+    assert _shape(data[:second] + b"\x99" + data[second:]) == (1, 3, 3)
+    assert _shape(data[:-1]) == (2, 70, 80)  # no trailer
+    # Chains of full data sub-blocks around the number one step skips.
+    descriptor = b",\0\0\0\0" + (9).to_bytes(2, "little") * 2 + b"\0\2"
+    for full in (1, image_headers._FULL_SKIP - 1, image_headers._FULL_SKIP, 2049):
+        chains = data[:-1] + descriptor + (b"\xff" + b"\1" * 255) * full + b"\0" + descriptor
+        chains += b"\3abc" + b"\0;"
+        assert len(_gif_walk(chains)[0]) == 4 and _gif_walk(chains)[1] == len(chains) - 1
+        assert _shape(chains) == (4, 70, 80)
+    # A file of tiny sub-blocks is refused after MAX_GIF_STEPS steps of the walk.
+    monkeypatch.setattr(image_headers, "MAX_GIF_STEPS", 64)
+    slow = data[:second] + b",\0\0\0\0\1\0\1\0\0\2" + b"\1\0" * 200 + b"\0;"
+    assert _shape(slow) == (-1, 3, 3)
+    assert _shape(slow[: second + 11 + 2 * 40] + b"\0;") == (2, 3, 3)
+    assert image_headers.refusal((-1, 1, 1), "a.gif", 10, 0, {}) == (
+        "a.gif is a GIF of more than 64 blocks (extensions, frames, short data blocks), more "
+        "than is read before decoding; re-encode it"
+    )
+
+
+@pytest.fixture(scope="module")
+def limited(runs, tmp_path_factory):
+    """The finished run exported with small decode limits, and the loaded serving_bytes."""
+    straight, _ = runs
+    path = saved_model.export_run(
+        straight.workdir,
+        str(tmp_path_factory.mktemp("limited")),
+        "invp",
+        max_image_pixels=1000,
+        max_image_frames=2,
+        max_batch_size=3,
+        max_request_bytes=4000,
+    )
+    return path, tf.saved_model.load(path).signatures["serving_bytes"]
+
+
+def _refused(signature, images):
+    """The message of the assertion that `signature` fails on `images`."""
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        signature(image_bytes=tf.constant(images))
+    lines = str(error.value).splitlines()
+    (line,) = [x for x in lines if "assertion failed: [" in x]
+    return line.split("assertion failed: [", 1)[1].removesuffix("]")
+
+
+def test_serving_bytes_counts_gif_frames_not_the_logical_screen(limited):
+    path, serving_bytes = limited
+    with open(os.path.join(path, "assets", saved_model.METADATA_FILE)) as f:
+        metadata = json.load(f)
+    limits = {"max_image_pixels": 1000, "max_image_frames": 2, "max_batch_size": 3}
+    assert {key: metadata[key] for key in limits} == limits
+    assert metadata["max_request_bytes"] == 4000
+    small = tf.io.encode_png(np.zeros([20, 30, 3], np.uint8)).numpy()
+    within = _gif([(1, 1), (20, 25)])  # 2 x 20 x 25 = 1000 pixels
+    assert serving_bytes(image_bytes=tf.constant([small, within]))["embedding"].shape == (2, 16)
+    # A 1 x 1 screen, a 40 x 40 frame: decoded, it would take 2 frames of 40 x 40.
+    bomb = _gif([(1, 1), (40, 40)])
+    assert _refused(serving_bytes, [small, bomb]) == (
+        "image_bytes[1] decodes to 2 frame(s) of 40x40 (width x height) = 3200 pixels, above "
+        "the limit of 1000 of this export (--max_image_pixels of invp_tf.export)"
+    )
+    # The same through the TF1 loader of TF Serving.
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        saved_model.run_signatures_tf1(
+            path, {"serving_bytes": {"image_bytes": np.array([small, bomb], dtype=object)}}
+        )
+    assert "image_bytes[1] decodes to 2 frame(s) of 40x40 (width x height) = 3200" in str(
+        error.value
+    )
+
+
+def test_serving_bytes_refuses_frames_batch_and_bytes_before_decoding(limited):
+    _, serving_bytes = limited
+    small = tf.io.encode_png(np.zeros([20, 30, 3], np.uint8)).numpy()
+    assert _refused(serving_bytes, [small, _gif([(2, 2)] * 3)]) == (
+        "image_bytes[1] has 3 frames, above the limit of 2 of this export (--max_image_frames "
+        "of invp_tf.export)"
+    )
+    assert _refused(serving_bytes, [small] * 4) == (
+        "image_bytes[3] is past the batch limit: the request holds 4 images, above the limit of "
+        "3 of this export (--max_batch_size of invp_tf.export)"
+    )
+    noise = np.random.default_rng(0).integers(0, 256, size=(30, 30, 3), dtype=np.uint8)
+    large = tf.io.encode_png(noise).numpy()  # 2.7 KB: noise does not compress
+    total = len(small) + 2 * len(large)
+    assert len(small) + len(large) <= 4000 < total
+    assert _refused(serving_bytes, [small, large, large]) == (
+        f"image_bytes[2] brings the request to {total} bytes ({total} in all), above the limit "
+        "of 4000 of this export (--max_request_bytes of invp_tf.export)"
+    )
+    # Every header is checked before any image is decoded: image 0 is not decodable (its
+    # body is cut), image 1 is too large; the refusal of image 1 comes first.
+    assert _refused(serving_bytes, [small[:40], _png_header_only(100, 100)]) == (
+        "image_bytes[1] decodes to 1 frame(s) of 100x100 (width x height) = 10000 pixels, above "
+        "the limit of 1000 of this export (--max_image_pixels of invp_tf.export)"
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG"):
+        serving_bytes(image_bytes=tf.constant([small[:40], small]))
+
+
+def test_folder_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(20):
+        png = tf.io.encode_png(np.full((12, 12, 3), i * 10, np.uint8)).numpy()
+        (folder / f"{i:02d}.png").write_bytes(png)
+    # A 1 x 1 screen and 26 frames of 1400 x 1400: 51 megapixels for TF's decoder.
+    bomb = folder / "13.gif"
+    bomb.write_bytes(_gif([(1400, 1400)] * 26))
+    line = (
+        f"{bomb} decodes to 26 frame(s) of 1400x1400 (width x height) = 50960000 pixels, above "
+        "the limit of 50000000 for folder datasets; downscale the file or remove it"
+    )
+    source = data.load_source(f"folder:{folder}")
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        list(source.dataset())
+    assert line in str(error.value)
+    config = tiny_config(
+        "",
+        tmp_path / "run",
+        dataset=f"folder:{folder}",
+        num_background=16,
+        knn_method="brute_force",
+    )
+    with pytest.raises(ValueError) as error:
+        training.train_and_evaluate(config, config.workdir)
+    assert str(error.value) == line
+    assert not tf.train.latest_checkpoint(_checkpoints(config.workdir))
+    # The file removed, the same run trains.
+    bomb.unlink()
+    training.train_and_evaluate(config, config.workdir)
+    assert _epochs(config.workdir) == list(range(config.epochs))
+
+
+def test_killed_export_leaves_a_staging_folder_that_the_next_export_removes(runs, tmp_path, caplog):
+    straight, _ = runs
+    models = tmp_path / "models"
+    model_dir = models / "invp"
+    command = [
+        sys.executable, "-m", "invp_tf.export", f"--workdir={straight.workdir}",
+        f"--export_dir={models}", "--model_name=invp",
+    ]  # fmt: skip
+    export = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 300
+        staged = []
+        while not staged and export.poll() is None and time.time() < deadline:
+            staged = [
+                p for p in model_dir.glob(".1.tmp-*") if (p / saved_model.METADATA_FILE).exists()
+            ]
+            time.sleep(0.01)
+    finally:
+        export.kill()
+        export.wait()
+    assert len(staged) == 1 and staged[0].exists() and not (model_dir / "1").exists()
+    with caplog.at_level(logging.WARNING):
+        path = saved_model.export_run(straight.workdir, str(models), "invp")
+    assert path == str(model_dir / "1")
+    assert [r.getMessage() for r in caplog.records if "Removing" in r.getMessage()] == [
+        f"Removing {staged[0]}, left by an export that did not finish."
+    ]
+    assert os.listdir(model_dir) == ["1"]
+
+
+def test_staging_folders_of_exports_that_may_still_run_are_kept(tmp_path, caplog):
+    # This process's, and a recent one of another host, are kept; an old one of another host
+    # and one named by an older version (no writer in the name) are removed.
+    live = tmp_path / f".2.tmp-{saved_model._host_tag()}-{os.getpid()}-0badf00d"
+    other = tmp_path / ".3.tmp-00000000-1-0badf00d"
+    old = tmp_path / ".4.tmp-00000000-2-0badf00d"
+    legacy = tmp_path / ".5.tmp-0123456789ab"
+    version = tmp_path / "1"
+    for folder in (live, other, old, legacy, version):
+        folder.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    with caplog.at_level(logging.WARNING):
+        saved_model.remove_leftovers(str(tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Removing {folder}, left by an export that did not finish." for folder in (old, legacy)
+    ]
+    assert sorted(os.listdir(tmp_path)) == sorted(["1", live.name, other.name])
+
+
+def test_export_holds_no_local_path(runs, tmp_path):
+    straight, _ = runs
+    run_root = os.path.dirname(straight.workdir)  # the run and its data_dir are in it
+    assert straight.data_dir.startswith(run_root)
+    path = saved_model.export_run(straight.workdir, str(tmp_path / "models"), "invp")
+    local = [run_root, str(tmp_path), os.path.realpath(run_root), os.path.realpath(tmp_path)]
+    files = [os.path.join(p, f) for p, _, names in os.walk(path) for f in names]
+    assert {"saved_model.pb", "flags.txt", saved_model.METADATA_FILE} <= {
+        os.path.basename(f) for f in files
+    }
+    for name in files:
+        with open(name, "rb") as f:
+            content = f.read()
+        for folder in local:
+            assert folder.encode() not in content, (name, folder)
+    with open(os.path.join(path, "assets", saved_model.METADATA_FILE)) as f:
+        assert json.load(f)["workdir"] == "straight"
+    with open(os.path.join(path, "assets", "flags.txt")) as f:
+        flags = f.read().splitlines()
+    assert "--workdir=straight" in flags and "--data_dir=idx" in flags
+    with open(os.path.join(path, "README.md")) as f:
+        assert "in the run `straight`" in f.read()
+    flags = "--workdir=/home/a/runs/x\n--dataset=folder:/home/a/photos/\n--data_dir=rel/d\n--nobf\n"
+    assert saved_model.portable_flags(flags, "x").splitlines()[1:] == [
+        "--workdir=x",
+        "--dataset=folder:photos",
+        "--data_dir=rel/d",
+        "--nobf",
+    ]

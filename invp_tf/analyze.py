@@ -46,6 +46,7 @@ def main(argv):
     if not settings.workdir or not settings.output:
         raise app.UsageError("--workdir and --output are required")
     with command.exits_on("invp_tf.analyze", ValueError, FileNotFoundError):
+        command.check_output("output", settings.output)
         paths = analysis.analyze(
             settings.workdir,
             settings.output,

@@ -61,6 +61,7 @@ def main(argv):
     with command.exits_on("invp_tf.embed", *errors):
         if not settings.model or not settings.output:
             raise ValueError("--model and --output are required")
+        command.check_output("output", settings.output, "file")
         values = dataclasses.asdict(settings)
         summary = embeddings.embed(values.pop("model"), values.pop("output"), **values)
     print(json.dumps(summary))

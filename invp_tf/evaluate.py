@@ -34,6 +34,7 @@ def main(argv):
     """Runs the evaluation of the command line `argv` (see `command.parsed`)."""
     values = _COMMAND.values(argv)
     with command.exits_on("invp_tf.evaluate", ValueError, FileNotFoundError):
+        command.check_output("output", values["output"], "file")
         settings = protocols.make_settings(values.pop("workdir"), values.pop("protocol"), **values)
         report = protocols.evaluate(settings)
     print(protocols.format_table(report))

@@ -66,6 +66,7 @@ def main(argv):
     with command.exits_on("invp_tf.export", *errors):
         if not settings.workdir or not settings.export_dir:
             raise ValueError("--workdir and --export_dir are required")
+        command.check_output("export_dir", settings.export_dir)
         path = saved_model.export_run(**dataclasses.asdict(settings))
     print(path)
 

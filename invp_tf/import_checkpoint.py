@@ -30,6 +30,7 @@ def main(argv):
     settings = pretrained.ImportConfig(**_COMMAND.values(argv))
     errors = (ValueError, FileNotFoundError, torch_checkpoint.CheckpointError)
     with command.exits_on("invp_tf.import_checkpoint", *errors):
+        command.check_output("workdir", settings.workdir)
         record = pretrained.import_checkpoint(settings)
     for line in pretrained.summary_lines(record):
         print(line)

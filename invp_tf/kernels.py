@@ -22,11 +22,20 @@ source, the TensorFlow version and the flags:
 
     $INVP_TF_CACHE, else $XDG_CACHE_HOME/invp_tf, else ~/.cache/invp_tf
 
+The library is loaded into the process, so the cache must be private (`kernel_dir`): a
+folder of this user (created 0700) that no group or other user can write. A folder that is
+group- or world-writable or owned by someone else is not used: a warning names it and the
+kernels go to ~/.cache/invp_tf, else to a private temporary folder. Each build records the
+library's SHA-256 beside it (`top_mask-KEY.so.sha256`); a library whose hash differs, or
+that has none, is not loaded: a warning says so and it is rebuilt.
+
 Where they cannot be built (no compiler, a failed build), a warning says why and
 TensorFlow ops run instead: the same sets and lists (for rows without NaN), slower.
 INVP_TF_NATIVE=0 turns the kernels off; CXX names the compiler (default c++).
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -34,6 +43,7 @@ import pathlib
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 
@@ -58,14 +68,62 @@ for _op in OPS:
 # The module of the first library loaded: TensorFlow registers an op once per process,
 # and a second library with the same op (another cache directory) yields no wrapper.
 _LOADED = []
+# The private temporary folder of this process, where no cache folder could be used.
+_TEMPORARY = []
 
 
 def cache_dir():
-    """Where built kernels are kept (created on first build)."""
+    """The configured cache folder: $INVP_TF_CACHE, else $XDG_CACHE_HOME/invp_tf, else
+    ~/.cache/invp_tf (kernels go to `kernel_dir`, which checks it)."""
     if os.environ.get("INVP_TF_CACHE"):
         return pathlib.Path(os.environ["INVP_TF_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "invp_tf"
+
+
+def _unsafe(folder):
+    """Why `folder` cannot hold a library this process loads; None when it can.
+
+    Creates it (mode 0700) when it is missing. Only its owner may write in it: anyone else
+    could replace the library (or its recorded hash) by their own.
+    """
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as e:
+        return f"it cannot be created ({e.strerror or e})"
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a folder"
+    if info.st_uid != os.geteuid():
+        return f"it is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    if info.st_mode & 0o022:
+        return f"it is writable by its group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def kernel_dir():
+    """The private folder built kernels are kept in and loaded from.
+
+    `cache_dir()` when it is safe (`_unsafe`); else, with a warning naming it, ~/.cache/invp_tf
+    when that one is, else a private temporary folder of this process.
+    """
+    configured = cache_dir()
+    problem = _unsafe(configured)
+    if problem is None:
+        return configured
+    fallback = pathlib.Path(os.path.expanduser("~"), ".cache", "invp_tf")
+    if fallback == configured or _unsafe(fallback) is not None:
+        if not _TEMPORARY:
+            _TEMPORARY.append(pathlib.Path(tempfile.mkdtemp(prefix="invp_tf-kernels-")))
+        fallback = _TEMPORARY[0]
+    logging.warning(
+        "Not using the kernel cache %s: %s; using the private folder %s instead "
+        "(see INVP_TF_CACHE in README.md).",
+        configured,
+        problem,
+        fallback,
+    )
+    return fallback
 
 
 def _command(compiler, output):
@@ -91,15 +149,71 @@ def library_path(compiler="c++"):
     for part in (*parts, tf.__version__.encode(), platform.machine().encode()):
         key.update(part)
     key.update(" ".join(_command(compiler, "")).encode())
-    return cache_dir() / f"top_mask-{key.hexdigest()[:16]}.so"
+    return kernel_dir() / f"top_mask-{key.hexdigest()[:16]}.so"
+
+
+def hash_path(path):
+    """The file beside library `path` holding its SHA-256, recorded when it was built."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unverified(path):
+    """Why the library at `path` must not be loaded; None when it is the one built here, ""
+    when there is none."""
+    if not path.exists():
+        return ""
+    try:
+        recorded = hash_path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return "no SHA-256 was recorded for it when it was built"
+    info = path.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        return "it is not a private file of this user"
+    if _sha256(path) != recorded:
+        return "its SHA-256 differs from the one recorded when it was built"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(folder):
+    """Holds an exclusive lock on `folder`: one build (and hash check) at a time."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # no locks (some network filesystems): still atomic
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _record_hash(path, library):
+    """Writes the SHA-256 of `library` to `path` (mode 0600, through a rename)."""
+    handle, partial = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(_sha256(library) + "\n")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def build(compiler=None):
-    """Compiles the kernels unless cached; returns the library's path.
+    """Compiles the kernels unless cached and verified; returns the library's path.
 
-    Written to a temporary file in the cache directory and renamed into place, so
-    concurrent builds (parallel test workers, several trainings) never load a half
-    written library.
+    The library is written to a temporary file in the private cache folder (`kernel_dir`),
+    its SHA-256 recorded beside it, and renamed into place, under a lock of the folder: a
+    concurrent build (parallel test workers, several trainings) waits, and never loads a half
+    written library. A cached library whose hash does not match its record is not loaded: a
+    warning names it, and it is rebuilt.
 
     Raises:
       RuntimeError: naming the compiler and the end of its output, when the build fails
@@ -107,11 +221,21 @@ def build(compiler=None):
     """
     compiler = compiler or os.environ.get("CXX", "c++")
     path = library_path(compiler)
-    if path.exists():
-        return path
-    if not compiler.strip() or shutil.which(shlex.split(compiler)[0]) is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX to name one)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent):
+        problem = _unverified(path)
+        if problem is None:
+            return path
+        if problem:
+            logging.warning("Not loading %s: %s; rebuilding it.", path, problem)
+            path.unlink()
+        if not compiler.strip() or shutil.which(shlex.split(compiler)[0]) is None:
+            raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX to name one)")
+        _compile(compiler, path)
+    return path
+
+
+def _compile(compiler, path):
+    """Builds the library into `path` and records its hash (`build`, under the lock)."""
     handle, partial = tempfile.mkstemp(prefix=path.stem, suffix=".so.partial", dir=path.parent)
     os.close(handle)
     try:
@@ -125,12 +249,12 @@ def build(compiler=None):
                 f"(exit {done.returncode}): "
                 f"{done.stderr.strip()[-2000:]}"
             )
-        os.chmod(partial, 0o755)  # mkstemp's 0600 would hide a shared cache from others
+        os.chmod(partial, 0o700)  # this user's alone, like its folder
+        _record_hash(hash_path(path), partial)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    return path
 
 
 @functools.cache

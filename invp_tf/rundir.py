@@ -281,75 +281,149 @@ def _process_start(pid):
     return ""
 
 
+# An empty lock older than this is no training's: a lock is written whole (`_create_lock`),
+# and older versions wrote theirs within a moment of creating it.
+_EMPTY_LOCK_SECONDS = 5
+
+
 def _read_lock(path):
+    """The lock's record {pid, host, start}; None when there is no lock; {"problem": "is
+    empty" | "is garbled" | "cannot be read (why)", "age": seconds since written} when it
+    holds no record."""
     try:
         with tf.io.gfile.GFile(path) as f:
-            return json.loads(f.read())
+            text = f.read()
+        written = tf.io.gfile.stat(path).mtime_nsec / 1e9
     except (tf.errors.NotFoundError, FileNotFoundError):
         return None
-    except (ValueError, OSError, tf.errors.OpError):
-        return {}  # torn by a crash while it was written
+    except (OSError, tf.errors.OpError) as e:
+        return {"problem": f"cannot be read ({workdir_lib.reason(e)})", "age": 0.0}
+    try:
+        record = json.loads(text)
+        if isinstance(record.get("pid"), int) and isinstance(record.get("host"), str):
+            return record
+    except (ValueError, AttributeError):
+        pass
+    age = datetime.datetime.now().timestamp() - written
+    return {"problem": "is empty" if not text.strip() else "is garbled", "age": age}
+
+
+def _create_lock(path, text):
+    """Creates the lock file `path` holding `text`, whole or not at all; False if it exists.
+
+    The text goes to a temporary file first, then into place: by a hard link (atomic and
+    exclusive; where links are unsupported, an exclusive create removed again if its write
+    fails), or on object stores (gs://...), which have no exclusive create, by a rename.
+
+    Raises:
+      WorkdirError: the lock cannot be written (a full disk, permissions); nothing is left.
+    """
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        if not workdir_lib.is_local(path):
+            if tf.io.gfile.exists(path):
+                return False
+            with tf.io.gfile.GFile(temporary, "w") as f:
+                f.write(text)
+            tf.io.gfile.rename(temporary, path, overwrite=True)  # no exclusive rename there
+            return True
+        _write_file(temporary, os.O_TRUNC, text)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            _write_file(path, os.O_EXCL, text)
+        return True
+    except (FileExistsError, tf.errors.AlreadyExistsError):
+        return False
+    except (OSError, tf.errors.OpError) as e:
+        raise workdir_lib.WorkdirError(
+            f"could not write the lock file {path}: {workdir_lib.reason(e)}; the run is "
+            "unchanged: free space (or fix the permission) and rerun the same command"
+        ) from e
+    finally:
+        with contextlib.suppress(tf.errors.OpError, OSError):
+            tf.io.gfile.remove(temporary)
+
+
+def _write_file(path, flag, text):
+    """Writes `text` to a new local file (O_CREAT | `flag`), synced; removed if that fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag, 0o644)
+    try:
+        try:
+            f = os.fdopen(fd, "w")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.remove(path)
+        raise
+
+
+def _stale(workdir, path, holder, host):
+    """Whether the lock `holder` (`_read_lock`) is left by a training that is gone, logging
+    a warning then; raises WorkdirError naming what to do when it is (or may be) in use."""
+    problem = holder.get("problem")
+    if problem == "is empty" and holder["age"] >= _EMPTY_LOCK_SECONDS:
+        logging.warning(
+            "Taking over %s: it is empty, left by a training that stopped while writing it "
+            "(a full disk or a crash).",
+            path,
+        )
+        return True
+    if problem:
+        unnamed = "" if problem.startswith("cannot") else " (it names no training)"
+        raise workdir_lib.WorkdirError(
+            f"{path} {problem}{unnamed}; if no training is writing {workdir}, delete it and "
+            "rerun the same command"
+        )
+    start = holder.get("start")
+    alive = None
+    if holder["host"] == host:
+        now = _process_start(holder["pid"])
+        alive = now is not None and (not start or not now or now == start)
+    if alive is None:
+        raise workdir_lib.WorkdirError(
+            f"{workdir} is in use by pid {holder['pid']} on host {holder['host']} "
+            f"({path}); wait for that training to end, or delete the lock file if it is gone"
+        )
+    if alive:
+        raise workdir_lib.WorkdirError(
+            f"{workdir} is in use by another training: pid {holder['pid']} on host {host} "
+            f"({path}); wait for it to end or stop it, or train into another --workdir"
+        )
+    logging.warning(
+        "Taking over %s: its process (pid %s on %s) is gone.", path, holder["pid"], holder["host"]
+    )
+    return True
 
 
 @contextlib.contextmanager
 def _lock(workdir):
     """Holds `workdir/train.lock` (pid, host) while the block runs; one training per run.
 
-    A lock of a process that is gone (same host, pid not running, or running since another
-    time) is taken over with a warning; a live holder stops this training with its pid and host.
+    The lock is written whole or not at all (`_create_lock`) and removed when the block ends,
+    however it ends. A lock of a process that is gone (same host, pid not running, or running
+    since another time) or left empty is taken over with a warning; a live holder stops this
+    training with its pid and host, and a garbled lock with what to do.
     """
     with workdir_lib.writing(workdir, "the run folder"):
         tf.io.gfile.makedirs(workdir)
     path = os.path.join(workdir, workdir_lib.LOCK_FILE)
     pid, host = os.getpid(), socket.gethostname()
     record = {"pid": pid, "host": host, "start": _process_start(pid) or ""}
-    text = json.dumps(record) + "\n"
     for _ in range(3):
-        if workdir_lib.is_local(path):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise workdir_lib.WorkdirError(
-                    f"could not write the lock file {path}: {workdir_lib.reason(e)}"
-                ) from e
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                break
-        elif not tf.io.gfile.exists(path):  # no exclusive create on object stores
-            with workdir_lib.writing(path, "the lock file"):
-                with tf.io.gfile.GFile(path, "w") as f:
-                    f.write(text)
+        if _create_lock(path, json.dumps(record) + "\n"):
             break
         holder = _read_lock(path)
-        if holder is None:
-            continue  # released meanwhile
-        start = holder.get("start")
-        alive = None
-        if holder.get("host") == host and isinstance(holder.get("pid"), int):
-            now = _process_start(holder["pid"])
-            alive = now is not None and (not start or not now or now == start)
-        if alive is None and holder:
-            raise workdir_lib.WorkdirError(
-                f"{workdir} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
-                f"({path}); wait for that training to end, or delete the lock file if it is "
-                "gone"
-            )
-        if alive:
-            raise workdir_lib.WorkdirError(
-                f"{workdir} is in use by another training: pid {holder['pid']} on host {host} "
-                f"({path}); wait for it to end or stop it, or train into another --workdir"
-            )
-        logging.warning(
-            "Taking over %s: its process (pid %s on %s) is gone.",
-            path,
-            holder.get("pid"),
-            holder.get("host"),
-        )
-        with contextlib.suppress(tf.errors.NotFoundError, FileNotFoundError):
-            tf.io.gfile.remove(path)
+        if holder is not None and _stale(workdir, path, holder, host):
+            with contextlib.suppress(tf.errors.NotFoundError, FileNotFoundError):
+                tf.io.gfile.remove(path)
     else:
         raise workdir_lib.WorkdirError(
             f"could not take the lock file {path}; rerun the same command"

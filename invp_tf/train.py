@@ -58,6 +58,8 @@ def main(argv):
     if not _flagfile_given(command_line):
         print(f"invp_tf.train: error: {NO_FLAGFILE}", file=sys.stderr)
         sys.exit(1)
+    with command.exits_on("invp_tf.train", ValueError):
+        command.check_output("workdir", config.workdir)
     message = training.finished_message(config.workdir, config.epochs)
     if message:
         print(message)

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -36,6 +35,7 @@ from invp_tf import input_pipeline
 from invp_tf import memory_plan
 from invp_tf import model as model_lib
 from invp_tf import neighbors
+from invp_tf import preemption
 from invp_tf import progress as progress_lib
 from invp_tf import propagation
 from invp_tf import rundir
@@ -54,6 +54,11 @@ class TrainingError(RuntimeError):
 
 class Preempted(RuntimeError):
     """A worker got SIGTERM: every worker saved the same mid-epoch checkpoint and stopped."""
+
+
+class Interrupted(Preempted):
+    """Ctrl-C (SIGINT): saved and stopped as on SIGTERM, or (a second Ctrl-C, or one before
+    training began) stopped at once, the last checkpoint kept."""
 
 
 def graph_monitor(config, graph, rows, bank, train_labels, anchors, seed):
@@ -136,17 +141,6 @@ def finished_message(workdir, epochs):
     )
 
 
-class _SaveIfPreempted(keras.callbacks.Callback):
-    """After every step, lets TF's PreemptionCheckpointHandler save and stop all workers."""
-
-    def __init__(self, handler):
-        super().__init__()
-        self.handler = handler
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.handler.save_checkpoint_if_preempted()
-
-
 def _distributed_dataset(strategy, make_pipeline, global_batch_size):
     """Per-replica batches of each worker's shard (`distribute_datasets_from_function`)."""
     if strategy.num_replicas_in_sync == 1:
@@ -177,19 +171,19 @@ def train_and_evaluate(config, workdir, callbacks=(), strategy=None):
 
     Raises:
       Preempted: SIGTERM reached a worker; the checkpoint to resume from is saved.
+      Interrupted: Ctrl-C (SIGINT); during training it saves the state of the next step as
+        SIGTERM does, a second one (or one before training began) stops at once.
       TrainingError: the loss became NaN, or a callback stopped an epoch midway.
       ValueError: a flag that cannot work (named), or a run folder problem.
 
-    SIGTERM goes back to its previous handler afterwards (the preemption handler
-    takes it over during training).
+    SIGTERM and SIGINT go back to their previous handlers afterwards (the preemption handler
+    takes them over during training).
     """
-    previous = signal.getsignal(signal.SIGTERM)
     try:
-        with contextlib.ExitStack() as on_exit:  # releases the run's lock
+        with preemption.handlers_restored(), contextlib.ExitStack() as on_exit:  # and the lock
             return _train(config, workdir, callbacks, strategy, on_exit)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        raise Interrupted(preemption.stopped_at_once(workdir)) from None
 
 
 def _train(config, workdir, callbacks, strategy, on_exit):
@@ -548,21 +542,29 @@ def _build_model(config, strategy, num_examples, steps_per_epoch):
 
 
 def _preemption_callbacks(strategy, model, manager, save):
-    """SIGTERM on any worker: all save the same step's state, then stop (not on TPU)."""
+    """SIGTERM on any worker: all save the same step's state, then stop (not on TPU).
+
+    Ctrl-C (SIGINT) on a worker does the same (`preemption.save_on_ctrl_c`).
+    """
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return []
     preemption_step = {}
+    interrupted = []  # the Ctrl-C received (a second one stops at once)
 
     def save_preempted(*args, **kwargs):
         preemption_step["step"] = int(model.steps.numpy())
         preemption_step["path"] = save(preemption_step["step"])
 
     def stop_preempted():
-        raise Preempted(
-            f"preempted: saved {preemption_step.get('path')} at step "
+        error, what = (
+            (Interrupted, "interrupted (Ctrl-C)") if interrupted else (Preempted, "preempted")
+        )
+        raise error(
+            f"{what}: saved {preemption_step.get('path')} at step "
             f"{preemption_step.get('step')}; rerun the same command to resume"
         )
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         strategy.cluster_resolver if distribute.is_multi_worker(strategy) else None,
         manager,
@@ -570,7 +572,9 @@ def _preemption_callbacks(strategy, model, manager, save):
             exit_fn=stop_preempted, save_fn=save_preempted
         ),
     )
-    return [_SaveIfPreempted(handler)]
+    if signal.getsignal(signal.SIGTERM) is not on_sigterm:  # the handler's: Ctrl-C joins it
+        preemption.save_on_ctrl_c(signal.getsignal(signal.SIGTERM), interrupted)
+    return [preemption.SaveIfPreempted(handler)]
 
 
 def _monitor_labels(config, train_source):

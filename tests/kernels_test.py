@@ -2,7 +2,12 @@
 InvpListAbove's lists against NumPy, InvpListedTop's set against top_k over the lists; the
 views' InvpResizeAntialiased and InvpGaussianBlur against the TensorFlow ops they replace."""
 
+import hashlib
+import logging
 import os
+import shutil
+import stat
+import subprocess
 
 import numpy as np
 import pytest
@@ -47,7 +52,13 @@ def _top_k_mask(logits, k, excluded):
 def test_build_writes_one_library_and_reuses_it(fresh, monkeypatch):
     path = kernels.build()
     assert path.parent == fresh and path.exists()
-    assert sorted(p.name for p in fresh.iterdir()) == [path.name]  # no partial file left
+    # The library and its SHA-256, no partial file left; nothing another user may write.
+    assert sorted(p.name for p in fresh.iterdir()) == [path.name, path.name + ".sha256"]
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(kernels.hash_path(path).stat().st_mode) == 0o600
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert kernels.hash_path(path).read_text() == digest + "\n"
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("compiled again")
@@ -82,6 +93,117 @@ def test_a_failed_build_names_the_compiler_and_falls_back(fresh, tmp_path, monke
     excluded = np.array([0, 1, 2, 3], np.int32)
     got = topm._exact_top_mask(tf.constant(logits), 50, excluded).numpy()
     np.testing.assert_array_equal(got, _top_k_mask(logits, 50, excluded))
+
+
+# A library that is not the kernels: loading it runs its constructor, which writes a file.
+_PLANTED = r"""
+#include <cstdio>
+#include <cstdlib>
+__attribute__((constructor)) static void planted() {
+  const char* marker = std::getenv("INVP_TF_TEST_MARKER");
+  if (marker == nullptr) return;
+  std::FILE* f = std::fopen(marker, "w");
+  if (f != nullptr) { std::fputs("loaded\n", f); std::fclose(f); }
+}
+"""
+
+
+@pytest.fixture(name="libraries", scope="module")
+def fixture_libraries(tmp_path_factory):
+    """(planted, benign): two tiny shared libraries, the first writes $INVP_TF_TEST_MARKER
+    when loaded; the second stands in for the kernels' build."""
+    folder = tmp_path_factory.mktemp("libraries")
+    paths = []
+    for name, source in [("planted", _PLANTED), ("benign", "int benign() { return 0; }\n")]:
+        (folder / f"{name}.cc").write_text(source)
+        subprocess.run(
+            ["c++", "-shared", "-fPIC", str(folder / f"{name}.cc"), "-o", str(folder / name)],
+            check=True,
+        )
+        paths.append(folder / name)
+    return tuple(paths)
+
+
+@pytest.fixture(name="loading")
+def fixture_loading(libraries, tmp_path, monkeypatch):
+    """A process that has loaded no kernels, whose builds copy the benign library; yields the
+    marker file that the planted library's constructor writes."""
+    _, benign = libraries
+    monkeypatch.setattr(kernels, "_LOADED", [])
+    marker = tmp_path / "planted-library-ran"
+    monkeypatch.setenv("INVP_TF_TEST_MARKER", str(marker))
+
+    def compile_benign(command, **kwargs):
+        shutil.copy(benign, command[command.index("-o") + 1])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(kernels.subprocess, "run", compile_benign)
+    return marker
+
+
+def _recorded(path):
+    return path.with_name(path.name + ".sha256")  # kernels.hash_path
+
+
+def _plant(path, planted, record=True):
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(planted, path)
+    if record:  # a hash that matches the planted file
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        _recorded(path).write_text(digest + "\n")
+
+
+@pytest.mark.parametrize("record", ["none", "another library's"])
+def test_a_library_that_is_not_the_one_built_is_not_loaded(
+    fresh, libraries, loading, caplog, record
+):
+    planted, benign = libraries
+    path = kernels.library_path()
+    _plant(path, planted, record=False)
+    if record != "none":
+        _recorded(path).write_text(hashlib.sha256(b"other").hexdigest() + "\n")
+    with caplog.at_level(logging.WARNING):
+        kernels.native_ops()  # the benign build has no ops: None, with a warning
+    assert not loading.exists(), "the planted library was loaded"
+    problem = {
+        "none": "no SHA-256 was recorded for it when it was built",
+        "another library's": "its SHA-256 differs from the one recorded when it was built",
+    }[record]
+    assert f"Not loading {path}: {problem}; rebuilding it." in caplog.text
+    assert path.read_bytes() == benign.read_bytes()  # rebuilt, and its hash recorded
+    assert _recorded(path).read_text().split() == [hashlib.sha256(benign.read_bytes()).hexdigest()]
+
+
+@pytest.mark.parametrize("shared", ["group-writable", "world-writable", "another user's"])
+def test_a_cache_folder_others_can_write_is_not_used(
+    fresh, libraries, loading, tmp_path, monkeypatch, caplog, shared
+):
+    planted, _ = libraries
+    name = kernels.library_path().name
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    if shared == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        os.chown(folder, 65534, 65534)
+        problem = f"it is owned by uid 65534, not by this user (uid {os.geteuid()})"
+    else:
+        mode = 0o775 if shared == "group-writable" else 0o777
+        os.chmod(folder, mode)
+        problem = f"it is writable by its group or others (mode {mode:o})"
+    _plant(folder / name, planted)  # with a matching hash: whoever can write there can
+    monkeypatch.setenv("INVP_TF_CACHE", str(folder))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    private = tmp_path / "home" / ".cache" / "invp_tf"
+    with caplog.at_level(logging.WARNING):
+        kernels.native_ops()
+    assert not loading.exists(), "the planted library was loaded"
+    assert (
+        f"Not using the kernel cache {folder}: {problem}; using the private folder {private} "
+        "instead (see INVP_TF_CACHE in README.md)."
+    ) in caplog.text
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert sorted(p.name for p in private.iterdir()) == [name, name + ".sha256"]
 
 
 def test_the_kernel_can_be_turned_off(fresh, monkeypatch):

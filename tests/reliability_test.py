@@ -28,9 +28,14 @@ import pytest
 import tensorflow as tf
 
 from invp_tf import analysis
+from invp_tf import analyze
 from invp_tf import data
+from invp_tf import embed
+from invp_tf import evaluate
+from invp_tf import export
 from invp_tf import identity
 from invp_tf import image_headers
+from invp_tf import import_checkpoint
 from invp_tf import protocols
 from invp_tf import rundir
 from invp_tf import saved_model
@@ -1304,3 +1309,224 @@ def test_export_holds_no_local_path(runs, tmp_path):
         "--data_dir=rel/d",
         "--nobf",
     ]
+
+
+# ---------------------------------------------------------------------------
+# The run lock, the paths a command writes, and Ctrl-C.
+
+
+class _FullDisk:
+    """A file whose every write fails as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.f.close()
+
+
+def _flagfile(config, tmp_path):
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("\n".join(config.flagfile_lines()) + "\n")
+    return flagfile
+
+
+def test_full_disk_when_training_starts_is_one_line_and_leaves_no_lock(
+    runs, tmp_path, monkeypatch, capsys
+):
+    straight, halfway = runs
+    run = _copy(halfway, tmp_path)
+    flagfile = _flagfile(run, tmp_path)
+    before = _file_hashes(run.workdir)
+    fdopen = os.fdopen
+
+    def full_disk_on_the_lock(fd, *args, **kwargs):
+        f = fdopen(fd, *args, **kwargs)
+        return _FullDisk(f) if "train.lock" in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fdopen", full_disk_on_the_lock)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(["invp-train", f"--flagfile={flagfile}"])
+    assert stopped.value.code == 1
+    lock = os.path.join(run.workdir, "train.lock")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"invp_tf.train: error: could not write the lock file {lock}: No space left on device; "
+        "the run is unchanged: free space (or fix the permission) and rerun the same command"
+    )
+    assert _file_hashes(run.workdir) == before  # no lock, empty or not, nor its temporary file
+    training.train_and_evaluate(run, run.workdir)
+    assert not os.path.exists(lock)  # released at the end of the run
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+
+
+def test_an_empty_lock_is_taken_over_and_a_garbled_one_is_named(runs, tmp_path, caplog):
+    straight, halfway = runs
+    run = _copy(halfway, tmp_path, "garbled")
+    lock = os.path.join(run.workdir, "train.lock")
+    for text, problem in [("", "is empty"), ('\x00\x17{"pid": 1', "is garbled")]:
+        with open(lock, "w") as f:
+            f.write(text)  # an empty lock written just now may be a training starting
+        before = _file_hashes(run.workdir)
+        with pytest.raises(workdir_lib.WorkdirError) as error:
+            training.train_and_evaluate(run, run.workdir)
+        assert str(error.value) == (
+            f"{lock} {problem} (it names no training); if no training is writing "
+            f"{run.workdir}, delete it and rerun the same command"
+        )
+        assert _file_hashes(run.workdir) == before
+    # An empty lock a minute old: left by a training that stopped while writing it.
+    run = _copy(halfway, tmp_path, "empty")
+    lock = os.path.join(run.workdir, "train.lock")
+    open(lock, "w").close()
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with caplog.at_level(logging.WARNING):
+        training.train_and_evaluate(run, run.workdir)
+    assert (
+        f"Taking over {lock}: it is empty, left by a training that stopped while writing it "
+        "(a full disk or a crash)."
+    ) in caplog.text
+    assert not os.path.exists(lock)
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+
+
+def test_every_command_checks_the_path_it_writes_before_any_work(tmp_path, monkeypatch, capsys):
+    missing = str(tmp_path / "missing")  # never read: the check comes first
+    commands = [  # (module, its other flags, the flag of the path it writes, kind, suffix)
+        (train, ["--flagfile=configs/fashion_mnist.flags"], "workdir", "folder", ""),
+        (evaluate, [f"--workdir={missing}", "--protocol=knn"], "output", "file", ".json"),
+        (export, [f"--workdir={missing}"], "export_dir", "folder", ""),
+        (analyze, [f"--workdir={missing}"], "output", "folder", ""),
+        (embed, [f"--model={missing}", "--dataset=fashion_mnist"], "output", "file", ".npy"),
+        (import_checkpoint, [f"--checkpoint={missing}.pth"], "workdir", "folder", ""),
+    ]
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    monkeypatch.chdir(REPO)  # the recipe's path is relative to the repo root
+
+    def error_line(module, args):
+        with pytest.raises(SystemExit) as stopped:
+            module.main([module.__name__, *args])
+        assert stopped.value.code == 1
+        stderr = capsys.readouterr().err
+        assert "Traceback" not in stderr
+        return stderr.strip().splitlines()[-1]
+
+    for module, args, flag, kind, suffix in commands:
+        name = module.__name__
+        wrong = blocker
+        if kind == "file":
+            wrong = tmp_path / f"folder{suffix}"
+            wrong.mkdir()
+        other = "a file" if kind == "folder" else "a folder"
+        below = blocker / f"out{suffix}"
+        cases = [
+            (below, f"--{flag}={below} cannot be created: {blocker} is a file"),
+            (wrong, f"--{flag}={wrong} is {other}, not a {kind}"),
+        ]
+        for path, message in cases:
+            assert error_line(module, [*args, f"--{flag}={path}"]) == f"{name}: error: {message}"
+        with monkeypatch.context() as patch:  # tests run as root: os.access stands in
+            patch.setattr(os, "access", lambda *a: False)
+            path = tmp_path / "new" / f"out{suffix}"
+            assert error_line(module, [*args, f"--{flag}={path}"]) == (
+                f"{name}: error: --{flag}={path} cannot be created in {tmp_path} "
+                "(permission denied)"
+            )
+
+
+def test_ctrl_c_saves_stops_in_one_line_and_resumes_exactly(runs, tmp_path):
+    straight, _ = runs
+    run = dataclasses.replace(straight, workdir=str(tmp_path / "run"))
+    flagfile = _flagfile(run, tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "invp_tf.train", f"--flagfile={flagfile}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        for line in process.stderr:  # Ctrl-C once the first epoch's steps begin
+            lines.append(line)
+            if "epoch 1/2: training 4 steps" in line:
+                process.send_signal(signal.SIGINT)
+                break
+        lines += process.stderr.readlines()
+        process.wait(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+    stderr = "".join(lines)
+    assert process.returncode == training.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "Traceback" not in stderr
+    checkpoints = _checkpoints(run.workdir)
+    last = stderr.strip().splitlines()[-1]
+    saved = re.fullmatch(
+        rf"invp_tf.train: interrupted \(Ctrl-C\): saved {checkpoints}/ckpt-(\d) at step (\d); "
+        "rerun the same command to resume",
+        last,
+    )
+    assert saved and saved[1] == saved[2] and 0 < int(saved[1]) <= 4, last
+    assert not os.path.exists(os.path.join(run.workdir, "train.lock"))
+    training.train_and_evaluate(run, run.workdir)
+    assert _epochs(run.workdir) == [0, 1]
+    # Every variable bit for bit, but the counters of saves, which count the extra one.
+    a = _tensors(tf.train.latest_checkpoint(_checkpoints(straight.workdir)))
+    b = _tensors(tf.train.latest_checkpoint(checkpoints))
+    saves = {"save_counter": (2, 3), "checkpointed_runs": (0, 1)}
+    assert sorted(a) == sorted(b)
+    for name in a:
+        part = name.split("/")[0]
+        if part in saves:
+            assert (int(a[name]), int(b[name])) == saves[part], name
+        else:
+            assert np.array_equal(a[name], b[name]), name
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(runs, tmp_path, monkeypatch):
+    straight, halfway = runs
+    run = _copy(halfway, tmp_path)
+
+    class CtrlCTwice(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            signal.raise_signal(signal.SIGINT)  # saves after the next steps...
+            signal.raise_signal(signal.SIGINT)  # ... unless pressed again: stop now
+
+    with pytest.raises(training.Interrupted) as error:
+        training.train_and_evaluate(run, run.workdir, [CtrlCTwice()])
+    checkpoints = _checkpoints(run.workdir)
+    assert str(error.value) == (
+        f"interrupted (Ctrl-C) without a save; {checkpoints}/ckpt-1 is kept; rerun the same "
+        "command to resume from it"
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    assert sorted(os.listdir(checkpoints)) == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+    ]
+    assert not os.path.exists(os.path.join(run.workdir, "train.lock"))
+    training.train_and_evaluate(run, run.workdir)
+    assert _epochs(run.workdir) == [0, 1]
+    _assert_bitwise_equal(straight.workdir, run.workdir)
+    # Before training began (here: reading the data), Ctrl-C stops at once too.
+    fresh = dataclasses.replace(straight, workdir=str(tmp_path / "fresh"))
+    monkeypatch.setattr(data, "load_source", lambda *a: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(training.Interrupted) as error:
+        training.train_and_evaluate(fresh, fresh.workdir)
+    assert str(error.value) == (
+        "interrupted (Ctrl-C) before the first checkpoint; rerun the same command to start"
+    )

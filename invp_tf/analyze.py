@@ -22,6 +22,7 @@ from absl import app
 
 from invp_tf import analysis
 from invp_tf import command
+from invp_tf import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ def main(argv):
     if not settings.workdir or not settings.output:
         raise app.UsageError("--workdir and --output are required")
     with command.exits_on("invp_tf.analyze", ValueError, FileNotFoundError):
-        command.check_output("output", settings.output)
+        workdir_lib.check_output("output", settings.output)
         paths = analysis.analyze(
             settings.workdir,
             settings.output,

@@ -115,10 +115,8 @@ def _random_resized_crop_encoded(encoded, seed, size, scale, ratio):
     The box depends only on the image's height and width, which a JPEG's header gives
     (`extract_jpeg_shape`); other formats are decoded whole, then cropped. A crop smaller
     than S on both sides is upsampled without the antialias kernel (which changes nothing
-    there but round-off, about 2e-6, at a quarter of the cost); a larger one keeps it.
-    Where the native kernels build (`kernels.native_ops`), `InvpResizeAntialiased` resizes
-    the uint8 crop instead: the antialiased resize's values to float round-off (3e-7), at
-    about a quarter of tf.image.resize's CPU time (BENCHMARKS.md, "Ready for GPUs").
+    there but round-off, about 2e-6, at a quarter of the cost); a larger one keeps it. Where
+    the native kernels build, InvpResizeAntialiased resizes the uint8 crop: the same to 3e-7.
     """
 
     def jpeg():
@@ -133,17 +131,16 @@ def _random_resized_crop_encoded(encoded, seed, size, scale, ratio):
         return tf.slice(image, begin, box_size)
 
     crop = tf.ensure_shape(tf.cond(tf.io.is_jpeg(encoded), jpeg, other), [None, None, 3])
-    native = kernels.native_ops()
-    if native is not None:
-        crop = native.invp_resize_antialiased(crop, [size, size])
-        return tf.ensure_shape(tf.clip_by_value(crop, 0.0, 1.0), [size, size, 3])
-    crop = tf.image.convert_image_dtype(crop, tf.float32)
-    hw = tf.shape(crop)[:2]
-    crop = tf.cond(
-        tf.reduce_all(hw <= size),
-        lambda: tf.image.resize(crop, [size, size], method="bilinear"),
-        lambda: tf.image.resize(crop, [size, size], method="bilinear", antialias=True),
-    )
+    if kernels.native_ops() is not None:
+        crop = kernels.native_ops().invp_resize_antialiased(crop, [size, size])
+    else:
+        crop = tf.image.convert_image_dtype(crop, tf.float32)
+        small = tf.reduce_all(tf.shape(crop)[:2] <= size)
+        crop = tf.cond(
+            small,
+            lambda: tf.image.resize(crop, [size, size], method="bilinear"),
+            lambda: tf.image.resize(crop, [size, size], method="bilinear", antialias=True),
+        )
     return tf.ensure_shape(tf.clip_by_value(crop, 0.0, 1.0), [size, size, 3])
 
 
@@ -459,14 +456,13 @@ def _jitter_batch(images, draws, strengths):
 
 
 def _blur_rows(images, sigma):
-    # gaussian_blur per image: [n, S, S, 3], sigma [n]; the images fold into the channels
-    # of one depthwise convolution, each with its own kernel. Where the native kernels
-    # build, InvpGaussianBlur computes the same (to float round-off) in about half the time.
+    # gaussian_blur per image: [n, S, S, 3], sigma [n]: InvpGaussianBlur where the native
+    # kernels build (the same to float round-off, in half the time), else the images fold
+    # into the channels of one depthwise convolution, each with its own kernel.
     n, side = tf.shape(images)[0], images.shape[1]
     radius = min(images.shape[1], images.shape[2]) // 20
-    native = kernels.native_ops()
-    if native is not None:
-        return native.invp_gaussian_blur(images, sigma, radius)
+    if kernels.native_ops() is not None:
+        return kernels.native_ops().invp_gaussian_blur(images, sigma, radius)
     x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
     kernel = tf.exp(-0.5 * tf.square(x[None, :] / sigma[:, None]))  # [n, K]
     kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)

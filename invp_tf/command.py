@@ -6,12 +6,12 @@ and a `main(argv)` that turns the parsed values into that dataclass and makes on
 call. No library module defines flags, and no command module re-exports library names.
 `main` runs both under absl's `app.run` and in-process, e.g. from a test or a notebook:
 `export.main(["invp-export", "--workdir=runs/demo", "--export_dir=exported"])`.
-Every command checks the paths it writes (`check_output`) before it reads any data or model.
+Every command checks the paths it writes (`workdir.check_output`) before it reads any data or
+model.
 """
 
 import contextlib
 import dataclasses
-import os
 import sys
 import typing
 
@@ -162,32 +162,3 @@ def exits_on(program, *errors):
         logging.debug("stopped", exc_info=True)
         print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-class OutputError(ValueError):
-    """A path a command would write cannot be written, in one line naming the flag."""
-
-
-def check_output(flag, path, kind="folder"):
-    """Raises OutputError when --`flag`=`path` cannot be written as a `kind` ("folder" or
-    "file"); writes nothing.
-
-    Called by every command before it reads any data or model, so a bad path costs one line
-    and no work: a path of the other kind, a file where a folder above it would be, or a
-    folder it would be written in (or created in) without write permission. Paths with a
-    scheme (gs://...) are left to their first write. An empty path is not checked.
-    """
-    if not path or "://" in path:
-        return
-    full = os.path.abspath(path)
-    if os.path.exists(full) and os.path.isdir(full) != (kind == "folder"):
-        other = "a file" if kind == "folder" else "a folder"
-        raise OutputError(f"--{flag}={path} is {other}, not a {kind}")
-    existing = full if kind == "folder" else os.path.dirname(full)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise OutputError(f"--{flag}={path} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == full else f"cannot be created in {existing}"
-        raise OutputError(f"--{flag}={path} {what} (permission denied)")

@@ -27,6 +27,7 @@ import json
 from invp_tf import command
 from invp_tf import data
 from invp_tf import embeddings
+from invp_tf import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ def main(argv):
     with command.exits_on("invp_tf.embed", *errors):
         if not settings.model or not settings.output:
             raise ValueError("--model and --output are required")
-        command.check_output("output", settings.output, "file")
+        workdir_lib.check_output("output", settings.output, "file")
         values = dataclasses.asdict(settings)
         summary = embeddings.embed(values.pop("model"), values.pop("output"), **values)
     print(json.dumps(summary))

@@ -17,6 +17,7 @@ JSON result (--output, default WORKDIR/eval/PROTOCOL.json) and TensorBoard scala
 
 from invp_tf import command
 from invp_tf import protocols
+from invp_tf import workdir as workdir_lib
 
 
 def _define_flags(flag_values):
@@ -34,7 +35,7 @@ def main(argv):
     """Runs the evaluation of the command line `argv` (see `command.parsed`)."""
     values = _COMMAND.values(argv)
     with command.exits_on("invp_tf.evaluate", ValueError, FileNotFoundError):
-        command.check_output("output", values["output"], "file")
+        workdir_lib.check_output("output", values["output"], "file")
         settings = protocols.make_settings(values.pop("workdir"), values.pop("protocol"), **values)
         report = protocols.evaluate(settings)
     print(protocols.format_table(report))

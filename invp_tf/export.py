@@ -15,6 +15,7 @@ import dataclasses
 from invp_tf import command
 from invp_tf import image_headers
 from invp_tf import saved_model
+from invp_tf import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def main(argv):
     with command.exits_on("invp_tf.export", *errors):
         if not settings.workdir or not settings.export_dir:
             raise ValueError("--workdir and --export_dir are required")
-        command.check_output("export_dir", settings.export_dir)
+        workdir_lib.check_output("export_dir", settings.export_dir)
         path = saved_model.export_run(**dataclasses.asdict(settings))
     print(path)
 

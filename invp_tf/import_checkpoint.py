@@ -15,6 +15,7 @@ import sys
 from invp_tf import command
 from invp_tf import pretrained
 from invp_tf import torch_checkpoint
+from invp_tf import workdir as workdir_lib
 
 _COMMAND = command.Flags(
     lambda flag_values: command.define_fields(
@@ -30,7 +31,7 @@ def main(argv):
     settings = pretrained.ImportConfig(**_COMMAND.values(argv))
     errors = (ValueError, FileNotFoundError, torch_checkpoint.CheckpointError)
     with command.exits_on("invp_tf.import_checkpoint", *errors):
-        command.check_output("workdir", settings.workdir)
+        workdir_lib.check_output("workdir", settings.workdir)
         record = pretrained.import_checkpoint(settings)
     for line in pretrained.summary_lines(record):
         print(line)

@@ -72,21 +72,7 @@ class RunDir:
         nothing."""
         if not workdir:
             raise workdir_lib.WorkdirError("--workdir is required")
-        if not workdir_lib.is_local(workdir):
-            return  # gs:// and the like: their errors come with the first write
-        path = os.path.abspath(workdir)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise workdir_lib.WorkdirError(f"--workdir={workdir} is a file, not a folder")
-        existing = path
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            raise workdir_lib.WorkdirError(
-                f"--workdir={workdir} cannot be created: {existing} is a file"
-            )
-        if not os.access(existing, os.W_OK | os.X_OK):
-            what = "is not writable" if existing == path else f"cannot be created in {existing}"
-            raise workdir_lib.WorkdirError(f"--workdir={workdir} {what} (permission denied)")
+        workdir_lib.check_output("workdir", workdir)
 
     @classmethod
     def open(cls, config, workdir, chief=True, dataset=None):

@@ -20,6 +20,7 @@ from invp_tf import command
 from invp_tf import config as config_lib
 from invp_tf import memory_plan
 from invp_tf import training
+from invp_tf import workdir as workdir_lib
 
 _COMMAND = command.Flags(
     lambda flag_values: command.define_fields(config_lib.Config, config_lib.CHOICES, flag_values),
@@ -59,7 +60,7 @@ def main(argv):
         print(f"invp_tf.train: error: {NO_FLAGFILE}", file=sys.stderr)
         sys.exit(1)
     with command.exits_on("invp_tf.train", ValueError):
-        command.check_output("workdir", config.workdir)
+        workdir_lib.check_output("workdir", config.workdir)
     message = training.finished_message(config.workdir, config.epochs)
     if message:
         print(message)

@@ -490,3 +490,28 @@ def load_run(workdir, checkpoint=None):
 
     path = restore_newest(workdir, restore, checkpoint)
     return Run(config, encoder, loaded["bank"], loaded["graph"], int(epoch), path)
+
+
+def check_output(flag, path, kind="folder"):
+    """Raises WorkdirError when --`flag`=`path` cannot be written as a `kind` ("folder" or
+    "file"); writes nothing.
+
+    Called by every command before it reads any data or model, so a bad path costs one line
+    and no work: a path of the other kind, a file where a folder above it would be, or a
+    folder it would be written in (or created in) without write permission. Paths with a
+    scheme (gs://...) are left to their first write. An empty path is not checked.
+    """
+    if not path or "://" in path:
+        return
+    full = os.path.abspath(path)
+    if os.path.exists(full) and os.path.isdir(full) != (kind == "folder"):
+        other = "a file" if kind == "folder" else "a folder"
+        raise WorkdirError(f"--{flag}={path} is {other}, not a {kind}")
+    existing = full if kind == "folder" else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(f"--{flag}={path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == full else f"cannot be created in {existing}"
+        raise WorkdirError(f"--{flag}={path} {what} (permission denied)")

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from invp_tf import augment
 from invp_tf import data
+from invp_tf import image_headers
 from invp_tf import input_pipeline
 from invp_tf import neighbors
 from invp_tf import saved_model
@@ -57,7 +58,9 @@ class Inputs:
 
 def _decode_file(path, image_size):
     # As the folder source and serving_bytes: first frame, grey/RGBA -> RGB, then the eval view.
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    # The folder datasets' read: an image above their pixel limit is refused undecoded.
+    data = image_headers.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return augment.eval_view(tf.ensure_shape(image, [None, None, 3]), image_size)
 
 
@@ -328,6 +331,10 @@ def _name_unreadable(inputs, done, batch_size, error):
     """The message for a decode failure in the batch starting at row `done`."""
     if inputs.paths:
         for path in inputs.paths[done : done + batch_size]:
+            try:
+                image_headers.check_file(path)
+            except ValueError as refused:
+                return str(refused)
             try:
                 tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
             except (tf.errors.OpError, ValueError):

@@ -4,9 +4,12 @@ import gzip
 import io
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -175,6 +178,23 @@ def test_unreadable_image_is_named_and_nothing_is_written(model, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
     (folder / "broken.png").write_bytes(buffer.getvalue()[:40])  # PNG signature, truncated
     with pytest.raises(embeddings.EmbedError, match=f"unreadable image: {folder / 'broken.png'}"):
+        embeddings.embed(model[0], str(tmp_path / "out.npy"), images=str(folder), verbose=False)
+    assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_an_image_above_the_pixel_limit_is_refused_undecoded(model, tmp_path):
+    # The folder datasets' limit (image_headers.read_file): a PNG header announcing
+    # 8000 x 7000 (56 megapixels) is refused from its header; its pixels are never decoded.
+    folder = tmp_path / "photos"
+    _write_image(str(folder / "good.png"), np.zeros((8, 8, 3), np.uint8), "PNG")
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 8000, 7000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    line = (
+        f"{folder / 'huge.png'} decodes to 1 frame(s) of 8000x7000 (width x height) = "
+        "56000000 pixels, above the limit of 50000000 for folder datasets"
+    )
+    with pytest.raises(embeddings.EmbedError, match=re.escape(line)):
         embeddings.embed(model[0], str(tmp_path / "out.npy"), images=str(folder), verbose=False)
     assert sorted(os.listdir(tmp_path)) == ["photos"]
 

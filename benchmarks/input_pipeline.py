@@ -216,6 +216,14 @@ def main(argv):
     steps = source.num_examples // batch
     if steps < 1:
         raise app.UsageError(f"--batch_size={batch} exceeds the {source.num_examples} images")
+    if warmup + timed > steps:
+        # A round must stay inside one epoch: the next epoch's pipeline is built (and its
+        # views traced) while the clock runs, which is not the pipeline's throughput.
+        raise app.UsageError(
+            f"--warmup_batches={warmup} + --batches={timed} exceed the {steps} batches of an "
+            f"epoch ({source.num_examples} images at --batch_size={batch}); use more images "
+            "(--make_images into a new folder) or fewer batches"
+        )
 
     def rounds(make_epoch):
         """fn(round) -> that round's batches; round r starts at its own epoch, so rounds see

@@ -169,7 +169,8 @@ def header_shape(data):
     shape = tf.where(prefix(_DECODED_AS["png"]), png, shape)
     shape = tf.where(prefix(_DECODED_AS["bmp"]), bmp, shape)
     shape = tf.where(is_jpeg, tf.cond(is_jpeg, jpeg, lambda: tf.zeros([3], tf.int64)), shape)
-    return tf.where(is_gif, _gif_shape(data, is_gif), shape)
+    # The GIF walk (a tf.while_loop) only for GIFs: other files skip its setup too.
+    return tf.cond(is_gif, lambda: _gif_shape(data, tf.constant(True)), lambda: shape)
 
 
 def checks(shape, name, max_pixels, max_frames, limit_text):
@@ -184,7 +185,8 @@ def checks(shape, name, max_pixels, max_frames, limit_text):
         naming where that limit is set.
 
     Returns:
-      The assertion ops, each running after the one before: make the decode depend on them.
+      A list of ops that fail with the first failing check's message: make the decode depend
+      on them. Within the limits no message is formatted (a tf.cond).
     """
     frames, width, height = shape[0], shape[1], shape[2]
     pixels = frames * width * height
@@ -192,20 +194,32 @@ def checks(shape, name, max_pixels, max_frames, limit_text):
     def line(template, values, end=""):
         return tf.strings.join([name, tf.strings.format(template, values), end])
 
-    known = tf.debugging.Assert(tf.not_equal(frames, -2), [line(_UNKNOWN, ())])
-    with tf.control_dependencies([known]):
-        walked = tf.debugging.Assert(frames >= 0, [line(_STEPS, (MAX_GIF_STEPS,))])
-    with tf.control_dependencies([walked]):
-        few = tf.debugging.Assert(
-            tf.logical_or(max_frames == 0, frames <= max_frames),
-            [line(_FRAMES, (frames, max_frames), limit_text["frames"])],
-        )
-    with tf.control_dependencies([few]):
-        values = (frames, width, height, pixels, max_pixels)
-        small = tf.debugging.Assert(
-            pixels <= max_pixels, [line(_PIXELS, values, limit_text["pixels"])]
-        )
-    return [known, walked, few, small]
+    within = [
+        tf.not_equal(frames, -2),
+        frames >= 0,
+        tf.logical_or(max_frames == 0, frames <= max_frames),
+        pixels <= max_pixels,
+    ]
+
+    def refuse():
+        # The messages are formatted here only, for an image that fails: the first failing
+        # check's line, as the chain of assertions ran before.
+        ops = []
+        messages = [
+            lambda: [line(_UNKNOWN, ())],
+            lambda: [line(_STEPS, (MAX_GIF_STEPS,))],
+            lambda: [line(_FRAMES, (frames, max_frames), limit_text["frames"])],
+            lambda: [line(_PIXELS, (frames, width, height, pixels, max_pixels),
+                          limit_text["pixels"])],
+        ]  # fmt: skip
+        for ok, message in zip(within, messages, strict=True):
+            with tf.control_dependencies(ops[-1:]):
+                ops.append(tf.debugging.Assert(ok, message()))
+        with tf.control_dependencies(ops[-1:]):
+            return tf.constant(False)
+
+    passed = tf.cond(tf.reduce_all(tf.stack(within)), lambda: tf.constant(True), refuse)
+    return [passed]
 
 
 def refusal(shape, name, max_pixels, max_frames, limit_text):

@@ -10,6 +10,7 @@ import os
 import tensorflow as tf
 
 from invp_tf import augment
+from invp_tf import batch_views
 from invp_tf import data
 
 # Above this many examples the train shuffle uses a bounded buffer plus file shuffling.
@@ -135,7 +136,7 @@ def train_pipeline(
     encoded = source.read is not None and augment.takes_encoded(view)
     decode = (source.read if encoded else source.decode) or (lambda ex: ex)
     # Colour recipes: crop and draws per image, the colour ops per batch (same views).
-    stages = augment.two_stage(view)
+    stages = batch_views.two_stage(view)
     per_image = stages.element if stages else view
 
     def to_view(ex):

@@ -11,9 +11,11 @@ machines without a GPU or TPU, outside XLA:
   (`topm._exact_compact`).
 
 invp_tf/views.cc holds the input pipeline's view kernels: `InvpResizeAntialiased`, the
-antialiased bilinear resize of uint8 crops (`augment._random_resized_crop_encoded`), and
-`InvpGaussianBlur`, moco_v2's per-image blur (`augment._blur_rows`): the TensorFlow ops'
-values to float round-off, in a fraction of their CPU time.
+antialiased bilinear resize of uint8 crops (`augment._random_resized_crop_encoded`),
+`InvpColour`, the colour recipes' jitter (each image's random order), grayscale and flip
+over a batch (`batch_views`), and `InvpGaussianBlur`, moco_v2's per-image blur of the
+images drawn for it (`batch_views`): the TensorFlow ops' values to float round-off, in a
+fraction of their CPU time.
 
 TensorFlow's pip package ships the headers and library a custom op builds against
 (`tf.sysconfig`), so the kernels are compiled with the machine's C++ compiler the
@@ -59,6 +61,7 @@ OPS = {
     "InvpListedTop": "invp_listed_top",
     "InvpResizeAntialiased": "invp_resize_antialiased",
     "InvpGaussianBlur": "invp_gaussian_blur",
+    "InvpColour": "invp_colour",
 }
 for _op in OPS:
     try:  # masks and listings of stopped similarities (the losses attach their gradient)
@@ -134,6 +137,7 @@ def _command(compiler, output):
         "-fPIC",
         "-O3",
         "-ffp-contract=off",  # the same sums whichever vector ISA a kernel runs on
+        "-fno-trapping-math",  # selects of computed values vectorise (no value changes)
         "-Wno-deprecated-declarations",
         *map(str, SOURCES),
         "-o",
@@ -260,8 +264,8 @@ def _compile(compiler, path):
 @functools.cache
 def native_ops():
     """The loaded library's ops (`.invp_top_mask`, `.invp_list_above`,
-    `.invp_listed_top`, `.invp_resize_antialiased`, `.invp_gaussian_blur`), or None where
-    unavailable.
+    `.invp_listed_top`, `.invp_resize_antialiased`, `.invp_gaussian_blur`, `.invp_colour`),
+    or None where unavailable.
 
     None when INVP_TF_NATIVE is 0 (or false, off, no) or the kernels cannot be built or
     loaded; the latter logs a warning once per process with the reason. Both are
@@ -280,15 +284,16 @@ def native_ops():
     except AttributeError:  # this process registered the ops from another library
         logging.warning(
             "The native kernels were registered by another copy of invp_tf in this "
-            "process, so the TopM searches and the views' resize and blur run as "
+            "process, so the TopM searches and the views' resize, colour and blur run as "
             "TensorFlow ops (the same sets, the same views to float round-off)."
         )
         return None
     except (RuntimeError, OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
         logging.warning(
-            "The native kernels are unavailable, so the TopM searches and the views' resize "
-            "and blur run as TensorFlow ops (the same sets, the exact search about 3x slower "
-            "on a CPU; the same views to float round-off, about 1.4x slower): %s",
+            "The native kernels are unavailable, so the TopM searches and the views' resize, "
+            "colour and blur run as TensorFlow ops (the same sets, the exact search about 3x "
+            "slower on a CPU; the same views to float round-off, the colour recipes' about 2x "
+            "slower): %s",
             error,
         )
         return None

@@ -253,36 +253,6 @@ def test_grey_jpeg_is_read_as_rgb():
     np.testing.assert_array_equal(out[..., 0].numpy(), out[..., 2].numpy())
 
 
-def _two_stage_views(name, images, seeds, size):
-    stages = augment.two_stage(augment.get_view(name))
-    outs = [stages.element(x, s, size) for x, s in zip(images, seeds, strict=True)]
-    crops = tf.stack([crop for crop, _ in outs])
-    draws = {k: tf.stack([d[k] for _, d in outs]) for k in outs[0][1]}
-    return stages, crops, draws
-
-
-@pytest.mark.parametrize("name", ["moco_v2", "cifar"])
-def test_two_stage_recipe_is_the_per_image_recipe(name):
-    # The same seeds give the same draws; only float round-off differs (XLA's fused hue,
-    # the batch's folded blur). Enough images that every branch (jitter on/off, each order,
-    # grey, blur, flip) is taken.
-    rng = np.random.default_rng(7)
-    images = [tf.constant(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(12)]
-    seeds = [tf.constant([11, i], tf.int64) for i in range(12)]
-    view = augment.get_view(name)
-    want = np.stack([view(x, s, S).numpy() for x, s in zip(images, seeds, strict=True)])
-    stages, crops, draws = _two_stage_views(name, images, seeds, S)
-    got = stages.batch(crops, draws).numpy()
-    np.testing.assert_allclose(got, want, atol=2e-5)
-    for key in ("jitter", "grey", "flip") + (("blur",) if name == "moco_v2" else ()):
-        assert 0 < np.sum(draws[key].numpy()) < 12 or key == "jitter", key
-    # A view depends on its image and seed only, not on the batch it is in.
-    for i in (0, 5):
-        alone = stages.batch(crops[i : i + 1], {k: v[i : i + 1] for k, v in draws.items()})
-        np.testing.assert_array_equal(alone.numpy()[0], got[i])
-
-
 def test_two_stage_and_encoded_forms_are_named():
-    assert augment.two_stage(augment.crop_flip_view) is None  # the demo's view: one stage
     assert augment.takes_encoded(functools.partial(augment.crop_flip_view, scale=(0.7, 1.0)))
     assert not augment.takes_encoded(augment.resize_view)

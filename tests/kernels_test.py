@@ -475,7 +475,7 @@ def test_gaussian_blur_is_the_recipes_blur(native, n, h, w, c):
     images = rng.random((n, h, w, c), dtype=np.float32)
     sigma = rng.uniform(0.1, 2.0, n).astype(np.float32)
     radius = min(h, w) // 20
-    got = native.invp_gaussian_blur(images, sigma, radius).numpy()
+    got = native.invp_gaussian_blur(images, sigma, [True] * n, radius).numpy()
     assert got.shape == images.shape
     for image, s, out in zip(images, sigma, got, strict=True):
         if c == 1:  # the recipe's blur is RGB: blur the grey channel tiled
@@ -486,11 +486,12 @@ def test_gaussian_blur_is_the_recipes_blur(native, n, h, w, c):
 
 def test_gaussian_blur_keeps_constants_and_names_bad_inputs(native):
     images = np.full((2, 40, 40, 3), 0.3, np.float32)
-    got = native.invp_gaussian_blur(images, [0.5, 2.0], 2).numpy()
+    on = [True, True]
+    got = native.invp_gaussian_blur(images, [0.5, 2.0], on, 2).numpy()
     np.testing.assert_allclose(got, 0.3, rtol=0, atol=1e-6)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"sigma must be \[2\]"):
-        native.invp_gaussian_blur(images, [0.5], 2)
+        native.invp_gaussian_blur(images, [0.5], on, 2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="radius 40 must be in"):
-        native.invp_gaussian_blur(images, [0.5, 1.0], 40)
+        native.invp_gaussian_blur(images, [0.5, 1.0], on, 40)
     with pytest.raises(tf.errors.InvalidArgumentError, match="images must be"):
-        native.invp_gaussian_blur(images[0], [0.5], 2)
+        native.invp_gaussian_blur(images[0], [0.5], [True], 2)

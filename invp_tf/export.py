@@ -38,7 +38,7 @@ class ExportFlags:
         0, "Most frames of one image (GIF) serving_bytes accepts; 0: no limit but the pixels."
     )
     max_batch_size: int = command.field(
-        image_headers.DEFAULT_MAX_BATCH_SIZE, "Most images in one serving_bytes request."
+        image_headers.DEFAULT_MAX_BATCH_SIZE, "Most images in one request of either signature."
     )
     max_request_bytes: int = command.field(
         image_headers.DEFAULT_MAX_REQUEST_BYTES,

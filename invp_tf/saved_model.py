@@ -244,9 +244,22 @@ class EncoderModule(tf.Module):
     def serve(self, images):
         """images float32 [B, S, S, 3] in [0, 1] -> {"embedding", "features"}, inference.
 
-        B may be 0: the outputs are then [0, D] and [0, F].
+        B may be 0: the outputs are then [0, D] and [0, F]. A batch above the export's
+        --max_batch_size is refused first, in one line.
         """
-        return self._serving_outputs(images)
+        count = tf.concat([tf.shape(images), [0]], 0)[0]  # rank 0: left to check_images
+        limit = self._limits.max_batch_size
+        text = self._limits.text("max_batch_size")
+        batch = tf.debugging.Assert(
+            count <= limit,
+            [
+                tf.strings.format(
+                    "images holds {} images, above the limit of {}" + text, (count, limit)
+                )
+            ],
+        )
+        with tf.control_dependencies([batch]):
+            return self._serving_outputs(tf.identity(images))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):

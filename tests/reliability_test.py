@@ -1195,6 +1195,19 @@ def test_serving_bytes_refuses_frames_batch_and_bytes_before_decoding(limited):
         serving_bytes(image_bytes=tf.constant([small[:40], small]))
 
 
+def test_serving_default_refuses_batches_above_the_limit(limited):
+    path, _ = limited
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    side = json.load(open(os.path.join(path, "assets", saved_model.METADATA_FILE)))["image_size"]
+    assert serve(images=tf.zeros([3, side, side, 3]))["embedding"].shape[0] == 3  # at the limit
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        serve(images=tf.zeros([4, side, side, 3]))
+    assert (
+        "images holds 4 images, above the limit of 3 of this export (--max_batch_size of "
+        "invp_tf.export)" in str(error.value)
+    )
+
+
 def test_folder_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -25,6 +25,7 @@ import os
 import tensorflow as tf
 
 from invp_tf import config as config_lib
+from invp_tf import digests
 from invp_tf import workdir as workdir_lib
 
 # The record's name in a checkpoint (a child of its root, beside workdir.CHECKPOINT_PARTS).
@@ -49,9 +50,7 @@ def fingerprint(source) -> str:
     digest = hashlib.sha256(f"{name}\0{source.split}\0{source.num_examples}".encode())
     for item in source.origin:
         if os.path.isfile(item):
-            with open(item, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            digests.update_with_file(digest, item)
         else:
             digest.update(f"\0{item}".encode())
     for path, size in listing(source) or ():
@@ -69,14 +68,6 @@ def listing(source):
     return [[os.path.relpath(p, root), size] for p, size in zip(source.paths, sizes, strict=True)]
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dataset_record(source):
     """The record of the training data `source` (a data.Source): see the module docstring."""
     record = {
@@ -88,7 +79,7 @@ def dataset_record(source):
     if source.paths is None and source.origin:
         files = [item for item in source.origin if os.path.isfile(item)]
         if files:
-            record["files"] = {os.path.basename(path): _sha256(path) for path in files}
+            record["files"] = {os.path.basename(path): digests.file_sha256(path) for path in files}
         else:
             record["tfds"] = dict(zip(("name", "version", "split"), source.origin, strict=True))
     return record

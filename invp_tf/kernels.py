@@ -52,6 +52,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from invp_tf import digests
+
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("top_mask.cc", "views.cc"))
 _BUILD_SECONDS = 600
 # The library's ops: registered names, and the Python wrappers tf.load_op_library makes.
@@ -161,14 +163,6 @@ def hash_path(path):
     return path.with_name(path.name + ".sha256")
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _unverified(path):
     """Why the library at `path` must not be loaded; None when it is the one built here, ""
     when there is none."""
@@ -181,7 +175,7 @@ def _unverified(path):
     info = path.stat()
     if info.st_uid != os.geteuid() or info.st_mode & 0o022:
         return "it is not a private file of this user"
-    if _sha256(path) != recorded:
+    if digests.file_sha256(path) != recorded:
         return "its SHA-256 differs from the one recorded when it was built"
     return None
 
@@ -203,7 +197,7 @@ def _record_hash(path, library):
     handle, partial = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as f:
-            f.write(_sha256(library) + "\n")
+            f.write(digests.file_sha256(library) + "\n")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):

@@ -12,6 +12,7 @@ model.
 
 import contextlib
 import dataclasses
+import os
 import sys
 import typing
 
@@ -144,10 +145,21 @@ class Flags:
         return flag_values_of(argv, self.holders, self.flag_values)
 
     def run(self, main):
-        """Runs `main` as the program: flags in absl's FLAGS, parsed from sys.argv."""
+        """Runs `main` as the program: flags in absl's FLAGS, parsed from sys.argv.
+
+        A Ctrl-C that `main` does not handle itself (training saves and stops on its own)
+        ends the program with one line and status 130, not a traceback.
+        """
         if self.flag_values is not flags.FLAGS:
             self.flag_values, self.holders = flags.FLAGS, self._define(flags.FLAGS)
-        app.run(main)
+        try:
+            app.run(main)
+        except KeyboardInterrupt:
+            spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+            program = spec.name if spec else os.path.basename(sys.argv[0])
+            logging.debug("interrupted", exc_info=True)
+            print(f"{program}: interrupted (Ctrl-C)", file=sys.stderr)
+            sys.exit(130)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,8 @@ def main(argv):
     with command.exits_on("invp_tf.evaluate", ValueError, FileNotFoundError):
         workdir_lib.check_output("output", values["output"], "file")
         settings = protocols.make_settings(values.pop("workdir"), values.pop("protocol"), **values)
+        # The default, in the run folder, is checked too: before minutes of evaluation.
+        workdir_lib.check_output("output", protocols.output_path(settings), "file")
         report = protocols.evaluate(settings)
     print(protocols.format_table(report))
     print(f"wrote {report['output']}")

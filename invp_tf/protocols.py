@@ -252,6 +252,11 @@ def make_settings(workdir, protocol, **overrides):
     return dataclasses.replace(settings, **unset)
 
 
+def output_path(settings):
+    """Where the JSON report of `settings` goes: --output, else WORKDIR/eval/PROTOCOL.json."""
+    return settings.output or os.path.join(settings.workdir, "eval", f"{settings.protocol}.json")
+
+
 def parse_blocks(block):
     """'all' or 'a,b' -> tuple of block names; raises EvaluationError naming a bad one."""
     if block == "all":
@@ -585,7 +590,7 @@ def evaluate(s):
         "seconds": round(time.time() - start, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    output = s.output or os.path.join(out_dir, f"{s.protocol}.json")
+    output = output_path(s)
     tf.io.gfile.makedirs(os.path.dirname(output) or ".")
     workdir_lib.write_atomically(output, json.dumps(report, indent=2) + "\n", "the report")
     report["output"] = output

@@ -206,6 +206,20 @@ def test_cli_error_is_one_clear_line(tmp_path, capsys):
     )
 
 
+def test_default_output_in_the_run_folder_is_checked_before_any_work(tmp_path, capsys):
+    # RUN/eval is a file: the default --output RUN/eval/knn.json cannot be written. The line
+    # comes before the run is read (this folder has no checkpoint, which would be named next).
+    (tmp_path / "flags.txt").write_text("--dataset=fashion_mnist\n")
+    (tmp_path / "eval").write_text("not a folder")
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["invp-evaluate", f"--workdir={tmp_path}", "--protocol=knn"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"invp_tf.evaluate: error: --output={tmp_path}/eval/knn.json cannot be created: "
+        f"{tmp_path}/eval is a file"
+    )
+
+
 def test_deprecated_spellings_still_work_and_warn_once(caplog):
     argv = ["invp-evaluate", "--workdir=w", "--temperature=0.5", "--k=7"]
     with caplog.at_level(logging.WARNING):

@@ -555,8 +555,13 @@ def export_run(
         max_image_pixels, max_image_frames, max_batch_size, max_request_bytes
     )
     limits.validate()
-    run = workdir_lib.load_run(workdir, checkpoint=checkpoint)
     model_dir = os.path.join(export_dir, model_name)
+    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+        raise ValueError(
+            f"{model_dir} is a file, not a folder of versions: pick another --model_name "
+            "or --export_dir"
+        )
+    run = workdir_lib.load_run(workdir, checkpoint=checkpoint)
     version = version or next_version(model_dir)
     target = os.path.join(model_dir, str(version))
     if tf.io.gfile.exists(target):

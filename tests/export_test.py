@@ -418,3 +418,21 @@ def test_export_refuses_a_workdir_without_checkpoint(tmp_path, capsys):
     )
     assert "Traceback" not in stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_a_file_where_the_model_folder_goes_is_one_line(tmp_path, capsys):
+    # EXPORT_DIR/MODEL_NAME is a file: refused before the run is read (this one has no
+    # checkpoint, which would be named next).
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "flags.txt").write_text("\n".join(tiny_config(tmp_path, workdir).flagfile_lines()))
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "invp").write_text("not a folder")
+    with pytest.raises(SystemExit) as stopped:
+        export.main(["invp-export", f"--workdir={workdir}", f"--export_dir={models}"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"invp_tf.export: error: {models}/invp is a file, not a folder of versions: pick "
+        "another --model_name or --export_dir"
+    )

@@ -9,6 +9,10 @@ the trained weights, so it is computed once per `inputs(...)` and kept in a cach
     $INVP_TF_CACHE/baselines, else $XDG_CACHE_HOME/invp_tf/baselines, else
     ~/.cache/invp_tf/baselines    (one JSON file per key, created 0700)
 
+As for the kernel cache, only a folder of this user that no group or other user can write
+is used: in any other, entries planted by someone else would be reported as this run's
+baselines, so a warning names the folder and the baselines are computed and not stored.
+
 The key is a SHA-256 over everything the numbers depend on: the datasets' fingerprints
 (`identity.fingerprint`: file bytes, tfds version, folder listing), the labelled train rows
 and evaluated rows, the image size, the kNN and fine-tuning settings, the seed, every
@@ -25,6 +29,7 @@ import pathlib
 
 import keras
 import numpy as np
+from absl import logging
 
 from invp_tf import encoder as encoder_lib
 from invp_tf import evaluation
@@ -33,6 +38,8 @@ from invp_tf import kernels
 from invp_tf import model as model_lib
 from invp_tf import workdir as workdir_lib
 
+# Folders `Cache.usable` refused in this process (warned once each).
+_REFUSED = set()
 # Bump when what a cached entry holds changes shape.
 CACHE_VERSION = 1
 # The random-initialised encoder's block read by the baselines: the pooled backbone, the
@@ -129,8 +136,25 @@ class Cache:
     def path(self, inputs_):
         return self.folder / f"{key(inputs_)[:32]}.json"
 
+    def usable(self):
+        """Whether the folder is private to this user (`kernels.unsafe_folder`; created 0700
+        when missing); the first refusal of a folder in a process logs a warning naming it."""
+        problem = kernels.unsafe_folder(self.folder)
+        if problem is not None and str(self.folder) not in _REFUSED:
+            _REFUSED.add(str(self.folder))
+            logging.warning(
+                "Not using the baseline cache %s: %s; the baselines are computed and not "
+                "stored (see INVP_TF_CACHE in README.md).",
+                self.folder,
+                problem,
+            )
+        return problem is None
+
     def load(self, inputs_):
-        """The cached baselines of `inputs_`, or None (absent, unreadable or another key)."""
+        """The cached baselines of `inputs_`, or None (absent, unreadable, another key or an
+        unusable folder)."""
+        if not self.usable():
+            return None
         path = self.path(inputs_)
         try:
             entry = json.loads(path.read_text())
@@ -141,8 +165,9 @@ class Cache:
         return entry.get("baselines")
 
     def store(self, inputs_, baselines, seconds):
-        """Writes the entry atomically; returns its path."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Writes the entry atomically; returns its path (None: an unusable folder)."""
+        if not self.usable():
+            return None
         path = self.path(inputs_)
         entry = {
             "inputs": inputs_,

@@ -86,11 +86,12 @@ def cache_dir():
     return pathlib.Path(base) / "invp_tf"
 
 
-def _unsafe(folder):
+def unsafe_folder(folder):
     """Why `folder` cannot hold a library this process loads; None when it can.
 
     Creates it (mode 0700) when it is missing. Only its owner may write in it: anyone else
-    could replace the library (or its recorded hash) by their own.
+    could replace the library (or its recorded hash) by their own. The baseline cache
+    (`baselines.Cache`) holds itself to the same rule.
     """
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -109,15 +110,15 @@ def _unsafe(folder):
 def kernel_dir():
     """The private folder built kernels are kept in and loaded from.
 
-    `cache_dir()` when it is safe (`_unsafe`); else, with a warning naming it, ~/.cache/invp_tf
-    when that one is, else a private temporary folder of this process.
+    `cache_dir()` when it is safe (`unsafe_folder`); else, with a warning naming it,
+    ~/.cache/invp_tf when that one is, else a private temporary folder of this process.
     """
     configured = cache_dir()
-    problem = _unsafe(configured)
+    problem = unsafe_folder(configured)
     if problem is None:
         return configured
     fallback = pathlib.Path(os.path.expanduser("~"), ".cache", "invp_tf")
-    if fallback == configured or _unsafe(fallback) is not None:
+    if fallback == configured or unsafe_folder(fallback) is not None:
         if not _TEMPORARY:
             _TEMPORARY.append(pathlib.Path(tempfile.mkdtemp(prefix="invp_tf-kernels-")))
         fallback = _TEMPORARY[0]

@@ -3,6 +3,7 @@ evaluation with its baselines cached computes none of them yet reports the same 
 
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
@@ -91,6 +92,26 @@ def test_cache_round_trip_and_damaged_entries(tmp_path, tiny_run):
     assert cache.load(inputs) is None
     path.write_text('{"inputs": ')  # truncated
     assert cache.load(inputs) is None
+
+
+def test_a_cache_folder_others_can_write_is_not_trusted(tmp_path, tiny_run, caplog):
+    # An entry in a folder its group or others can write may have been planted: not read,
+    # and nothing is stored there; one warning names the folder.
+    folder = tmp_path / "shared"
+    cache = baselines.Cache(folder)
+    inputs = _inputs(tiny_run)
+    planted = {"pixel_knn": {"top1": 0.99, "top5": 1.0}}
+    path = cache.store(inputs, planted, seconds=1.0)
+    assert cache.load(inputs) == planted  # private: trusted
+    os.chmod(folder, 0o777)
+    with caplog.at_level(logging.WARNING):
+        assert cache.load(inputs) is None
+        assert cache.store(inputs, planted, seconds=1.0) is None
+    warnings = [r.getMessage() for r in caplog.records if "baseline cache" in r.getMessage()]
+    assert len(warnings) == 1 and str(folder) in warnings[0] and "mode 777" in warnings[0]
+    os.remove(path)
+    os.chmod(folder, 0o700)
+    assert cache.load(inputs) is None and not os.listdir(folder)  # nothing was stored
 
 
 def test_evaluate_reuses_cached_baselines_without_computing_them(tiny_run, tmp_path, monkeypatch):

@@ -27,8 +27,6 @@
 // a block of 32 outputs in registers, the two of equal weight (t and -t) together, in the
 // order of a running sum (the same rounding on every vector ISA). The output takes the
 // input's buffer where TensorFlow allows, so the images left unblurred cost nothing.
-//
-// InvpColour: see its op's comment below.
 
 #include <algorithm>
 #include <cmath>
@@ -91,7 +89,7 @@ INVP_VECTOR_CLONES void SymmetricTaps(float* dst, const float* const* lo, const 
     std::memcpy(dst + i, &acc0, sizeof(acc0));
     std::memcpy(dst + i + kBlock, &acc1, sizeof(acc1));
   }
-  for (; i < n; ++i) {
+  for (; i < n; ++i) {  // the tail, one output at a time (the same sums)
     float acc = 0.0f;
     for (int64_t k = 0; k < radius; ++k) acc += kernel[k] * (lo[k][i] + hi[k][i]);
     dst[i] = acc + kernel[radius] * center[i];

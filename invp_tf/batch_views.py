@@ -103,11 +103,16 @@ def _jitter_batch(images, draws, strengths):
     return images
 
 
+def _blur_radius(images):
+    # augment.gaussian_blur's radius (kernel side 2r + 1 ~ 10%) for a batch of static side.
+    return min(images.shape[1], images.shape[2]) // 20
+
+
 def _blur_rows(images, sigma):
     # gaussian_blur per image: [n, S, S, 3], sigma [n]. The images fold into the channels
     # of one depthwise convolution, each with its own kernel.
     n, side = tf.shape(images)[0], images.shape[1]
-    radius = min(images.shape[1], images.shape[2]) // 20
+    radius = _blur_radius(images)
     x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
     kernel = tf.exp(-0.5 * tf.square(x[None, :] / sigma[:, None]))  # [n, K]
     kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)
@@ -185,9 +190,8 @@ def _moco_v2_batch(images, draws):
     """moco_v2_view's jitter, grayscale, blur and flip over a batch [B, S, S, 3]."""
     if kernels.native_ops() is not None:
         images = _native_colour(images, draws, _MOCO_JITTER, grey_first=False)
-        radius = min(images.shape[1], images.shape[2]) // 20
         return kernels.native_ops().invp_gaussian_blur(
-            images, draws["sigma"], draws["blur"], radius
+            images, draws["sigma"], draws["blur"], _blur_radius(images)
         )
     images = _moco_v2_colour(images, draws)
     # Outside XLA, whose CPU depthwise convolution is ~50x slower than TensorFlow's.

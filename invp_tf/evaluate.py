@@ -35,9 +35,8 @@ def main(argv):
     """Runs the evaluation of the command line `argv` (see `command.parsed`)."""
     values = _COMMAND.values(argv)
     with command.exits_on("invp_tf.evaluate", ValueError, FileNotFoundError):
-        workdir_lib.check_output("output", values["output"], "file")
         settings = protocols.make_settings(values.pop("workdir"), values.pop("protocol"), **values)
-        # The default, in the run folder, is checked too: before minutes of evaluation.
+        # --output, or its default in the run folder: checked before minutes of evaluation.
         workdir_lib.check_output("output", protocols.output_path(settings), "file")
         report = protocols.evaluate(settings)
     print(protocols.format_table(report))

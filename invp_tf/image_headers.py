@@ -206,15 +206,14 @@ def checks(shape, name, max_pixels, max_frames, limit_text):
         # check's line, as the chain of assertions ran before.
         ops = []
         messages = [
-            lambda: [line(_UNKNOWN, ())],
-            lambda: [line(_STEPS, (MAX_GIF_STEPS,))],
-            lambda: [line(_FRAMES, (frames, max_frames), limit_text["frames"])],
-            lambda: [line(_PIXELS, (frames, width, height, pixels, max_pixels),
-                          limit_text["pixels"])],
-        ]  # fmt: skip
+            line(_UNKNOWN, ()),
+            line(_STEPS, (MAX_GIF_STEPS,)),
+            line(_FRAMES, (frames, max_frames), limit_text["frames"]),
+            line(_PIXELS, (frames, width, height, pixels, max_pixels), limit_text["pixels"]),
+        ]
         for ok, message in zip(within, messages, strict=True):
             with tf.control_dependencies(ops[-1:]):
-                ops.append(tf.debugging.Assert(ok, message()))
+                ops.append(tf.debugging.Assert(ok, [message]))
         with tf.control_dependencies(ops[-1:]):
             return tf.constant(False)
 

@@ -38,6 +38,9 @@ def test_run_one_records_the_final_knn_gap_and_times_once(tmp_path, monkeypatch)
     assert calls[0][3:] == [
         "--flagfile=configs/fashion_mnist.flags",
         f"--workdir={runs}/demo/bf16_e18/seed3",
+        "--temperature=0.1",
+        "--nomixed_precision",
+        "--epochs=14",
         "--mixed_precision",
         "--epochs=18",
         "--seed=3",
@@ -51,19 +54,20 @@ def test_run_one_records_the_final_knn_gap_and_times_once(tmp_path, monkeypatch)
     assert levers.run_one("demo", "bf16_e18", 3, runs, results) == r and len(calls) == 1
 
 
-def test_a_lever_on_all_60k_images_is_held_to_the_60k_target(tmp_path, monkeypatch):
+def test_resumed_runs_are_marked_and_the_table_lists_finished_levers_only(tmp_path, monkeypatch):
     monkeypatch.setattr(levers.subprocess, "run", _fake_train([]))
     monkeypatch.setattr(levers.report, "machine", lambda: "test machine")
     monkeypatch.setattr(levers, "RESULTS", str(tmp_path / "levers.json"))
     results = {"runs": {}}
-    r = levers.run_one("demo", "all60k_bf16_e6", 0, str(tmp_path / "runs"), results)
-    assert r["gap_to_target"] == round(0.85 - 0.8692, 4)
+    levers.run_one("long", "tau007", 0, str(tmp_path / "runs"), results)
+    assert results["runs"]["long/tau007/seed0"]["gap_to_target"] == round(0.85 - 0.8692, 4)
+    assert results["runs"]["long/tau007/seed0"]["flags"][1:] == ["--temperature=0.07", "--seed=0"]
     os.makedirs(tmp_path / "runs" / "demo" / "base" / "seed0" / "checkpoints")
     resumed = levers.run_one("demo", "base", 0, str(tmp_path / "runs"), results)
     assert resumed["resumed"]
-    text = levers.table(results, "demo", ["base", "all60k_bf16_e6", "tau02_bf16_e18"], ["0"])
+    text = levers.table(results, "demo", ["base", "tau02_bf16_e18"], ["0"])
     rows = text.splitlines()
-    assert rows[2].startswith("| base | the demo as it is") and "(resumed)" in rows[2]
-    assert "| 0.8500 (2: 0.8000, 3: 0.8500) | -0.0192 |" in rows[3]
-    assert len([r for r in rows if r.startswith("| ") and "seed" not in r]) == 2  # no tau02
-    assert "Target: 0.8448" in text and "all 60k images: 0.8692" in text
+    assert rows[2].startswith("| base | the demo before") and "(resumed)" in rows[2]
+    assert "| 0.8500 (2: 0.8000, 3: 0.8500) | +0.0052 |" in rows[2]
+    assert len([r for r in rows if r.startswith("| ")]) == 2  # header and base; no tau02
+    assert "Target: 0.8448" in text
